@@ -1,0 +1,31 @@
+# `make test`: create .venv, install the pinned stack and the plugin, run the whole suite (what CI runs).
+# `make demo`: same setup, then the demo on the embedded shapes data.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo bench clean
+
+$(STAMP): requirements.txt requirements-test.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
+	# torch first, on its own: it is the one package pip must take from this machine's wheels.
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m lavis_xformer.demo
+
+bench: $(STAMP)
+	$(PY) -m lavis_xformer.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info output

@@ -1,0 +1,264 @@
+"""Builders for the tokenizer, CLIP-ViT, Q-Former and MAE: from the hub, or from configs with random weights.
+
+LAVIS's ``Blip2Base`` downloads inside ``init_tokenizer``, ``init_Qformer`` and ``init_vision_encoder``.
+``ConfigBuildersMixin`` overrides those three so that a model reads its sizes from its typed config: the paper
+types still load the real hub weights (LAVIS's own ``create_eva_vit_g``, ``BertLMHeadModel.from_pretrained``,
+``ViTMAEForPreTraining.from_pretrained``), while ``tiny`` types, and any build inside ``no_hub()``, construct the
+same classes from config with random weights and reach no network.
+"""
+
+import contextlib
+import contextvars
+import functools
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from lavis.models.blip2_models.blip2 import LayerNorm, disabled_train
+from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
+from lavis.models.eva_vit import VisionTransformer, convert_weights_to_fp16, create_eva_vit_g
+from transformers import BertTokenizer, ViTMAEConfig, ViTMAEForPreTraining
+
+from lavis_xformer.models import published
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+
+_HUB_ALLOWED = contextvars.ContextVar("lavis_xformer_hub_allowed", default=True)
+
+
+@contextlib.contextmanager
+def no_hub():
+    """Build every part from its config with random weights and a size-only vocabulary; nothing is downloaded.
+
+    Used for ``meta``-device builds of the paper-scale architectures (parameter and FLOP counts).
+    """
+    token = _HUB_ALLOWED.set(False)
+    try:
+        yield
+    finally:
+        _HUB_ALLOWED.reset(token)
+
+
+def hub_allowed() -> bool:
+    return _HUB_ALLOWED.get()
+
+
+def resolve_asset(name_or_path: str) -> Path:
+    """A path as given, or relative to the package's ``assets`` folder."""
+    path = Path(name_or_path)
+    return path if path.is_absolute() else ASSETS_DIR / path
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Freeze a module and pin it in eval mode (dropout off, no train() toggling by the runner)."""
+    for param in module.parameters():
+        param.requires_grad = False
+    module.eval()
+    module.train = functools.partial(disabled_train, module)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _size_only_vocab_file(vocab_size: int) -> str:
+    """A vocab.txt with the size of bert-base-uncased's and its special tokens at the usual ids."""
+    tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens += [f"tok{i}" for i in range(vocab_size - len(tokens))]
+    handle = tempfile.NamedTemporaryFile("w", suffix="-vocab.txt", delete=False)
+    handle.write("\n".join(tokens) + "\n")
+    handle.close()
+    return handle.name
+
+
+def build_bert_tokenizer(name_or_vocab: str, truncation_side: str = "right") -> BertTokenizer:
+    """BERT tokenizer with BLIP-2's [DEC] bos token: a local vocab file, the hub, or a size-only stand-in."""
+    local = resolve_asset(name_or_vocab)
+    if local.is_file():
+        tokenizer = BertTokenizer(vocab_file=str(local), do_lower_case=True, truncation_side=truncation_side)
+    elif hub_allowed():
+        tokenizer = BertTokenizer.from_pretrained(name_or_vocab, truncation_side=truncation_side)
+    else:
+        # Only the vocabulary size matters for an architecture built without weights.
+        vocab = _size_only_vocab_file(published.BERT_BASE_UNCASED_VOCAB_SIZE)
+        tokenizer = BertTokenizer(vocab_file=vocab, do_lower_case=True, truncation_side=truncation_side)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLIP-ViT
+# ----------------------------------------------------------------------------------------------------------------
+def build_clip_vit(cfg) -> nn.Module:
+    """LAVIS's EVA ViT: ``create_eva_vit_g`` with its weights, or the same class from the config's sizes."""
+    if cfg.vit_weights == "eva_clip_g" and hub_allowed():
+        return create_eva_vit_g(cfg.image_size, cfg.drop_path_rate, cfg.use_grad_checkpoint, cfg.vit_precision)
+    if cfg.vit_weights not in (None, "eva_clip_g"):
+        raise ValueError(f"vit_weights={cfg.vit_weights!r} is not valid; choose 'eva_clip_g' or null (random)")
+    vit = VisionTransformer(
+        img_size=cfg.image_size,
+        patch_size=cfg.vit_patch_size,
+        use_mean_pooling=False,
+        embed_dim=cfg.vit_embed_dim,
+        depth=cfg.vit_depth,
+        num_heads=cfg.vit_num_heads,
+        mlp_ratio=cfg.vit_mlp_ratio,
+        qkv_bias=True,
+        drop_path_rate=cfg.drop_path_rate,
+        norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
+        use_checkpoint=cfg.use_grad_checkpoint,
+    )
+    if cfg.vit_precision == "fp16" and torch.cuda.is_available():
+        convert_weights_to_fp16(vit)
+    return vit
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Q-Former
+# ----------------------------------------------------------------------------------------------------------------
+def qformer_bert_config(cfg, vision_width: int, vocab_size: int) -> BertConfig:
+    bert = dict(published.BERT_BASE_UNCASED)
+    bert.update(
+        vocab_size=vocab_size,
+        hidden_size=cfg.qformer_hidden_size,
+        num_hidden_layers=cfg.qformer_num_layers,
+        num_attention_heads=cfg.qformer_num_heads,
+        intermediate_size=cfg.qformer_intermediate_size,
+        max_position_embeddings=cfg.qformer_max_positions,
+        hidden_dropout_prob=cfg.qformer_dropout,
+        attention_probs_dropout_prob=cfg.qformer_dropout,
+    )
+    config = BertConfig(**bert)
+    config.encoder_width = vision_width
+    config.add_cross_attention = True  # every `cross_attention_freq`-th layer gets a CLIP cross-attention
+    config.cross_attention_freq = cfg.cross_attention_freq
+    config.query_length = cfg.num_query_token
+    return config
+
+
+def build_qformer(cfg, vision_width: int):
+    """LAVIS's ``BertLMHeadModel`` Q-Former and its query tokens, as ``Blip2Base.init_Qformer`` makes them."""
+    config = qformer_bert_config(cfg, vision_width, published.BERT_BASE_UNCASED_VOCAB_SIZE)
+    if cfg.qformer_weights and hub_allowed():
+        qformer = BertLMHeadModel.from_pretrained(cfg.qformer_weights, config=config)
+    else:
+        qformer = BertLMHeadModel(config)
+    query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_token, config.hidden_size))
+    query_tokens.data.normal_(mean=0.0, std=config.initializer_range)
+    return qformer, query_tokens
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MAE-ViT encoder + decoder
+# ----------------------------------------------------------------------------------------------------------------
+def mae_config(cfg) -> ViTMAEConfig:
+    mae = dict(published.VIT_MAE_HUGE)
+    mae.update(
+        image_size=cfg.mae_image_size,
+        patch_size=cfg.mae_patch_size,
+        hidden_size=cfg.mae_hidden_size,
+        num_hidden_layers=cfg.mae_num_layers,
+        num_attention_heads=cfg.mae_num_heads,
+        intermediate_size=cfg.mae_intermediate_size,
+        decoder_hidden_size=cfg.mae_decoder_hidden_size,
+        decoder_num_hidden_layers=cfg.mae_decoder_num_layers,
+        decoder_num_attention_heads=cfg.mae_decoder_num_heads,
+        decoder_intermediate_size=cfg.mae_decoder_intermediate_size,
+        norm_pix_loss=cfg.norm_pix_loss,
+        mask_ratio=cfg.mask_ratio,
+    )
+    return ViTMAEConfig(**mae)
+
+
+def build_mae(cfg) -> ViTMAEForPreTraining:
+    """transformers' ``ViTMAEForPreTraining`` (encoder + decoder): hub weights or random from the config."""
+    config = mae_config(cfg)
+    if cfg.mae_weights and hub_allowed():
+        mae = ViTMAEForPreTraining.from_pretrained(
+            cfg.mae_weights, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss
+        )
+        for name in ("hidden_size", "patch_size", "image_size"):
+            if getattr(mae.config, name) != getattr(config, name):
+                raise ValueError(
+                    f"MAE checkpoint {cfg.mae_weights!r} has {name}={getattr(mae.config, name)} but the model "
+                    f"config says {getattr(config, name)}; set mae_{name} to match the checkpoint"
+                )
+        return mae
+    return ViTMAEForPreTraining(config)
+
+
+class ConfigBuildersMixin:
+    """Overrides ``Blip2Base``'s hub-bound builders with config-driven ones (see module docstring).
+
+    The model's typed config must be attached as ``self._build_cfg`` before ``Blip2Base.__init__`` runs them:
+    ``attach_build_config`` does that.
+    """
+
+    config_class = None  # the typed config dataclass of the model
+
+    def attach_build_config(self, cfg):
+        # nn.Module.__init__ has not run yet, so bypass its __setattr__.
+        object.__setattr__(self, "_build_cfg", cfg)
+
+    @classmethod
+    def from_config(cls, cfg):
+        """LAVIS's entry point: typed config from the yaml ``model:`` node, build, then load checkpoints."""
+        model = cls(cls.config_class.from_lavis_cfg(cfg))
+        model.load_checkpoint_from_config(cfg)
+        return model
+
+    def init_tokenizer(self, truncation_side="right"):
+        return build_bert_tokenizer(self._build_cfg.tokenizer, truncation_side)
+
+    def init_vision_encoder(self, model_name, img_size, drop_path_rate, use_grad_checkpoint, precision):
+        visual_encoder = build_clip_vit(self._build_cfg)
+        ln_vision = LayerNorm(visual_encoder.num_features)
+        return visual_encoder, ln_vision
+
+    def init_Qformer(self, num_query_token, vision_width, cross_attention_freq=2):
+        return build_qformer(self._build_cfg, vision_width)
+
+    # LAVIS's loader ignores `load_pretrained: False` and unpickles arbitrary objects; this one honours the flag,
+    # reads weights only, and says in one line what did not match.
+    def load_checkpoint_from_config(self, cfg, **kwargs):
+        from lavis_xformer.checkpoints import load_model_weights
+
+        if cfg.get("load_finetuned", False):
+            path = cfg.get("finetuned")
+            if not path:
+                raise ValueError("load_finetuned is True but the model config has no `finetuned:` path")
+            return load_model_weights(self, path, strict_unexpected=True)
+        if cfg.get("load_pretrained", True) and cfg.get("pretrained"):
+            return load_model_weights(self, cfg.get("pretrained"), strict_unexpected=False)
+        logging.info("%s: no pretrained checkpoint loaded (load_pretrained false or no path)", type(self).__name__)
+        return None
+
+    def load_from_pretrained(self, url_or_filename):
+        from lavis_xformer.checkpoints import load_model_weights
+
+        return load_model_weights(self, url_or_filename, strict_unexpected=False)
+
+    def load_checkpoint(self, url_or_filename):
+        from lavis_xformer.checkpoints import load_model_weights
+
+        return load_model_weights(self, url_or_filename, strict_unexpected=True)
+
+
+def blip2_init_kwargs(cfg) -> dict:
+    """The arguments LAVIS's BLIP-2 constructors take, from a typed config."""
+    return dict(
+        vit_model="eva_clip_g",
+        img_size=cfg.image_size,
+        drop_path_rate=cfg.drop_path_rate,
+        use_grad_checkpoint=cfg.use_grad_checkpoint,
+        vit_precision=cfg.vit_precision,
+        freeze_vit=cfg.freeze_vit,
+        num_query_token=cfg.num_query_token,
+        cross_attention_freq=cfg.cross_attention_freq,
+        embed_dim=cfg.embed_dim,
+        max_txt_len=cfg.max_txt_len,
+    )

@@ -1,0 +1,170 @@
+"""Typed model configs: every size and switch of the models is a named field with a default and a docstring line.
+
+LAVIS hands a model its yaml ``model:`` section as an OmegaConf node. ``from_lavis_cfg`` turns it into one of these
+dataclasses and refuses unknown or mistyped fields before any weights are built, listing the valid choices.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Optional, Union, get_args, get_origin
+
+from lavis_xformer.models import published
+
+# Keys LAVIS itself reads from a model config (checkpoint loading, registry); they are not model fields.
+LAVIS_LOADING_KEYS = frozenset(
+    {"arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned"}
+)
+
+
+@dataclass
+class BackboneConfig:
+    """The BLIP-2 part shared by BLIP-2 and X-Former: frozen CLIP-ViT, Q-Former, text tokenizer.
+
+    Defaults are the paper's: EVA-CLIP ViT-g (second-to-last layer), a BERT-base Q-Former with 32 queries.
+    """
+
+    # --- frozen CLIP-ViT (LAVIS's EVA ViT class) ---
+    image_size: int = 224  #: input resolution of the CLIP-ViT
+    vit_weights: Optional[str] = "eva_clip_g"  #: "eva_clip_g" loads LAVIS's EVA-CLIP ViT-g weights; None = random
+    vit_patch_size: int = published.EVA_VIT_G["patch_size"]  #: CLIP-ViT patch size
+    vit_embed_dim: int = published.EVA_VIT_G["embed_dim"]  #: CLIP-ViT width
+    vit_depth: int = published.EVA_VIT_G["depth"]  #: blocks kept (EVA-g has 40; 39 = second-to-last layer output)
+    vit_num_heads: int = published.EVA_VIT_G["num_heads"]  #: CLIP-ViT attention heads
+    vit_mlp_ratio: float = published.EVA_VIT_G["mlp_ratio"]  #: CLIP-ViT MLP width / embed width
+    vit_precision: str = "fp16"  #: "fp16" casts frozen encoders to half when CUDA is available; "fp32" never
+    drop_path_rate: float = 0.0  #: stochastic depth of the (frozen) CLIP-ViT
+    use_grad_checkpoint: bool = False  #: activation checkpointing inside the CLIP-ViT
+    freeze_vit: bool = True  #: keep the CLIP-ViT frozen (the paper always does)
+    freeze_vit_layernorms: bool = True  #: keep the CLIP-ViT layer norms frozen (False for the VQA fine-tuning)
+
+    # --- Q-Former (LAVIS's BertLMHeadModel) ---
+    qformer_weights: Optional[str] = "bert-base-uncased"  #: initial Q-Former weights from the hub; None = random
+    qformer_hidden_size: int = published.BERT_BASE_UNCASED["hidden_size"]  #: Q-Former width
+    qformer_num_layers: int = published.BERT_BASE_UNCASED["num_hidden_layers"]  #: Q-Former depth
+    qformer_num_heads: int = published.BERT_BASE_UNCASED["num_attention_heads"]  #: Q-Former attention heads
+    qformer_intermediate_size: int = published.BERT_BASE_UNCASED["intermediate_size"]  #: Q-Former FFN width
+    qformer_max_positions: int = published.BERT_BASE_UNCASED["max_position_embeddings"]  #: text positions
+    qformer_dropout: float = published.BERT_BASE_UNCASED["hidden_dropout_prob"]  #: hidden and attention dropout
+    num_query_token: int = 32  #: learnable queries (32 in BLIP-2 and X-Former)
+    cross_attention_freq: int = 2  #: a CLIP cross-attention every this many Q-Former layers
+    embed_dim: int = 256  #: ITC projection width
+    max_txt_len: int = 32  #: caption tokens fed to the Q-Former
+
+    # --- tokenizer ---
+    tokenizer: str = "bert-base-uncased"  #: hub name, or a vocab.txt path (relative paths: lavis_xformer/assets)
+
+    @classmethod
+    def from_lavis_cfg(cls, cfg) -> "BackboneConfig":
+        """Build from a LAVIS ``model:`` config (dict or OmegaConf), refusing unknown or mistyped fields."""
+        return _build(cls, cfg)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class XFormerConfig(BackboneConfig):
+    """X-Former: the BLIP-2 backbone plus a frozen MAE-ViT and the trainable dual cross-attention block.
+
+    The dual block's shape is not given by the paper; these defaults are this implementation's choice (README:
+    "The dual cross-attention"): one layer at the Q-Former's width, each branch BERT-like (post-norm
+    self-attention, cross-attention, FFN), MAE features projected 1280 -> 768 and back for the frozen decoder.
+    """
+
+    # --- frozen MAE-ViT encoder and decoder (transformers' ViTMAEForPreTraining) ---
+    use_mae: bool = True  #: False switches the MAE branch off: the model is then exactly BLIP-2
+    mae_weights: Optional[str] = "facebook/vit-mae-huge"  #: hub checkpoint of the MAE; None = random
+    mae_image_size: int = published.VIT_MAE_HUGE["image_size"]  #: MAE input size (images are resized to it)
+    mae_patch_size: int = published.VIT_MAE_HUGE["patch_size"]  #: MAE patch size
+    mae_hidden_size: int = published.VIT_MAE_HUGE["hidden_size"]  #: MAE encoder width (M's width)
+    mae_num_layers: int = published.VIT_MAE_HUGE["num_hidden_layers"]  #: MAE encoder depth
+    mae_num_heads: int = published.VIT_MAE_HUGE["num_attention_heads"]  #: MAE encoder heads
+    mae_intermediate_size: int = published.VIT_MAE_HUGE["intermediate_size"]  #: MAE encoder FFN width
+    mae_decoder_hidden_size: int = published.VIT_MAE_HUGE["decoder_hidden_size"]  #: MAE decoder width
+    mae_decoder_num_layers: int = published.VIT_MAE_HUGE["decoder_num_hidden_layers"]  #: MAE decoder depth
+    mae_decoder_num_heads: int = published.VIT_MAE_HUGE["decoder_num_attention_heads"]  #: MAE decoder heads
+    mae_decoder_intermediate_size: int = published.VIT_MAE_HUGE["decoder_intermediate_size"]  #: decoder FFN
+    mask_ratio: float = 0.5  #: fraction of MAE patches masked in training (the paper's 50%)
+    eval_mask_ratio: float = 0.0  #: fraction masked when not training (MAE sees the whole image)
+    norm_pix_loss: bool = False  #: MAE's per-patch normalised target (False matches the released HF decoders)
+
+    # --- dual cross-attention block (trainable) ---
+    dual_num_layers: int = 1  #: stacked dual cross-attention layers
+    dual_num_heads: int = 12  #: heads of every attention in the dual block
+    dual_intermediate_size: int = 3072  #: FFN width in both branches
+    dual_mae_self_attention: bool = True  #: self-attention over MAE tokens before they attend to Z_q
+    dual_query_self_attention: bool = True  #: self-attention over Z_q before it attends to M' (paper ablation)
+    dual_dropout: float = 0.1  #: dropout on attention probabilities and residual branches
+    itg_conditioning: str = "enriched_cache"  #: "enriched_cache": ITG text sees Z'; "qformer_cache": BLIP-2's
+
+    # --- losses ---
+    reconstruction_loss: bool = True  #: build the frozen MAE decoder and add the reconstruction loss
+    loss_weight_itc: float = 1.0  #: weight of the image-text contrastive loss in the total
+    loss_weight_itm: float = 1.0  #: weight of the image-text matching loss in the total
+    loss_weight_itg: float = 1.0  #: weight of the image-grounded text generation loss in the total
+    loss_weight_rec: float = 1.0  #: weight of the MAE reconstruction loss in the total
+
+    def __post_init__(self):
+        _check_choice("itg_conditioning", self.itg_conditioning, ("enriched_cache", "qformer_cache"))
+        _check_choice("vit_precision", self.vit_precision, ("fp16", "fp32"))
+        if not 0.0 <= self.mask_ratio < 1.0 or not 0.0 <= self.eval_mask_ratio < 1.0:
+            raise ValueError(
+                f"mask_ratio={self.mask_ratio} and eval_mask_ratio={self.eval_mask_ratio} must lie in [0, 1): "
+                "at least one MAE patch has to stay visible"
+            )
+        if self.qformer_hidden_size % self.dual_num_heads:
+            raise ValueError(
+                f"dual_num_heads={self.dual_num_heads} must divide qformer_hidden_size={self.qformer_hidden_size}"
+            )
+        if self.reconstruction_loss and not self.use_mae:
+            raise ValueError("reconstruction_loss=True needs use_mae=True (the loss reconstructs MAE patches)")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
+
+
+def _type_ok(value, annotation) -> bool:
+    if get_origin(annotation) is Union:
+        return any(_type_ok(value, a) for a in get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _build(cls, cfg):
+    if cfg is None:
+        cfg = {}
+    if hasattr(cfg, "items") and not isinstance(cfg, dict):  # OmegaConf DictConfig
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    known = {f.name: f for f in fields(cls)}
+    values = {}
+    unknown = []
+    for key, value in dict(cfg).items():
+        if key in LAVIS_LOADING_KEYS:
+            continue
+        if key not in known:
+            unknown.append(key)
+            continue
+        annotation = known[key].type
+        if isinstance(annotation, str):  # postponed annotations
+            annotation = eval(annotation, {"Optional": Optional, "Union": Union}, {})
+        if not _type_ok(value, annotation):
+            raise ValueError(
+                f"model config field {key!r} of {cls.__name__} has value {value!r} "
+                f"({type(value).__name__}); expected {annotation}"
+            )
+        values[key] = float(value) if annotation is float else value
+    if unknown:
+        raise ValueError(
+            f"unknown model config field(s) {sorted(unknown)} for {cls.__name__}; "
+            f"valid fields: {sorted(known)} (plus LAVIS's {sorted(LAVIS_LOADING_KEYS)})"
+        )
+    return cls(**values)

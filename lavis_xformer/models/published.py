@@ -1,0 +1,54 @@
+"""Published architecture configs of the frozen and pretrained parts, written out as dicts.
+
+They let every paper-scale model build on the ``meta`` device (for parameter and FLOP counts) with no
+download: the sizes are copied from the released checkpoints' configs.
+"""
+
+# EVA-CLIP ViT-g/14 as LAVIS builds it (``lavis.models.eva_vit.create_eva_vit_g``): 40 blocks were trained, LAVIS
+# keeps 39 so that the output is the second-to-last layer, which BLIP-2 and X-Former both read.
+EVA_VIT_G = dict(
+    img_size=224,
+    patch_size=14,
+    embed_dim=1408,
+    depth=39,
+    num_heads=1408 // 88,
+    mlp_ratio=4.3637,
+)
+
+# facebook/vit-mae-huge (config.json of the transformers checkpoint).
+VIT_MAE_HUGE = dict(
+    image_size=224,
+    patch_size=14,
+    num_channels=3,
+    hidden_size=1280,
+    num_hidden_layers=32,
+    num_attention_heads=16,
+    intermediate_size=5120,
+    hidden_act="gelu",
+    layer_norm_eps=1e-12,
+    qkv_bias=True,
+    decoder_hidden_size=512,
+    decoder_num_hidden_layers=8,
+    decoder_num_attention_heads=16,
+    decoder_intermediate_size=2048,
+    norm_pix_loss=False,
+)
+
+# bert-base-uncased (config.json), the Q-Former's initialisation in BLIP-2.
+BERT_BASE_UNCASED = dict(
+    vocab_size=30522,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    hidden_act="gelu",
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    initializer_range=0.02,
+    layer_norm_eps=1e-12,
+    pad_token_id=0,
+    position_embedding_type="absolute",
+)
+BERT_BASE_UNCASED_VOCAB_SIZE = 30522

@@ -1,0 +1,483 @@
+"""X-Former stage 1 (arXiv 2407.13851, section 2.3 and Fig. 3), read top to bottom as the method.
+
+    image --(frozen CLIP-ViT)--> C --(Q-Former, learnable queries, text)--> Z_q
+    image --(random masking, frozen MAE-ViT)--> M
+    dual cross-attention:  M attends to Z_q -> M'  ;  Z_q attends to M' -> Z'
+    Z'  -> ITC, ITM, ITG          M' -> frozen MAE decoder -> reconstruction loss on the masked patches
+
+The BLIP-2 parts are LAVIS's own classes (``Blip2Qformer`` is the parent: its Q-Former, EVA ViT, tokenizer, heads
+and retrieval code); this file adds only the MAE branch and the dual block. With ``use_mae=False`` every loss is
+LAVIS's BLIP-2 loss on the same weights (tests/test_xformer_stage1.py proves it).
+"""
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lavis.common.registry import registry
+from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
+from transformers.modeling_outputs import ModelOutput
+
+from lavis_xformer.common import dist
+from lavis_xformer.models.builders import ConfigBuildersMixin, blip2_init_kwargs, build_mae, freeze
+from lavis_xformer.models.config import XFormerConfig
+from lavis_xformer.paths import model_config_path
+
+# The processors normalise with CLIP's statistics (what the CLIP-ViT was trained on); MAE was trained on
+# ImageNet statistics. Each encoder must see its own normalisation, so the MAE input is re-normalised here.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ================================================================================================================
+# The dual cross-attention block
+# ================================================================================================================
+class Attention(nn.Module):
+    """Multi-head attention on ``torch.nn.functional.scaled_dot_product_attention`` (self- or cross-)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.output = nn.Linear(hidden_size, hidden_size)
+        self.dropout = dropout
+
+    def _heads(self, x):
+        batch, length, width = x.shape
+        return x.view(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)
+
+    def forward(self, hidden_states, context):
+        q, k, v = self._heads(self.query(hidden_states)), self._heads(self.key(context)), self._heads(self.value(context))
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.output(attended.transpose(1, 2).flatten(2))
+
+
+class Residual(nn.Module):
+    """Post-norm residual sub-layer, as in the BERT layers of the Q-Former: ``LN(x + dropout(f(x, ...)))``."""
+
+    def __init__(self, sublayer: nn.Module, hidden_size: int, dropout: float):
+        super().__init__()
+        self.sublayer = sublayer
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
+
+    def forward(self, x, *context):
+        return self.norm(x + self.dropout(self.sublayer(x, *context)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.up = nn.Linear(hidden_size, intermediate_size)
+        self.down = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class DualCrossAttentionLayer(nn.Module):
+    """One layer of the dual block.
+
+    (1) MAE branch: the MAE tokens are the queries, Z_q the keys/values -> M' (MAE features enriched with the
+        Q-Former's global semantics).
+    (2) Query branch: Z_q, after self-attention (the paper's ablation keeps it), attends to M' -> Z' (queries
+        enriched with local detail).
+    """
+
+    def __init__(self, cfg: XFormerConfig):
+        super().__init__()
+        width, heads, drop = cfg.qformer_hidden_size, cfg.dual_num_heads, cfg.dual_dropout
+
+        def attention():
+            return Residual(Attention(width, heads, drop), width, drop)
+
+        def ffn():
+            return Residual(FeedForward(width, cfg.dual_intermediate_size), width, drop)
+
+        self.mae_self_attention = attention() if cfg.dual_mae_self_attention else None
+        self.mae_cross_attention = attention()
+        self.mae_ffn = ffn()
+        self.query_self_attention = attention() if cfg.dual_query_self_attention else None
+        self.query_cross_attention = attention()
+        self.query_ffn = ffn()
+
+    def forward(self, query_states, mae_states):
+        if self.mae_self_attention is not None:
+            mae_states = self.mae_self_attention(mae_states, mae_states)
+        enriched_mae = self.mae_ffn(self.mae_cross_attention(mae_states, query_states))
+
+        if self.query_self_attention is not None:
+            query_states = self.query_self_attention(query_states, query_states)
+        enriched_queries = self.query_ffn(self.query_cross_attention(query_states, enriched_mae))
+        return enriched_queries, enriched_mae
+
+
+class DualCrossAttention(nn.Module):
+    """Projects MAE features M to the Q-Former width, then runs the dual layers: (Z_q, M) -> (Z', M')."""
+
+    def __init__(self, cfg: XFormerConfig):
+        super().__init__()
+        self.mae_proj = nn.Linear(cfg.mae_hidden_size, cfg.qformer_hidden_size)
+        self.mae_norm = nn.LayerNorm(cfg.qformer_hidden_size, eps=1e-12)
+        self.layers = nn.ModuleList(DualCrossAttentionLayer(cfg) for _ in range(cfg.dual_num_layers))
+
+    def forward(self, query_states, mae_features):
+        mae_states = self.mae_norm(self.mae_proj(mae_features))
+        for layer in self.layers:
+            query_states, mae_states = layer(query_states, mae_states)
+        return query_states, mae_states
+
+
+# ================================================================================================================
+# Outputs
+# ================================================================================================================
+@dataclass
+class MaeEncoding(ModelOutput):
+    """The frozen MAE encoder's view of a batch: features of the visible tokens ([CLS] first) and its masking."""
+
+    features: torch.Tensor = None  # M: [B, 1 + visible, mae_hidden_size]
+    mask: torch.Tensor = None  # [B, num_patches], 1 = masked (hidden from the encoder)
+    ids_restore: torch.Tensor = None  # [B, num_patches], un-shuffles visible + mask tokens for the decoder
+    pixels: torch.Tensor = None  # the MAE-normalised input [B, 3, H, W], the reconstruction target
+
+
+@dataclass
+class XFormerOutput(ModelOutput):
+    """Stage-1 losses, each separately, and their weighted total (``loss``). ``loss_lm`` is ITG (LAVIS's name)."""
+
+    loss: torch.Tensor = None
+    loss_itc: torch.Tensor = None
+    loss_itm: torch.Tensor = None
+    loss_lm: torch.Tensor = None
+    loss_rec: Optional[torch.Tensor] = None
+
+
+@contextlib.contextmanager
+def _mask_ratio(mae_config, ratio: float):
+    """transformers' ViTMAE reads ``config.mask_ratio`` at call time; set it for one call."""
+    saved = mae_config.mask_ratio
+    mae_config.mask_ratio = ratio
+    try:
+        yield
+    finally:
+        mae_config.mask_ratio = saved
+
+
+# ================================================================================================================
+# The model
+# ================================================================================================================
+@registry.register_model("xformer")
+class XFormer(ConfigBuildersMixin, Blip2Qformer):
+    """X-Former stage 1: BLIP-2's Q-Former plus a frozen MAE-ViT and the dual cross-attention block.
+
+    >>> import lavis_xformer
+    >>> from lavis.models import load_model
+    >>> model = load_model("xformer", "tiny")          # offline, random weights
+    >>> model = load_model("xformer", "pretrain")      # EVA-CLIP ViT-g + MAE ViT-H + BERT-base from the hub
+    """
+
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "pretrain": model_config_path("xformer/xformer_pretrain.yaml"),
+        "tiny": model_config_path("xformer/xformer_tiny.yaml"),
+    }
+    config_class = XFormerConfig
+
+    def __init__(self, config: Optional[XFormerConfig] = None):
+        config = config or XFormerConfig()
+        self.attach_build_config(config)
+        super().__init__(**blip2_init_kwargs(config))
+        self.config = config
+        if config.freeze_vit and not config.freeze_vit_layernorms:
+            for module in self.visual_encoder.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.requires_grad_(True)
+
+        self.mae_encoder = self.mae_decoder = self.dual_block = self.mae_out_proj = None
+        if config.use_mae:
+            mae = build_mae(config)
+            self.mae_encoder = freeze(mae.vit)
+            self.dual_block = DualCrossAttention(config)
+            if config.reconstruction_loss:
+                self.mae_decoder = freeze(mae.decoder)
+                # M' lives at the Q-Former width; the frozen decoder reads the MAE encoder's width.
+                self.mae_out_proj = nn.Linear(config.qformer_hidden_size, config.mae_hidden_size)
+            del mae
+            self.register_buffer("_clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("_clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("_mae_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("_mae_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Inputs
+    # ------------------------------------------------------------------------------------------------------------
+    def check_image(self, image) -> torch.Tensor:
+        size = self.config.image_size
+        if not isinstance(image, torch.Tensor) or image.dim() != 4:
+            got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise ValueError(f"samples['image'] must be a [batch, 3, {size}, {size}] tensor, got {got}")
+        if image.shape[1] != 3:
+            raise ValueError(
+                f"samples['image'] has {image.shape[1]} channels; the encoders take 3 (RGB). "
+                "Convert images with the xformer_image_* processors."
+            )
+        if tuple(image.shape[-2:]) != (size, size):
+            raise ValueError(
+                f"samples['image'] is {tuple(image.shape[-2:])} pixels but the model's image_size is {size}; "
+                f"resize with the xformer_image_* processors (image_size: {size})"
+            )
+        return image
+
+    def check_texts(self, texts, batch_size: int, key: str = "text_input"):
+        if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+            raise ValueError(f"samples[{key!r}] must be a list of strings, got {type(texts).__name__}")
+        if len(texts) == 0:
+            raise ValueError(f"samples[{key!r}] is an empty list; give one caption per image")
+        if not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"samples[{key!r}] must hold only strings")
+        if len(texts) != batch_size:
+            raise ValueError(
+                f"batch size mismatch: {batch_size} images but {len(texts)} texts in samples[{key!r}]"
+            )
+        return list(texts)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Frozen encoders
+    # ------------------------------------------------------------------------------------------------------------
+    def forward_clip(self, image):
+        """C: the frozen CLIP-ViT's second-to-last layer, through the trainable ``ln_vision``."""
+        vit_frozen = not any(p.requires_grad for p in self.visual_encoder.parameters())
+        with self.maybe_autocast(), torch.set_grad_enabled(torch.is_grad_enabled() and not vit_frozen):
+            clip_features = self.visual_encoder(image)
+        return self.ln_vision(clip_features.float() if clip_features.dtype != torch.float32 else clip_features)
+
+    def mae_pixels(self, image):
+        """CLIP-normalised processor output -> MAE's own normalisation, at MAE's input size."""
+        raw = image.float() * self._clip_std + self._clip_mean
+        size = self.config.mae_image_size
+        if tuple(raw.shape[-2:]) != (size, size):
+            raw = F.interpolate(raw, size=(size, size), mode="bicubic", align_corners=False)
+        return (raw - self._mae_mean) / self._mae_std
+
+    def forward_mae(self, image, mask_ratio: Optional[float] = None, noise=None) -> MaeEncoding:
+        """M: random masking (``mask_ratio`` of the patches hidden), then the frozen MAE encoder on the rest.
+
+        ``noise`` ([B, num_patches], as transformers takes it) fixes the masking; without it a fresh random
+        masking is drawn, except at ratio 0 where the patches keep their order.
+        """
+        if mask_ratio is None:
+            mask_ratio = self.config.mask_ratio if self.training else self.config.eval_mask_ratio
+        pixels = self.mae_pixels(image)
+        if noise is None and mask_ratio == 0:
+            num_patches = self.mae_encoder.embeddings.num_patches
+            noise = torch.arange(num_patches, device=image.device, dtype=torch.float).expand(image.shape[0], -1)
+        with _mask_ratio(self.mae_encoder.config, mask_ratio), torch.no_grad(), self.maybe_autocast():
+            encoded = self.mae_encoder(pixel_values=pixels, noise=noise, return_dict=True)
+        return MaeEncoding(
+            features=encoded.last_hidden_state.float(),
+            mask=encoded.mask,
+            ids_restore=encoded.ids_restore,
+            pixels=pixels,
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Q-Former and the dual block
+    # ------------------------------------------------------------------------------------------------------------
+    def forward_queries(self, clip_features, output_hidden_states: bool = False):
+        """Z_q: the learnable queries through the Q-Former, cross-attending to C (unimodal: no text)."""
+        query_tokens = self.query_tokens.expand(clip_features.shape[0], -1, -1)
+        clip_atts = torch.ones(clip_features.shape[:-1], dtype=torch.long, device=clip_features.device)
+        return self.Qformer.bert(
+            query_embeds=query_tokens,
+            encoder_hidden_states=clip_features,
+            encoder_attention_mask=clip_atts,
+            use_cache=True,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+
+    def enrich(self, query_states, mae_features) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(Z', M') from (Z_q, M); the identity on Z_q when the MAE branch is off."""
+        if self.dual_block is None:
+            return query_states, None
+        return self.dual_block(query_states, mae_features)
+
+    def enriched_query_cache(self, query_output, enrichment):
+        """Keys/values the ITG text tokens attend to, carrying the dual block's enrichment Z' - Z_q.
+
+        In BLIP-2 the text decoder sees, at every Q-Former layer, the keys/values of that layer's query states
+        (``past_key_values``). Here every layer's query states get Z' - Z_q added before its key/value
+        projections, so ITG is conditioned on Z'; with a zero enrichment this is exactly BLIP-2's cache.
+        """
+        num_queries = self.query_tokens.shape[1]
+        cache = []
+        for layer, hidden in zip(self.Qformer.bert.encoder.layer, query_output.hidden_states[:-1]):
+            attention = layer.attention.self
+            states = hidden[:, :num_queries] + enrichment
+            cache.append(
+                (attention.transpose_for_scores(attention.key(states)), attention.transpose_for_scores(attention.value(states)))
+            )
+        return tuple(cache)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Reconstruction: M' through the frozen MAE decoder, MSE on the masked patches
+    # ------------------------------------------------------------------------------------------------------------
+    def patchify(self, pixels):
+        """[B, 3, H, W] -> [B, num_patches, patch_size**2 * 3], MAE's layout (row-major patches, channels last)."""
+        p = self.config.mae_patch_size
+        batch, channels, height, width = pixels.shape
+        h, w = height // p, width // p
+        x = pixels.reshape(batch, channels, h, p, w, p)
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(batch, h * w, p * p * channels)
+
+    def forward_decoder(self, enriched_mae, ids_restore):
+        """Predicted pixels of every patch from M' (visible tokens; the decoder adds its mask tokens)."""
+        tokens = self.mae_out_proj(enriched_mae)
+        with self.maybe_autocast():
+            return self.mae_decoder(tokens, ids_restore).logits.float()
+
+    def reconstruction_loss(self, pixels, predicted_patches, mask):
+        """Mean squared error over the masked patches only (MAE's loss; ``norm_pix_loss`` as a switch)."""
+        target = self.patchify(pixels)
+        if self.config.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        per_patch = ((predicted_patches - target) ** 2).mean(dim=-1)
+        return (per_patch * mask).sum() / mask.sum()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The stage-1 objective
+    # ------------------------------------------------------------------------------------------------------------
+    def forward(self, samples):
+        image = self.check_image(samples.get("image") if isinstance(samples, dict) else None)
+        texts = self.check_texts(samples.get("text_input"), image.shape[0])
+        bs, rank = image.shape[0], dist.get_rank()
+
+        clip_features = self.forward_clip(image)
+        mae = self.forward_mae(image, noise=samples.get("mae_noise")) if self.dual_block is not None else None
+        mae_features = mae.features if mae is not None else None
+
+        use_enriched_cache = self.dual_block is not None and self.config.itg_conditioning == "enriched_cache"
+        query_output = self.forward_queries(clip_features, output_hidden_states=use_enriched_cache)
+        query_states = query_output.last_hidden_state
+        enriched_queries, enriched_mae = self.enrich(query_states, mae_features)
+
+        text_tokens = self.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
+        ).to(image.device)
+
+        loss_itc, sim_i2t, sim_t2i = self.itc_loss(enriched_queries, text_tokens, rank)
+        loss_itm = self.itm_loss(clip_features, mae_features, text_tokens, sim_i2t, sim_t2i, rank)
+        if use_enriched_cache:
+            cache = self.enriched_query_cache(query_output, enriched_queries - query_states)
+        else:
+            cache = query_output.past_key_values
+        loss_lm = self.itg_loss(cache, text_tokens)
+
+        loss_rec = None
+        if self.mae_decoder is not None:
+            predicted = self.forward_decoder(enriched_mae, mae.ids_restore)
+            loss_rec = self.reconstruction_loss(mae.pixels, predicted, mae.mask)
+
+        cfg = self.config
+        loss = cfg.loss_weight_itc * loss_itc + cfg.loss_weight_itm * loss_itm + cfg.loss_weight_itg * loss_lm
+        if loss_rec is not None:
+            loss = loss + cfg.loss_weight_rec * loss_rec
+        return XFormerOutput(loss=loss, loss_itc=loss_itc, loss_itm=loss_itm, loss_lm=loss_lm, loss_rec=loss_rec)
+
+    def itc_loss(self, enriched_queries, text_tokens, rank):
+        """Image-text contrastive: max over query-to-[CLS] similarities, in-batch negatives from every rank."""
+        image_feats = F.normalize(self.vision_proj(enriched_queries), dim=-1)  # [B, Q, D]
+        text_output = self.Qformer.bert(
+            text_tokens.input_ids, attention_mask=text_tokens.attention_mask, return_dict=True
+        )  # text alone: the unimodal mask keeps queries and text apart
+        text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)  # [B, D]
+
+        image_feats_all = dist.concat_all_gather(image_feats)  # [B * world, Q, D]
+        text_feat_all = dist.concat_all_gather(text_feat)  # [B * world, D]
+        sim_i2t = torch.einsum("iqd,td->itq", image_feats, text_feat_all).max(-1).values / self.temp
+        sim_t2i = torch.einsum("td,iqd->tiq", text_feat, image_feats_all).max(-1).values / self.temp
+
+        bs = image_feats.shape[0]
+        targets = torch.arange(rank * bs, rank * bs + bs, device=image_feats.device)
+        loss = (
+            F.cross_entropy(sim_i2t, targets, label_smoothing=0.1) + F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)
+        ) / 2
+        return loss, sim_i2t, sim_t2i
+
+    def itm_loss(self, clip_features, mae_features, text_tokens, sim_i2t, sim_t2i, rank):
+        """Image-text matching on Z' of the bi-directional pass; hard negatives drawn from ITC similarities."""
+        bs = clip_features.shape[0]
+        text_ids_world = dist.concat_all_gather(text_tokens.input_ids)
+        text_atts_world = dist.concat_all_gather(text_tokens.attention_mask)
+        clip_world = dist.all_gather_with_grad(clip_features)
+        mae_world = dist.concat_all_gather(mae_features) if mae_features is not None else None
+        with torch.no_grad():
+            weights_t2i = F.softmax(sim_t2i, dim=1) + 1e-4
+            weights_t2i[:, rank * bs : rank * bs + bs].fill_diagonal_(0)
+            weights_i2t = F.softmax(sim_i2t, dim=1) + 1e-4
+            weights_i2t[:, rank * bs : rank * bs + bs].fill_diagonal_(0)
+
+        # One draw per row, images first, as LAVIS does: the same RNG stream gives the same negatives.
+        neg_images = [torch.multinomial(weights_t2i[b], 1).item() for b in range(bs)]
+        neg_texts = [torch.multinomial(weights_i2t[b], 1).item() for b in range(bs)]
+
+        text_ids_all = torch.cat([text_tokens.input_ids, text_tokens.input_ids, text_ids_world[neg_texts]])
+        text_atts_all = torch.cat([text_tokens.attention_mask, text_tokens.attention_mask, text_atts_world[neg_texts]])
+        clip_all = torch.cat([clip_features, clip_world[neg_images], clip_features])  # pos, neg, pos
+
+        query_tokens = self.query_tokens.expand(text_ids_all.shape[0], -1, -1)
+        query_atts = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=clip_features.device)
+        clip_atts = torch.ones(clip_all.shape[:-1], dtype=torch.long, device=clip_features.device)
+        output = self.Qformer.bert(
+            text_ids_all,
+            query_embeds=query_tokens,
+            attention_mask=torch.cat([query_atts, text_atts_all], dim=1),
+            encoder_hidden_states=clip_all,
+            encoder_attention_mask=clip_atts,
+            return_dict=True,
+        )
+        multimodal_queries = output.last_hidden_state[:, : query_tokens.shape[1], :]
+        if mae_features is not None:
+            mae_all = torch.cat([mae_features, mae_world[neg_images], mae_features])
+            multimodal_queries, _ = self.enrich(multimodal_queries, mae_all)
+        logits = self.itm_head(multimodal_queries).mean(dim=1)
+        labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(logits.device)
+        return F.cross_entropy(logits, labels)
+
+    def itg_loss(self, query_cache, text_tokens):
+        """Image-grounded text generation: [DEC] replaces [CLS]; text attends causally to itself and the queries."""
+        decoder_input_ids = text_tokens.input_ids.clone()
+        decoder_input_ids[:, 0] = self.tokenizer.bos_token_id
+        labels = decoder_input_ids.masked_fill(decoder_input_ids == self.tokenizer.pad_token_id, -100)
+        query_atts = torch.ones(
+            (decoder_input_ids.shape[0], self.query_tokens.shape[1]), dtype=torch.long, device=decoder_input_ids.device
+        )
+        output = self.Qformer(
+            decoder_input_ids,
+            attention_mask=torch.cat([query_atts, text_tokens.attention_mask], dim=1),
+            past_key_values=query_cache,
+            return_dict=True,
+            labels=labels,
+        )
+        return output.loss
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Features for retrieval, analysis and stage 2
+    # ------------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image(self, image, mask_ratio: Optional[float] = None):
+        """Z' for a batch of images (no text), the output stage 2 feeds to the LLM."""
+        clip_features = self.forward_clip(self.check_image(image))
+        mae_features = self.forward_mae(image, mask_ratio).features if self.dual_block is not None else None
+        enriched_queries, _ = self.enrich(self.forward_queries(clip_features).last_hidden_state, mae_features)
+        return enriched_queries
