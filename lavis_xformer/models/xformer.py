@@ -172,48 +172,36 @@ def _mask_ratio(mae_config, ratio: float):
 
 
 # ================================================================================================================
-# The model
+# The image side shared by stage 1 and stage 2: C, M, Z_q -> (Z', M')
 # ================================================================================================================
-@registry.register_model("xformer")
-class XFormer(ConfigBuildersMixin, Blip2Qformer):
-    """X-Former stage 1: BLIP-2's Q-Former plus a frozen MAE-ViT and the dual cross-attention block.
+class XFormerImageMixin:
+    """The X-Former image pathway on top of a LAVIS BLIP-2 class (which provides the CLIP-ViT and Q-Former).
 
-    >>> import lavis_xformer
-    >>> from lavis.models import load_model
-    >>> model = load_model("xformer", "tiny")          # offline, random weights
-    >>> model = load_model("xformer", "pretrain")      # EVA-CLIP ViT-g + MAE ViT-H + BERT-base from the hub
+    ``build_mae_branch(config)`` adds the frozen MAE encoder (and decoder when the reconstruction loss is on) and
+    the trainable dual block; with ``use_mae=False`` nothing is added and the pathway is BLIP-2's.
     """
 
-    PRETRAINED_MODEL_CONFIG_DICT = {
-        "pretrain": model_config_path("xformer/xformer_pretrain.yaml"),
-        "tiny": model_config_path("xformer/xformer_tiny.yaml"),
-    }
-    config_class = XFormerConfig
-
-    def __init__(self, config: Optional[XFormerConfig] = None):
-        config = config or XFormerConfig()
-        self.attach_build_config(config)
-        super().__init__(**blip2_init_kwargs(config))
-        self.config = config
-        if config.freeze_vit and not config.freeze_vit_layernorms:
-            for module in self.visual_encoder.modules():
-                if isinstance(module, nn.LayerNorm):
-                    module.requires_grad_(True)
-
+    def build_mae_branch(self, config: XFormerConfig):
         self.mae_encoder = self.mae_decoder = self.dual_block = self.mae_out_proj = None
-        if config.use_mae:
-            mae = build_mae(config)
-            self.mae_encoder = freeze(mae.vit)
-            self.dual_block = DualCrossAttention(config)
-            if config.reconstruction_loss:
-                self.mae_decoder = freeze(mae.decoder)
-                # M' lives at the Q-Former width; the frozen decoder reads the MAE encoder's width.
-                self.mae_out_proj = nn.Linear(config.qformer_hidden_size, config.mae_hidden_size)
-            del mae
-            self.register_buffer("_clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("_clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("_mae_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("_mae_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        if not config.use_mae:
+            return
+        mae = build_mae(config)
+        self.mae_encoder = freeze(mae.vit)
+        self.dual_block = DualCrossAttention(config)
+        if config.reconstruction_loss:
+            self.mae_decoder = freeze(mae.decoder)
+            # M' lives at the Q-Former width; the frozen decoder reads the MAE encoder's width.
+            self.mae_out_proj = nn.Linear(config.qformer_hidden_size, config.mae_hidden_size)
+        self.register_buffer("_clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_mae_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_mae_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def unfreeze_vit_layernorms(self):
+        """VQA fine-tuning (supplement section 2) trains the CLIP-ViT's layer norms only."""
+        for module in self.visual_encoder.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.requires_grad_(True)
 
     # ------------------------------------------------------------------------------------------------------------
     # Inputs
@@ -354,6 +342,53 @@ class XFormer(ConfigBuildersMixin, Blip2Qformer):
         per_patch = ((predicted_patches - target) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Features for retrieval, analysis and stage 2
+    # ------------------------------------------------------------------------------------------------------------
+    def image_queries(self, image, mask_ratio: Optional[float] = None, noise=None):
+        """Z' for a batch of images without text: what ITC compares and what stage 2 feeds to the LLM."""
+        clip_features = self.forward_clip(self.check_image(image))
+        mae_features = None
+        if self.dual_block is not None:
+            mae_features = self.forward_mae(image, mask_ratio, noise).features
+        enriched_queries, _ = self.enrich(self.forward_queries(clip_features).last_hidden_state, mae_features)
+        return enriched_queries
+
+    @torch.no_grad()
+    def encode_image(self, image, mask_ratio: Optional[float] = None):
+        """``image_queries`` without gradient, for feature extraction and analysis."""
+        return self.image_queries(image, mask_ratio)
+
+
+# ================================================================================================================
+# Stage 1
+# ================================================================================================================
+@registry.register_model("xformer")
+class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
+    """X-Former stage 1: BLIP-2's Q-Former plus a frozen MAE-ViT and the dual cross-attention block.
+
+    >>> import lavis_xformer
+    >>> from lavis.models import load_model
+    >>> model = load_model("xformer", "tiny")          # offline, random weights
+    >>> model = load_model("xformer", "pretrain")      # EVA-CLIP ViT-g + MAE ViT-H + BERT-base from the hub
+    """
+
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "pretrain": model_config_path("xformer/xformer_pretrain.yaml"),
+        "tiny": model_config_path("xformer/xformer_tiny.yaml"),
+    }
+    config_class = XFormerConfig
+
+    def __init__(self, config: Optional[XFormerConfig] = None):
+        config = config or XFormerConfig()
+        self.attach_build_config(config)
+        super().__init__(**blip2_init_kwargs(config))
+        self.config = config
+        if config.freeze_vit and not config.freeze_vit_layernorms:
+            self.unfreeze_vit_layernorms()
+        self.build_mae_branch(config)
+
     # ------------------------------------------------------------------------------------------------------------
     # The stage-1 objective
     # ------------------------------------------------------------------------------------------------------------
@@ -470,14 +505,3 @@ class XFormer(ConfigBuildersMixin, Blip2Qformer):
             labels=labels,
         )
         return output.loss
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Features for retrieval, analysis and stage 2
-    # ------------------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_image(self, image, mask_ratio: Optional[float] = None):
-        """Z' for a batch of images (no text), the output stage 2 feeds to the LLM."""
-        clip_features = self.forward_clip(self.check_image(image))
-        mae_features = self.forward_mae(image, mask_ratio).features if self.dual_block is not None else None
-        enriched_queries, _ = self.enrich(self.forward_queries(clip_features).last_hidden_state, mae_features)
-        return enriched_queries
