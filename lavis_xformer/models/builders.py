@@ -93,25 +93,44 @@ def build_bert_tokenizer(name_or_vocab: str, truncation_side: str = "right") -> 
 # ----------------------------------------------------------------------------------------------------------------
 # CLIP-ViT
 # ----------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _linspace_on_cpu():
+    """LAVIS's EVA ViT computes its drop-path schedule with ``torch.linspace(...)[i].item()`` (eva_vit.py:276),
+    which fails when the default device is ``meta``; keep that one small schedule tensor on the CPU."""
+    original = torch.linspace
+
+    def linspace(*args, **kwargs):
+        kwargs.setdefault("device", "cpu")
+        return original(*args, **kwargs)
+
+    torch.linspace = linspace
+    try:
+        yield
+    finally:
+        torch.linspace = original
+
+
 def build_clip_vit(cfg) -> nn.Module:
     """LAVIS's EVA ViT: ``create_eva_vit_g`` with its weights, or the same class from the config's sizes."""
     if cfg.vit_weights == "eva_clip_g" and hub_allowed():
         return create_eva_vit_g(cfg.image_size, cfg.drop_path_rate, cfg.use_grad_checkpoint, cfg.vit_precision)
     if cfg.vit_weights not in (None, "eva_clip_g"):
         raise ValueError(f"vit_weights={cfg.vit_weights!r} is not valid; choose 'eva_clip_g' or null (random)")
-    vit = VisionTransformer(
-        img_size=cfg.image_size,
-        patch_size=cfg.vit_patch_size,
-        use_mean_pooling=False,
-        embed_dim=cfg.vit_embed_dim,
-        depth=cfg.vit_depth,
-        num_heads=cfg.vit_num_heads,
-        mlp_ratio=cfg.vit_mlp_ratio,
-        qkv_bias=True,
-        drop_path_rate=cfg.drop_path_rate,
-        norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
-        use_checkpoint=cfg.use_grad_checkpoint,
-    )
+    on_meta = torch.get_default_device().type == "meta"
+    with _linspace_on_cpu() if on_meta else contextlib.nullcontext():
+        vit = VisionTransformer(
+            img_size=cfg.image_size,
+            patch_size=cfg.vit_patch_size,
+            use_mean_pooling=False,
+            embed_dim=cfg.vit_embed_dim,
+            depth=cfg.vit_depth,
+            num_heads=cfg.vit_num_heads,
+            mlp_ratio=cfg.vit_mlp_ratio,
+            qkv_bias=True,
+            drop_path_rate=cfg.drop_path_rate,
+            norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
+            use_checkpoint=cfg.use_grad_checkpoint,
+        )
     if cfg.vit_precision == "fp16" and torch.cuda.is_available():
         convert_weights_to_fp16(vit)
     return vit

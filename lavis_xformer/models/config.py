@@ -116,6 +116,8 @@ class XFormerConfig(BackboneConfig):
             raise ValueError(
                 f"dual_num_heads={self.dual_num_heads} must divide qformer_hidden_size={self.qformer_hidden_size}"
             )
+        if self.reconstruction_loss and self.mask_ratio == 0:
+            raise ValueError("reconstruction_loss=True needs mask_ratio > 0: with no masked patch there is nothing to reconstruct")
         if self.reconstruction_loss and not self.use_mae:
             raise ValueError("reconstruction_loss=True needs use_mae=True (the loss reconstructs MAE patches)")
 

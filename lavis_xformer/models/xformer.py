@@ -398,7 +398,11 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
         bs, rank = image.shape[0], dist.get_rank()
 
         clip_features = self.forward_clip(image)
-        mae = self.forward_mae(image, noise=samples.get("mae_noise")) if self.dual_block is not None else None
+        # The objective is defined on the masked image, in training and in validation alike; eval_mask_ratio is
+        # for features (image_queries), where there is nothing to reconstruct.
+        mae = None
+        if self.dual_block is not None:
+            mae = self.forward_mae(image, mask_ratio=self.config.mask_ratio, noise=samples.get("mae_noise"))
         mae_features = mae.features if mae is not None else None
 
         use_enriched_cache = self.dual_block is not None and self.config.itg_conditioning == "enriched_cache"
