@@ -1,0 +1,128 @@
+"""Processors (registered, the supplement's augmentation, any image mode) and safe checkpoint loading."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from lavis.common.registry import registry
+from lavis.models import load_model, load_model_and_preprocess
+from omegaconf import OmegaConf
+from PIL import Image
+
+from lavis_xformer.checkpoints import CheckpointError, export_safetensors, load_model_weights, read_checkpoint
+from lavis_xformer.processors import XFormerImageEvalProcessor, XFormerImageTrainProcessor, to_rgb
+
+CLIP_MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(3, 1, 1)
+CLIP_STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(3, 1, 1)
+
+
+def test_processors_are_registered_with_paper_defaults():
+    train = registry.get_processor_class("xformer_image_train").from_config(OmegaConf.create({}))
+    evaluate = registry.get_processor_class("xformer_image_eval").from_config(OmegaConf.create({}))
+    image = Image.new("RGB", (300, 200), (255, 0, 0))
+    assert train(image).shape == evaluate(image).shape == (3, 224, 224)
+    names = [type(t).__name__ for t in train.transform.transforms]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    # CLIP normalisation: pure red maps to (1 - mean) / std in channel 0.
+    expected = (torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1) - CLIP_MEAN) / CLIP_STD
+    torch.testing.assert_close(evaluate(image)[:, :1, :1], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_train_processor_flips_horizontally_half_the_time():
+    processor = XFormerImageTrainProcessor(image_size=8, min_scale=1.0, max_scale=1.0)
+    array = np.zeros((8, 8, 3), dtype=np.uint8)
+    array[:, :4] = 255  # white left half
+    image = Image.fromarray(array)
+    torch.manual_seed(0)
+    flips = 0
+    for _ in range(200):
+        out = processor(image)
+        flips += int(out[0, 4, 0] < out[0, 4, 7])
+    assert 60 < flips < 140
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F", "1"])
+def test_every_image_mode_becomes_8bit_rgb(mode):
+    if mode == "I;16":
+        image = Image.fromarray((np.arange(64).reshape(8, 8) * 1000).astype(np.uint16))
+        assert image.mode == "I;16"
+    else:
+        image = Image.new("RGB", (8, 8), (10, 200, 30)).convert(mode)
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB" and rgb.size == (8, 8)
+    assert XFormerImageEvalProcessor(image_size=16)(image).shape == (3, 16, 16)
+    if mode == "I;16":  # 16-bit data is rescaled, not clipped to white
+        values = np.asarray(rgb)[..., 0]
+        assert values.min() == 0 and values.max() == 255 and len(np.unique(values)) > 32
+
+
+def test_alpha_is_composited_on_white_and_bad_images_are_refused():
+    transparent = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert np.asarray(to_rgb(transparent)).min() == 255
+    with pytest.raises(ValueError, match="zero size"):
+        to_rgb(Image.new("RGB", (0, 4)))
+    with pytest.raises(ValueError, match="expected a PIL image"):
+        to_rgb(np.zeros((4, 4, 3)))
+    with pytest.raises(ValueError, match="custom mean/std are not supported"):
+        XFormerImageTrainProcessor.from_config(OmegaConf.create({"mean": [0.5, 0.5, 0.5]}))
+
+
+def test_load_model_and_preprocess_offline():
+    model, vis_processors, txt_processors = load_model_and_preprocess("xformer", "tiny", is_eval=True)
+    image = vis_processors["eval"](Image.new("RGB", (50, 40), (0, 0, 255))).unsqueeze(0)
+    assert image.shape == (1, 3, 32, 32)
+    assert txt_processors["eval"]("A Red   Circle!") == "a red circle"
+    assert model.encode_image(image).shape == (1, 8, 32)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------------------------
+class _Payload:
+    """Unpickling this would call os.system: a stand-in for a malicious checkpoint."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as handle:
+        torch.save({"model": {}, "extra": _Payload()}, handle)
+    with pytest.raises(CheckpointError, match="refused: it holds objects other than tensors"):
+        read_checkpoint(str(path))
+    plain = tmp_path / "evil.pkl"
+    plain.write_bytes(pickle.dumps(_Payload()))
+    with pytest.raises(CheckpointError, match=str(plain)):
+        read_checkpoint(str(plain))
+
+
+def test_truncated_checkpoint_and_shape_mismatch_name_file_and_keys(tmp_path):
+    model = load_model("xformer", "tiny")
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": model.state_dict()}, path)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.pth.*truncated or corrupt"):
+        load_model_weights(model, str(truncated))
+
+    bad = dict(model.state_dict())
+    bad["query_tokens"] = torch.zeros(1, 3, 32)
+    torch.save({"model": bad}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"bad.pth.*shape mismatch in query_tokens: checkpoint \(1, 3, 32\)"):
+        load_model_weights(model, str(tmp_path / "bad.pth"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model_weights(model, str(tmp_path / "missing.pth"))
+
+
+def test_safetensors_export_round_trips(tmp_path):
+    source = load_model("xformer", "tiny")
+    target = load_model("xformer", "tiny")
+    path = export_safetensors(source, str(tmp_path / "xformer.safetensors"))
+    result = load_model_weights(target, path, strict_unexpected=True)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key
