@@ -12,6 +12,7 @@ from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
 from lavis_xformer.models.builders import ConfigBuildersMixin, blip2_init_kwargs
 from lavis_xformer.models.config import BackboneConfig
+from lavis_xformer.models.sdpa import use_sdpa_attention
 from lavis_xformer.paths import model_config_path
 
 
@@ -28,3 +29,5 @@ class Blip2Baseline(ConfigBuildersMixin, Blip2Qformer):
         self.attach_build_config(config)
         super().__init__(**blip2_init_kwargs(config))
         self.config = config
+        if config.sdpa_attention:  # off by default: the baseline is LAVIS's code as shipped
+            use_sdpa_attention(self)

@@ -50,6 +50,9 @@ class BackboneConfig:
     embed_dim: int = 256  #: ITC projection width
     max_txt_len: int = 32  #: caption tokens fed to the Q-Former
 
+    # --- speed ---
+    sdpa_attention: bool = False  #: compute every attention (Q-Former, CLIP-ViT, MAE) with torch SDPA kernels
+
     # --- tokenizer ---
     tokenizer: str = "bert-base-uncased"  #: hub name, or a vocab.txt path (relative paths: lavis_xformer/assets)
 
@@ -70,6 +73,8 @@ class XFormerConfig(BackboneConfig):
     "The dual cross-attention"): one layer at the Q-Former's width, each branch BERT-like (post-norm
     self-attention, cross-attention, FFN), MAE features projected 1280 -> 768 and back for the frozen decoder.
     """
+
+    sdpa_attention: bool = True  #: SDPA kernels everywhere (equal to the reference attention to 1e-5)
 
     # --- frozen MAE-ViT encoder and decoder (transformers' ViTMAEForPreTraining) ---
     use_mae: bool = True  #: False switches the MAE branch off: the model is then exactly BLIP-2

@@ -25,6 +25,7 @@ from transformers.modeling_outputs import ModelOutput
 from lavis_xformer.common import dist
 from lavis_xformer.models.builders import ConfigBuildersMixin, blip2_init_kwargs, build_mae, freeze
 from lavis_xformer.models.config import XFormerConfig
+from lavis_xformer.models.sdpa import use_sdpa_attention
 from lavis_xformer.paths import model_config_path
 
 # The processors normalise with CLIP's statistics (what the CLIP-ViT was trained on); MAE was trained on
@@ -388,6 +389,15 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
         if config.freeze_vit and not config.freeze_vit_layernorms:
             self.unfreeze_vit_layernorms()
         self.build_mae_branch(config)
+        if config.sdpa_attention:
+            use_sdpa_attention(self)
+
+    def generate(self, *args, **kwargs):
+        # Blip2Qformer.generate decodes from the Q-Former alone; here it would silently ignore the MAE branch.
+        raise NotImplementedError(
+            "stage-1 X-Former has no captioner of its own: caption and answer with the stage-2 models "
+            "(load_model('xformer_opt', ...) or 'xformer_t5'), which decode from Z' through the LLM"
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # The stage-1 objective
