@@ -102,6 +102,12 @@ class XFormerConfig(BackboneConfig):
     dual_dropout: float = 0.1  #: dropout on attention probabilities and residual branches
     itg_conditioning: str = "enriched_cache"  #: "enriched_cache": ITG text sees Z'; "qformer_cache": BLIP-2's
 
+    # --- the paper's baselines and ablations (models/variants.py): where M comes from, how it meets the queries ---
+    mae_fusion: str = "dual"  #: "dual": the dual block; "concat" (Fig. 1b), "early_ca" (Fig. 1c): M inside the Q-Former
+    mae_source: str = "mae"  #: "mae": the frozen MAE-ViT; "clip_layer": a CLIP-ViT block's output (no MAE built)
+    clip_feature_layer: int = 26  #: mae_source="clip_layer": 1-based CLIP-ViT block whose output replaces M (Table 5)
+    early_ca_feed_forward: bool = True  #: early_ca: each MAE cross-attention carries BertLayer's query and text FFNs
+
     # --- losses ---
     reconstruction_loss: bool = True  #: build the frozen MAE decoder and add the reconstruction loss
     loss_weight_itc: float = 1.0  #: weight of the image-text contrastive loss in the total
@@ -125,6 +131,22 @@ class XFormerConfig(BackboneConfig):
             raise ValueError("reconstruction_loss=True needs mask_ratio > 0: with no masked patch there is nothing to reconstruct")
         if self.reconstruction_loss and not self.use_mae:
             raise ValueError("reconstruction_loss=True needs use_mae=True (the loss reconstructs MAE patches)")
+        _check_choice("mae_fusion", self.mae_fusion, ("dual", "concat", "early_ca"))
+        _check_choice("mae_source", self.mae_source, ("mae", "clip_layer"))
+        if self.mae_source == "clip_layer" and not 1 <= self.clip_feature_layer <= self.vit_depth:
+            raise ValueError(
+                f"clip_feature_layer={self.clip_feature_layer} must be a CLIP-ViT block: 1 to {self.vit_depth}"
+            )
+        if self.reconstruction_loss and (self.mae_fusion != "dual" or self.mae_source != "mae"):
+            raise ValueError(
+                f"reconstruction_loss=True needs mae_fusion='dual' and mae_source='mae' (the frozen MAE decoder reads "
+                f"the dual block's M'); got mae_fusion={self.mae_fusion!r}, mae_source={self.mae_source!r}"
+            )
+
+    @property
+    def mae_feature_width(self) -> int:
+        """Width of M as the trainable modules receive it: the MAE encoder's, or the CLIP-ViT's for ``clip_layer``."""
+        return self.vit_embed_dim if self.mae_source == "clip_layer" else self.mae_hidden_size
 
 
 def _check_choice(name, value, choices):

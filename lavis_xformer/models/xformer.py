@@ -23,6 +23,7 @@ from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 from transformers.modeling_outputs import ModelOutput
 
 from lavis_xformer.common import dist
+from lavis_xformer.models import variants
 from lavis_xformer.models.builders import ConfigBuildersMixin, blip2_init_kwargs, build_mae, freeze
 from lavis_xformer.models.config import XFormerConfig
 from lavis_xformer.models.sdpa import use_sdpa_attention
@@ -126,7 +127,7 @@ class DualCrossAttention(nn.Module):
 
     def __init__(self, cfg: XFormerConfig):
         super().__init__()
-        self.mae_proj = nn.Linear(cfg.mae_hidden_size, cfg.qformer_hidden_size)
+        self.mae_proj = nn.Linear(cfg.mae_feature_width, cfg.qformer_hidden_size)  # MAE's width; CLIP's for clip_layer
         self.mae_norm = nn.LayerNorm(cfg.qformer_hidden_size, eps=1e-12)
         self.layers = nn.ModuleList(DualCrossAttentionLayer(cfg) for _ in range(cfg.dual_num_layers))
 
@@ -183,12 +184,17 @@ class XFormerImageMixin:
     """
 
     def build_mae_branch(self, config: XFormerConfig):
-        self.mae_encoder = self.mae_decoder = self.dual_block = self.mae_out_proj = None
+        self.mae_encoder = self.mae_decoder = self.dual_block = self.mae_out_proj = self.mae_align = None
         if not config.use_mae:
             return
-        mae = build_mae(config)
-        self.mae_encoder = freeze(mae.vit)
-        self.dual_block = DualCrossAttention(config)
+        # Variants (models/variants.py): no MAE for clip_layer, no decoder without reconstruction, concat / early CA.
+        if config.mae_source == "mae":
+            mae = build_mae(config) if config.reconstruction_loss else None
+            self.mae_encoder = freeze(mae.vit if mae is not None else variants.build_mae_encoder(config))
+        if config.mae_fusion == "dual":
+            self.dual_block = DualCrossAttention(config)
+        else:
+            variants.build_fusion(self, config)
         if config.reconstruction_loss:
             self.mae_decoder = freeze(mae.decoder)
             # M' lives at the Q-Former width; the frozen decoder reads the MAE encoder's width.
@@ -279,18 +285,34 @@ class XFormerImageMixin:
     # ------------------------------------------------------------------------------------------------------------
     # Q-Former and the dual block
     # ------------------------------------------------------------------------------------------------------------
-    def forward_queries(self, clip_features, output_hidden_states: bool = False):
-        """Z_q: the learnable queries through the Q-Former, cross-attending to C (unimodal: no text)."""
+    def forward_queries(self, clip_features, output_hidden_states: bool = False, mae_features=None):
+        """Z_q: the learnable queries through the Q-Former, cross-attending to C (unimodal: no text).
+
+        ``mae_features``: M, which the concat and early-CA variants read inside the Q-Former (unused otherwise).
+        """
         query_tokens = self.query_tokens.expand(clip_features.shape[0], -1, -1)
-        clip_atts = torch.ones(clip_features.shape[:-1], dtype=torch.long, device=clip_features.device)
+        context, context_atts = self.qformer_context(clip_features, mae_features)
         return self.Qformer.bert(
             query_embeds=query_tokens,
-            encoder_hidden_states=clip_features,
-            encoder_attention_mask=clip_atts,
+            encoder_hidden_states=context,
+            encoder_attention_mask=context_atts,
             use_cache=True,
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
+
+    def qformer_context(self, clip_features, mae_features=None):
+        """The Q-Former's cross-attention input and its mask: C; (C, M*) for concat; [C, M] for early CA."""
+        return variants.qformer_context(self, clip_features, mae_features)
+
+    def forward_encoders(self, image, mask_ratio: Optional[float] = None, noise=None):
+        """(C, MaeEncoding of M or None) from the frozen encoders; for clip_layer, M is a CLIP-ViT block's output."""
+        if not self.config.use_mae:
+            return self.forward_clip(image), None
+        if self.config.mae_source == "clip_layer":
+            clip_features, layer_features = variants.clip_with_layer(self, image, self.config.clip_feature_layer)
+            return clip_features, MaeEncoding(features=layer_features)
+        return self.forward_clip(image), self.forward_mae(image, mask_ratio, noise)
 
     def enrich(self, query_states, mae_features) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(Z', M') from (Z_q, M); the identity on Z_q when the MAE branch is off."""
@@ -349,11 +371,10 @@ class XFormerImageMixin:
     # ------------------------------------------------------------------------------------------------------------
     def image_queries(self, image, mask_ratio: Optional[float] = None, noise=None):
         """Z' for a batch of images without text: what ITC compares and what stage 2 feeds to the LLM."""
-        clip_features = self.forward_clip(self.check_image(image))
-        mae_features = None
-        if self.dual_block is not None:
-            mae_features = self.forward_mae(image, mask_ratio, noise).features
-        enriched_queries, _ = self.enrich(self.forward_queries(clip_features).last_hidden_state, mae_features)
+        clip_features, mae = self.forward_encoders(self.check_image(image), mask_ratio, noise)
+        mae_features = mae.features if mae is not None else None
+        query_states = self.forward_queries(clip_features, mae_features=mae_features).last_hidden_state
+        enriched_queries, _ = self.enrich(query_states, mae_features)
         return enriched_queries
 
     @torch.no_grad()
@@ -378,6 +399,8 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
     PRETRAINED_MODEL_CONFIG_DICT = {
         "pretrain": model_config_path("xformer/xformer_pretrain.yaml"),
         "tiny": model_config_path("xformer/xformer_tiny.yaml"),
+        # the paper's baselines and ablations: concat, concat_tiny, early_ca, ..., clip_layer30_tiny (variants.py)
+        **variants.variant_model_types("xformer", ("pretrain", "tiny"), stage=1),
     }
     config_class = XFormerConfig
 
@@ -407,16 +430,13 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
         texts = self.check_texts(samples.get("text_input"), image.shape[0])
         bs, rank = image.shape[0], dist.get_rank()
 
-        clip_features = self.forward_clip(image)
         # The objective is defined on the masked image, in training and in validation alike; eval_mask_ratio is
         # for features (image_queries), where there is nothing to reconstruct.
-        mae = None
-        if self.dual_block is not None:
-            mae = self.forward_mae(image, mask_ratio=self.config.mask_ratio, noise=samples.get("mae_noise"))
+        clip_features, mae = self.forward_encoders(image, self.config.mask_ratio, samples.get("mae_noise"))
         mae_features = mae.features if mae is not None else None
 
         use_enriched_cache = self.dual_block is not None and self.config.itg_conditioning == "enriched_cache"
-        query_output = self.forward_queries(clip_features, output_hidden_states=use_enriched_cache)
+        query_output = self.forward_queries(clip_features, use_enriched_cache, mae_features)
         query_states = query_output.last_hidden_state
         enriched_queries, enriched_mae = self.enrich(query_states, mae_features)
 
@@ -484,20 +504,23 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
         text_atts_all = torch.cat([text_tokens.attention_mask, text_tokens.attention_mask, text_atts_world[neg_texts]])
         clip_all = torch.cat([clip_features, clip_world[neg_images], clip_features])  # pos, neg, pos
 
+        mae_all = None
+        if mae_features is not None:
+            mae_all = torch.cat([mae_features, mae_world[neg_images], mae_features])
+
         query_tokens = self.query_tokens.expand(text_ids_all.shape[0], -1, -1)
         query_atts = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=clip_features.device)
-        clip_atts = torch.ones(clip_all.shape[:-1], dtype=torch.long, device=clip_features.device)
+        context, context_atts = self.qformer_context(clip_all, mae_all)  # concat / early CA: each image's M too
         output = self.Qformer.bert(
             text_ids_all,
             query_embeds=query_tokens,
             attention_mask=torch.cat([query_atts, text_atts_all], dim=1),
-            encoder_hidden_states=clip_all,
-            encoder_attention_mask=clip_atts,
+            encoder_hidden_states=context,
+            encoder_attention_mask=context_atts,
             return_dict=True,
         )
         multimodal_queries = output.last_hidden_state[:, : query_tokens.shape[1], :]
-        if mae_features is not None:
-            mae_all = torch.cat([mae_features, mae_world[neg_images], mae_features])
+        if mae_all is not None:
             multimodal_queries, _ = self.enrich(multimodal_queries, mae_all)
         logits = self.itm_head(multimodal_queries).mean(dim=1)
         labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(logits.device)

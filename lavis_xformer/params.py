@@ -1,0 +1,220 @@
+"""Trainable and frozen parameters of every architecture and variant at paper scale, beside the paper's figures.
+
+    python -m lavis_xformer.params           # Markdown tables
+    python -m lavis_xformer.params --json    # the same numbers as JSON
+
+Every registered paper-scale model type (all but the ``tiny`` ones) of the plugin's architectures is built from
+its yaml on the ``meta`` device inside ``no_hub()``: full size, no weights, no download, about a second each.
+That includes the baselines and ablations of ``lavis_xformer.models.variants`` (stage 1 ``xformer/<variant>``,
+stage 2 ``xformer_opt/<variant>_opt2.7b`` and ``_opt6.7b``).
+
+Trainable: parameters with ``requires_grad``; frozen: the others (CLIP-ViT, MAE-ViT and decoder, LLM). The paper
+gives stage-2 trainable counts: Table 1 (BLIP-2 107M / 108M, X-Former 129M / 130M with OPT-2.7B / OPT-6.7B) and
+supplement Table 3 (OPT-6.7B: BLIP-2 108M, Concat 110M, Early CA 183M, X-Former 130M).
+
+``stage2_equivalent_counts`` is the stage-2 counting rule written out (what LAVIS's ``Blip2OPT`` removes from a
+stage-1 model, plus its projection); tests/test_params.py checks that it agrees with the stage-2 classes.
+"""
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+# The plugin's architectures, in table order: (arch, stage).
+ARCHS = (
+    ("blip2_baseline", 1),
+    ("xformer", 1),
+    ("blip2_baseline_opt", 2),
+    ("xformer_opt", 2),
+    ("blip2_baseline_t5", 2),
+    ("xformer_t5", 2),
+)
+
+
+def paper_trainable() -> dict:
+    """(arch, model type) -> the paper's trainable-parameter figure in millions."""
+    from lavis_xformer.models.variants import VARIANTS, variant_type_name
+
+    figures = {
+        ("blip2_baseline_opt", "pretrain_opt2.7b"): 107.0,  # Table 1
+        ("blip2_baseline_opt", "pretrain_opt6.7b"): 108.0,  # Table 1, supplement Table 3
+        ("xformer_opt", "pretrain_opt2.7b"): 129.0,  # Table 1
+        ("xformer_opt", "pretrain_opt6.7b"): 130.0,  # Table 1, supplement Table 3
+    }
+    for variant in VARIANTS.values():  # supplement Table 3: Concat 110M, Early CA 183M
+        for base, figure in variant.paper_trainable.items():
+            figures[("xformer_opt", variant_type_name(variant.name, base))] = figure
+    return figures
+
+
+@dataclass
+class Row:
+    stage: int
+    arch: str
+    model_type: str
+    trainable: int
+    frozen: int
+    paper_trainable_m: Optional[float] = None
+
+    @property
+    def deviation(self) -> Optional[float]:
+        """Relative difference to the paper's figure (0.01 = +1%)."""
+        if self.paper_trainable_m is None:
+            return None
+        return self.trainable / 1e6 / self.paper_trainable_m - 1.0
+
+
+# ================================================================================================================
+# Counting
+# ================================================================================================================
+def count(model: nn.Module) -> Tuple[int, int]:
+    """(trainable, frozen): ``numel`` summed over parameters with and without ``requires_grad`` (tied ones once)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return trainable, frozen
+
+
+# What LAVIS's Blip2OPT.__init__ sets to None on its Q-Former (the text-only parts stage 2 never runs), and the
+# stage-1 heads Blip2OPT (a Blip2Base, not a Blip2Qformer) does not have.
+_STAGE2_REMOVED_PREFIXES = (
+    "Qformer.cls.",
+    "Qformer.bert.embeddings.word_embeddings.",
+    "Qformer.bert.embeddings.position_embeddings.",
+    "vision_proj.",
+    "text_proj.",
+    "itm_head.",
+)
+_STAGE2_REMOVED_NAMES = ("temp",)
+# ``for layer in self.Qformer.bert.encoder.layer: layer.output = None; layer.intermediate = None``: each Q-Former
+# layer's own text feed-forward, nothing deeper (not ``output_query``, not ``attention.output``, not a submodule's).
+_STAGE2_REMOVED_LAYER_FFN = re.compile(r"^Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.")
+
+
+def stage2_removed(name: str) -> bool:
+    """Whether LAVIS ``Blip2OPT`` leaves the stage-1 parameter ``name`` out of its stage-2 model."""
+    return (
+        name.startswith(_STAGE2_REMOVED_PREFIXES)
+        or name in _STAGE2_REMOVED_NAMES
+        or bool(_STAGE2_REMOVED_LAYER_FFN.match(name))
+    )
+
+
+def stage2_equivalent_counts(stage1_model: nn.Module, llm_width: int, llm_parameters: int = 0) -> Tuple[int, int]:
+    """(trainable, frozen) of the stage-2 model made from a stage-1 model built with the stage-2 config.
+
+    The counting rule: the stage-1 parameters minus exactly what LAVIS ``Blip2OPT`` removes (``Qformer.cls``, the
+    word and position embeddings, each Q-Former layer's text ``intermediate`` / ``output``) and the stage-1 heads
+    it does not have (``vision_proj``, ``text_proj``, ``itm_head``, ``temp``), plus its trainable projection
+    ``Linear(qformer_hidden_size, llm_width)`` and the frozen LLM's ``llm_parameters``. Everything else - queries,
+    ``ln_vision``, the rest of the Q-Former, the X-Former modules, the frozen encoders - counts as built.
+    """
+    trainable = frozen = 0
+    for name, param in stage1_model.named_parameters():
+        if stage2_removed(name):
+            continue
+        if param.requires_grad:
+            trainable += param.numel()
+        else:
+            frozen += param.numel()
+    trainable += stage1_model.Qformer.config.hidden_size * llm_width + llm_width
+    return trainable, frozen + llm_parameters
+
+
+# ================================================================================================================
+# Building on the meta device
+# ================================================================================================================
+def _registry():
+    import lavis_xformer  # noqa: F401  (registers the plugin's models)
+    from lavis.common.registry import registry
+
+    return registry
+
+
+def build_model_type(arch: str, model_type: str, **overrides) -> nn.Module:
+    """A registered model type at full size on ``meta``: its yaml's ``model:`` section (plus ``overrides``), built
+    by the class from its typed config; no checkpoint is loaded."""
+    from lavis_xformer.models.builders import no_hub
+
+    cls = _registry().get_model_class(arch)
+    cfg = OmegaConf.to_container(OmegaConf.load(cls.default_config_path(model_type)).model, resolve=True)
+    config = cls.config_class.from_lavis_cfg({**cfg, **overrides})
+    with torch.device("meta"), no_hub():
+        return cls(config)
+
+
+def paper_scale_types(arch: str) -> List[str]:
+    """The registered model types of ``arch`` that are paper scale (every type but the ``tiny`` ones)."""
+    cls = _registry().get_model_class(arch)
+    return [t for t in cls.PRETRAINED_MODEL_CONFIG_DICT if "tiny" not in t]
+
+
+def collect(archs=ARCHS) -> List[Row]:
+    """One row per paper-scale model type of each registered architecture (unregistered ones are skipped)."""
+    figures = paper_trainable()
+    rows = []
+    for arch, stage in archs:
+        if _registry().get_model_class(arch) is None:
+            continue
+        for model_type in paper_scale_types(arch):
+            trainable, frozen = count(build_model_type(arch, model_type))
+            rows.append(Row(stage, arch, model_type, trainable, frozen, figures.get((arch, model_type))))
+    return rows
+
+
+# ================================================================================================================
+# Output
+# ================================================================================================================
+def _m(n: int) -> str:
+    return f"{n / 1e6:,.2f}M"
+
+
+def to_markdown(rows: List[Row]) -> str:
+    lines = []
+    for stage, title in ((1, "Stage 1 (pre-training)"), (2, "Stage 2 (LLM alignment)")):
+        lines += [
+            f"## {title}, paper scale",
+            "",
+            "| architecture | model type | trainable | paper | difference | frozen |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            if r.stage == stage:
+                paper = f"{r.paper_trainable_m:.0f}M" if r.paper_trainable_m is not None else ""
+                diff = f"{100 * r.deviation:+.1f}%" if r.deviation is not None else ""
+                lines.append(
+                    f"| {r.arch} | {r.model_type} | {_m(r.trainable)} | {paper} | {diff} | {_m(r.frozen)} |"
+                )
+        lines.append("")
+    lines += [
+        "Built on the `meta` device from each model type's yaml (`load_model(architecture, model type)` builds the "
+        "same model with weights). Trainable: parameters with `requires_grad`; frozen: CLIP-ViT, MAE-ViT (and "
+        "decoder), LLM. Paper: Table 1 (OPT-2.7B / OPT-6.7B), supplement Table 3 (OPT-6.7B).",
+    ]
+    return "\n".join(lines)
+
+
+def to_json(rows: List[Row]) -> str:
+    return json.dumps([{**asdict(r), "deviation": r.deviation} for r in rows], indent=2)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lavis_xformer.params",
+        description="Trainable and frozen parameters of every model type at paper scale, beside the paper's figures.",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    args = parser.parse_args(argv)
+    rows = collect()
+    print(to_json(rows) if args.json else to_markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
