@@ -119,6 +119,25 @@ def xformer_fields(size: BenchSize) -> dict:
     )
 
 
+def llm_fields(size: BenchSize) -> dict:
+    """OPT-6.7B (the LLM of the paper's cost table), scaled like the rest. The vocabulary is the shipped tiny
+    tokenizer's (a random LLM with OPT's 50272 rows would decode ids the tokenizer does not have); the LM head is
+    about 3% of OPT-6.7B, so this barely moves the proportions."""
+    from lavis_xformer.models import published_llm
+
+    opt = published_llm.OPT_6_7B
+    return dict(
+        opt_model=None,
+        llm_tokenizer="tiny_opt",
+        llm_precision="fp16",
+        llm_hidden_size=size.width(opt["hidden_size"], opt["num_attention_heads"]),
+        llm_num_layers=size.depth(opt["num_hidden_layers"]),
+        llm_num_heads=opt["num_attention_heads"],
+        llm_ffn_dim=size.width(opt["ffn_dim"], opt["num_attention_heads"]),
+        llm_max_positions=opt["max_position_embeddings"],
+    )
+
+
 def build_stage1(size: BenchSize) -> Dict[str, Callable[[], torch.nn.Module]]:
     """Constructors of the stage-1 models compared, by row name."""
     from lavis_xformer.models.blip2_baseline import Blip2Baseline
@@ -136,21 +155,27 @@ def build_stage1(size: BenchSize) -> Dict[str, Callable[[], torch.nn.Module]]:
 # Paper scale: parameters and FLOPs on the meta device
 # ----------------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _multinomial_on_cpu():
-    """ITM's hard-negative sampling calls ``torch.multinomial(...).item()``, impossible on meta tensors; for
-    counting FLOPs any valid index will do, so draw it on the CPU from uniform weights."""
-    original = torch.multinomial
+def _meta_scalars_on_cpu():
+    """Two library lines read a tensor's value, impossible on ``meta``: ITM's hard-negative sampling
+    (``torch.multinomial(...).item()``, any valid index will do for counting FLOPs, so draw it on the CPU) and
+    LAVIS's OPT causal mask (``torch.full(shape, torch.tensor(min))``: keep that scalar tensor on the CPU)."""
+    multinomial, tensor = torch.multinomial, torch.tensor
 
-    def multinomial(weights, num_samples, *args, **kwargs):
+    def cpu_multinomial(weights, num_samples, *args, **kwargs):
         if weights.is_meta:
-            return original(torch.ones(weights.shape, device="cpu"), num_samples, *args, **kwargs)
-        return original(weights, num_samples, *args, **kwargs)
+            return multinomial(torch.ones(weights.shape, device="cpu"), num_samples, *args, **kwargs)
+        return multinomial(weights, num_samples, *args, **kwargs)
 
-    torch.multinomial = multinomial
+    def cpu_scalar_tensor(data, *args, **kwargs):
+        if isinstance(data, (int, float)) and "device" not in kwargs:
+            kwargs["device"] = "cpu"
+        return tensor(data, *args, **kwargs)
+
+    torch.multinomial, torch.tensor = cpu_multinomial, cpu_scalar_tensor
     try:
         yield
     finally:
-        torch.multinomial = original
+        torch.multinomial, torch.tensor = multinomial, tensor
 
 
 def count_parameters(model: torch.nn.Module) -> Dict[str, int]:
@@ -164,9 +189,32 @@ def forward_flops(model: torch.nn.Module, samples: dict, batch_size: int) -> flo
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter, _multinomial_on_cpu():  # grad enabled: the module tracker hooks need it; no backward runs
+    with counter, _meta_scalars_on_cpu():  # grad enabled: the module tracker hooks need it; no backward runs
         model(samples)
     return counter.get_total_flops() / batch_size
+
+
+def paper_scale_stage2() -> Dict[str, dict]:
+    """Stage 2 with OPT-6.7B, the LLM of the paper's cost table."""
+    from lavis.models import load_model  # noqa: F401  (registry)
+    from lavis_xformer.models.blip2_baseline_llm import Blip2BaselineOPT
+    from lavis_xformer.models.builders import no_hub
+    from lavis_xformer.models.config_llm import Blip2OPTConfig, XFormerOPTConfig
+    from lavis_xformer.models.xformer_llm import XFormerOPT
+
+    batch = 2
+    rows = {}
+    builds = {
+        "blip2": lambda: Blip2BaselineOPT(Blip2OPTConfig(opt_model="facebook/opt-6.7b")),
+        "xformer": lambda: XFormerOPT(XFormerOPTConfig(opt_model="facebook/opt-6.7b")),
+    }
+    for name, build in builds.items():
+        with torch.device("meta"), no_hub():
+            model = build().train()
+            samples = {"image": torch.zeros(batch, 3, 224, 224), "text_input": [CAPTION] * batch}
+            rows[name] = {**count_parameters(model), "forward_flops_per_sample": forward_flops(model, samples, batch)}
+        del model
+    return rows
 
 
 def paper_scale_stage1() -> Dict[str, dict]:
@@ -177,7 +225,8 @@ def paper_scale_stage1() -> Dict[str, dict]:
 
     batch = 2  # ITC needs more than one sample; FLOPs are reported per sample
     rows = {}
-    for name, build in {"blip2": lambda: Blip2Baseline(BackboneConfig()), "xformer": lambda: XFormer(XFormerConfig())}.items():
+    builds = {"blip2": lambda: Blip2Baseline(BackboneConfig()), "xformer": lambda: XFormer(XFormerConfig())}
+    for name, build in builds.items():
         with torch.device("meta"), no_hub():
             model = build().train()
             samples = {"image": torch.zeros(batch, 3, 224, 224), "text_input": [CAPTION] * batch}
@@ -209,7 +258,7 @@ class Timer:
         return time.perf_counter() - begin
 
 
-def stage1_samples(size: BenchSize, device: torch.device, seed: int = 0) -> dict:
+def image_text_samples(size: BenchSize, device: torch.device, seed: int = 0) -> dict:
     generator = torch.Generator().manual_seed(seed)
     image = torch.randn(size.batch_size, 3, size.image_size, size.image_size, generator=generator)
     return {"image": image.to(device), "text_input": [f"{CAPTION} {i}" for i in range(size.batch_size)]}
@@ -261,7 +310,7 @@ def memory_probe(row: str, size: BenchSize, stage: int, steps: int = 2) -> dict:
     base_mb = _rss_mb()
     torch.manual_seed(0)
     model = build_rows(size, stage)[row]().to(device).train()
-    samples = stage1_samples(size, device)
+    samples = image_text_samples(size, device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -274,10 +323,23 @@ def memory_probe(row: str, size: BenchSize, stage: int, steps: int = 2) -> dict:
     return {"peak_mb": peak_mb - base_mb}
 
 
+def build_stage2(size: BenchSize) -> Dict[str, Callable[[], torch.nn.Module]]:
+    """Constructors of the stage-2 models compared (OPT), by row name."""
+    from lavis_xformer.models.blip2_baseline_llm import Blip2BaselineOPT
+    from lavis_xformer.models.config_llm import Blip2OPTConfig, XFormerOPTConfig
+    from lavis_xformer.models.xformer_llm import XFormerOPT
+
+    backbone = lambda sdpa: {**backbone_fields(size, sdpa), **llm_fields(size)}  # noqa: E731
+    xformer = {**xformer_fields(size), **llm_fields(size), "reconstruction_loss": False, "mask_ratio": 0.0}
+    return {
+        "blip2": lambda: Blip2BaselineOPT(Blip2OPTConfig(**backbone(False))),
+        "blip2+sdpa": lambda: Blip2BaselineOPT(Blip2OPTConfig(**backbone(True))),
+        "xformer": lambda: XFormerOPT(XFormerOPTConfig(**xformer)),
+    }
+
+
 def build_rows(size: BenchSize, stage: int) -> Dict[str, Callable[[], torch.nn.Module]]:
-    if stage == 1:
-        return build_stage1(size)
-    raise ValueError(f"stage {stage} rows are not available")
+    return {1: build_stage1, 2: build_stage2}[stage](size)
 
 
 def measure_memory(rows: List[str], size: BenchSize, stage: int) -> Dict[str, dict]:
@@ -297,31 +359,42 @@ def _init_single_process_group():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def bench_stage1(size: BenchSize, device: torch.device, warmup: int, repeats: int) -> dict:
+QUESTIONS = ["how many circles are there in the image?", "is there a red square in the image?"]
+
+
+def bench_stage(stage: int, size: BenchSize, device: torch.device, warmup: int, repeats: int) -> dict:
     torch.manual_seed(0)
-    models = {name: build().to(device).train() for name, build in build_stage1(size).items()}
-    samples = stage1_samples(size, device)
+    models = {name: build().to(device).train() for name, build in build_rows(size, stage).items()}
+    samples = image_text_samples(size, device)
     timer = Timer(device)
     steps = {}
     for name, model in models.items():
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         steps[name] = train_step_fn(model, samples, optimizer, device)
-    train = interleaved(steps, timer, warmup, repeats)
+    result = {"parameters": {name: count_parameters(m) for name, m in models.items()}}
+    result["train_step"] = interleaved(steps, timer, warmup, repeats)
 
     for model in models.values():
         model.eval()
+    image = samples["image"]
 
     def features(model):
+        if stage == 2:  # what reaches the LLM: projected Z' (X-Former) or projected Q-Former output (BLIP-2)
+            return lambda: torch.no_grad()(model.llm_image_inputs)(image)
         if hasattr(model, "encode_image"):
-            return lambda: model.encode_image(samples["image"])
-        return lambda: torch.no_grad()(model.forward_image)(samples["image"])
+            return lambda: model.encode_image(image)
+        return lambda: torch.no_grad()(model.forward_image)(image)
 
-    inference = interleaved({name: features(m) for name, m in models.items()}, timer, warmup, repeats)
-    return {
-        "parameters": {name: count_parameters(m) for name, m in models.items()},
-        "train_step": train,
-        "feature_extraction": inference,
-    }
+    result["feature_extraction"] = interleaved({n: features(m) for n, m in models.items()}, timer, warmup, repeats)
+    if stage == 2:
+        # Beam 5, as the paper evaluates; min_len = max_len so every model decodes the same number of tokens.
+        vqa = {"image": image, "text_input": [QUESTIONS[i % 2] for i in range(image.shape[0])]}
+
+        def answer(model):
+            return lambda: model.predict_answers(vqa, num_beams=5, max_len=5, min_len=5, length_penalty=0)
+
+        result["predict_answers"] = interleaved({n: answer(m) for n, m in models.items()}, timer, 1, max(3, repeats // 2))
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -340,26 +413,44 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {row['trainable'] / 1e6:.2f}M | {row['frozen'] / 1e6:.1f}M | {row['forward_flops_per_sample'] / 1e9:.1f} |")
         flops = ratio(paper, "forward_flops_per_sample")
         lines += ["", f"FLOPs ratio X-Former / BLIP-2, stage 1: **{flops:.3f}** (paper: {PAPER['stage1_flops_ratio']:.3f})", ""]
-    s1 = report.get("stage1")
-    if s1:
-        lines += [f"## Stage 1 at bench size (batch {report['size']['batch_size']}, {report['machine']['threads']} threads)", ""]
-        lines += ["| row | train step (median s) | IQR | features (median ms) | peak memory MB |", "|---|---:|---:|---:|---:|"]
-        for name in s1["train_step"]:
-            memory = s1.get("memory", {}).get(name, {}).get("peak_mb", float("nan"))
-            lines.append(
-                f"| {name} | {s1['train_step'][name]['median_s']:.3f} | {s1['train_step'][name]['iqr_s']:.3f} | "
-                f"{1000 * s1['feature_extraction'][name]['median_s']:.1f} | {memory:.0f} |"
-            )
+    paper2 = report.get("paper_scale", {}).get("stage2")
+    if paper2:
+        lines += ["| stage 2 (OPT-6.7B) | trainable | frozen | forward GFLOPs / sample |", "|---|---:|---:|---:|"]
+        for name, row in paper2.items():
+            lines.append(f"| {name} | {row['trainable'] / 1e6:.2f}M | {row['frozen'] / 1e6:.1f}M | {row['forward_flops_per_sample'] / 1e9:.1f} |")
+        flops = ratio(paper2, "forward_flops_per_sample")
+        lines += ["", f"FLOPs ratio X-Former / BLIP-2, stage 2: **{flops:.3f}** (paper: {PAPER['stage2_flops_ratio']:.3f})", ""]
+    for stage in (1, 2):
+        result = report.get(f"stage{stage}")
+        if not result:
+            continue
+        lines += [f"## Stage {stage} at size `{report['size']['name']}` (batch {report['size']['batch_size']}, {report['machine']['threads']} threads)", ""]
+        timed = [key for key in ("train_step", "feature_extraction", "predict_answers") if key in result]
+        lines += ["| row | " + " | ".join(f"{k} median s (IQR)" for k in timed) + " | peak memory MB |", "|---|" + "---:|" * (len(timed) + 1)]
+        for name in result["train_step"]:
+            memory = result.get("memory", {}).get(name, {}).get("peak_mb", float("nan"))
+            cells = [f"{result[k][name]['median_s']:.4f} ({result[k][name]['iqr_s']:.4f})" for k in timed]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {memory:.0f} |")
         lines += ["", "| ratio X-Former / BLIP-2 | vs LAVIS as shipped | vs BLIP-2 + SDPA | target | paper |", "|---|---:|---:|---:|---:|"]
-        for label, key, target, paper_value in (
-            ("stage-1 train step", "train_step", TARGETS["stage1_train_step"], PAPER["train_time_ratio"]),
-            ("feature extraction", "feature_extraction", TARGETS["inference"], PAPER["inference_ratio"]),
-        ):
-            shipped = ratio(s1[key], "median_s")
-            same_attention = ratio(s1[key], "median_s", denominator="blip2+sdpa")
-            lines.append(f"| {label} | {shipped:.3f} | {same_attention:.3f} | <= {target:.2f} | {paper_value:.3f} |")
-        if s1.get("memory"):
-            lines.append(f"| stage-1 peak memory | {ratio(s1['memory'], 'peak_mb'):.3f} | {ratio(s1['memory'], 'peak_mb', denominator='blip2+sdpa'):.3f} | | {4.6 / 3.3:.3f} |")
+        targets = {
+            "train_step": (TARGETS["stage1_train_step"] if stage == 1 else None, PAPER["train_time_ratio"]),
+            "feature_extraction": (TARGETS["inference"], PAPER["inference_ratio"]),
+            "predict_answers": (TARGETS["inference"], PAPER["inference_ratio"]),
+        }
+        for key in timed:
+            target, paper_value = targets[key]
+            shipped = ratio(result[key], "median_s")
+            same = ratio(result[key], "median_s", denominator="blip2+sdpa")
+            target_text = f"<= {target:.2f}" if target else ""
+            lines.append(f"| stage-{stage} {key} | {shipped:.3f} | {same:.3f} | {target_text} | {paper_value:.3f} |")
+        if result.get("memory"):
+            target_text = f"<= {TARGETS['stage2_peak_memory']:.2f}" if stage == 2 else ""
+            paper_value = PAPER["stage2_memory_ratio"] if stage == 2 else 4.6 / 3.3
+            lines.append(
+                f"| stage-{stage} peak memory | {ratio(result['memory'], 'peak_mb'):.3f} | "
+                f"{ratio(result['memory'], 'peak_mb', denominator='blip2+sdpa'):.3f} | {target_text} | {paper_value:.3f} |"
+            )
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -374,6 +465,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--no-paper-scale", action="store_true", help="skip the meta-device parameter/FLOP count")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-model memory processes")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2], choices=[1, 2])
     parser.add_argument("--stage", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -398,12 +490,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
     }
     if not args.no_paper_scale:
         print("counting parameters and FLOPs at paper scale (meta device)...", file=sys.stderr)
-        report["paper_scale"] = {"stage1": paper_scale_stage1()}
-    print(f"timing stage 1 at size {size.name} ({args.warmup} warm-up + {args.repeats} interleaved steps)...", file=sys.stderr)
-    report["stage1"] = bench_stage1(size, device, args.warmup, args.repeats)
-    if not args.no_memory:
-        print("measuring peak memory, one process per model...", file=sys.stderr)
-        report["stage1"]["memory"] = measure_memory(list(build_stage1(size)), size, stage=1)
+        report["paper_scale"] = {"stage1": paper_scale_stage1(), "stage2": paper_scale_stage2()}
+    for stage in args.stages:
+        print(f"timing stage {stage} at size {size.name} ({args.warmup} warm-up + {args.repeats} interleaved steps)...", file=sys.stderr)
+        report[f"stage{stage}"] = bench_stage(stage, size, device, args.warmup, args.repeats)
+        if not args.no_memory:
+            print(f"measuring stage-{stage} peak memory, one process per model...", file=sys.stderr)
+            report[f"stage{stage}"]["memory"] = measure_memory(list(build_rows(size, stage)), size, stage)
 
     text = markdown(report)
     print(text)
