@@ -28,5 +28,11 @@ setup(
     package_data={"lavis_xformer": ["assets/*"], "lavis_xformer.configs": config_files},
     install_requires=requirements(),
     extras_require={"test": (ROOT / "requirements-test.txt").read_text().split()},
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "lavis-xformer-train = lavis_xformer.train:main",
+            "lavis-xformer-evaluate = lavis_xformer.evaluate:main",
+            "lavis-xformer-compare = lavis_xformer.compare:main",
+        ]
+    },
 )

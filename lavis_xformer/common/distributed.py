@@ -1,0 +1,143 @@
+"""Process-group setup for training and evaluation, on GPUs and on CPUs.
+
+LAVIS's ``init_distributed_mode`` (lavis/common/dist_utils.py:57-90) reads the launcher's environment, then pins a
+GPU (``torch.cuda.set_device``, line 72) and always uses nccl (line 73): under ``torchrun`` on a CPU machine it dies.
+Without a launcher it creates no process group at all, yet LAVIS's BLIP-2 forward calls ``dist.get_rank()``
+unconditionally and ``RunnerBase.train`` calls ``dist.barrier()`` after every epoch.
+
+``init_distributed_mode`` here is a drop-in for LAVIS's (same arguments, same fields written into ``run_cfg``):
+
+* launched by torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or SLURM (``SLURM_PROCID``/``SLURM_NTASKS``/
+  ``SLURM_LOCALID``): a real process group, nccl for ``device: cuda``, gloo otherwise, ``run_cfg.distributed=True``;
+* a plain ``python`` process: a one-process group in an in-process ``HashStore`` (no port, no file, nothing to
+  clean up), ``run_cfg.distributed=False`` so the runner neither wraps DDP nor shards the data.
+"""
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+# LAVIS waits this long at its barriers so that rank 0 can download (here: generate) data while the others wait.
+DEFAULT_TIMEOUT = datetime.timedelta(days=365)
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in a multi-process launch, as the launcher's environment variables say."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "torchrun" or "slurm"
+
+
+def launch_env(environ: Mapping[str, str] = os.environ) -> Optional[LaunchEnv]:
+    """The launch this process belongs to, or None for a plain single process."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return LaunchEnv(
+            rank=int(environ["RANK"]),
+            world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ.get("LOCAL_RANK", 0)),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        return LaunchEnv(
+            rank=int(environ["SLURM_PROCID"]),
+            world_size=int(environ["SLURM_NTASKS"]),
+            local_rank=int(environ.get("SLURM_LOCALID", 0)),
+            launcher="slurm",
+        )
+    return None
+
+
+def backend_for(device) -> str:
+    """nccl for CUDA devices, gloo for everything else (CPU)."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def check_device(device) -> torch.device:
+    """``torch.device(device)``, refusing a CUDA device on a machine without one with an actionable message."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "run.device is 'cuda' but this machine has no usable CUDA device; "
+            "run on CPU with `--options run.device=cpu`"
+        )
+    return device
+
+
+def init_single_process_group(backend: str = "gloo") -> None:
+    """A world of one: LAVIS's BLIP-2 code and runner call ``get_rank()``/``barrier()`` even in one process."""
+    if dist.is_initialized():
+        return
+    # An in-process store: no free port to find, no file to remove, nothing another process could join.
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _setting(run_cfg, key, default):
+    """``run_cfg[key]`` for a LAVIS run config (OmegaConf) or any object with attributes (LAVIS's ``args``)."""
+    return run_cfg.get(key, default) if hasattr(run_cfg, "get") else getattr(run_cfg, key, default)
+
+
+def init_distributed_mode(run_cfg) -> None:
+    """Drop-in for LAVIS's ``init_distributed_mode(cfg.run_cfg)`` that works on any device (see module docstring).
+
+    Writes ``rank``, ``world_size``, ``gpu``, ``distributed`` and ``dist_backend`` into ``run_cfg`` as LAVIS does.
+    """
+    device = check_device(_setting(run_cfg, "device", "cuda"))
+    backend = backend_for(device)
+    launch = launch_env()
+
+    if launch is None:
+        run_cfg.rank, run_cfg.world_size, run_cfg.gpu = 0, 1, 0
+        run_cfg.distributed = False
+        run_cfg.dist_backend = backend
+        init_single_process_group(backend)
+        logging.info("single process: %s process group of world size 1", backend)
+        return
+
+    run_cfg.rank, run_cfg.world_size, run_cfg.gpu = launch.rank, launch.world_size, launch.local_rank
+    run_cfg.distributed = True
+    run_cfg.dist_backend = backend
+    if device.type == "cuda":
+        torch.cuda.set_device(launch.local_rank)
+    dist_url = _setting(run_cfg, "dist_url", "env://")
+    print(
+        f"| distributed init ({launch.launcher}, {backend}, rank {launch.rank}, world {launch.world_size}): {dist_url}",
+        flush=True,
+    )
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method=dist_url,
+            world_size=launch.world_size,
+            rank=launch.rank,
+            timeout=DEFAULT_TIMEOUT,
+        )
+    dist.barrier()
+    # LAVIS silences print() on every rank but 0.
+    from lavis.common.dist_utils import setup_for_distributed
+
+    setup_for_distributed(launch.rank == 0)
+
+
+def broadcast_from_main(value):
+    """``value`` as rank 0 has it, on every rank (e.g. the job id, which each rank would otherwise compute from
+    its own clock); the value itself in a single process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def collective_device() -> torch.device:
+    """The device collective tensors must live on for the current backend (nccl: the current GPU; gloo: CPU)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

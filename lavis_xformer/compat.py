@@ -1,0 +1,92 @@
+"""The few patches to LAVIS 1.0.2 that cannot be subclasses, in one place; ``import lavis_xformer`` applies them.
+
+Everything else that LAVIS gets wrong off-GPU is fixed by subclassing (``runner_xformer``, the plugin's tasks and
+models). What is left has no extension point: a module-level function or a class LAVIS instantiates itself.
+Each patch keeps LAVIS's behaviour on GPUs, names the line it replaces, and is tested in tests/test_pipeline.py by
+running the saved original (``ORIGINALS``) into its failure first.
+
+1. ``SmoothedValue.synchronize_between_processes`` -- lavis/common/logger.py:43 builds its tensor with
+   ``device="cuda"`` whenever a process group exists, so the end of every training epoch dies on CPU. Patched to
+   put the tensor where the process group's backend needs it (GPU for nccl, CPU for gloo).
+2. ``lavis.common.dist_utils.init_distributed_mode`` -- lavis/common/dist_utils.py:72-73 call
+   ``torch.cuda.set_device`` and hard-code nccl, so ``torchrun`` on CPU dies before training starts. Replaced by
+   ``lavis_xformer.common.distributed.init_distributed_mode`` (gloo on CPU, a one-process group without a
+   launcher). Scripts that did ``from lavis.common.dist_utils import init_distributed_mode`` *before* importing
+   the plugin keep LAVIS's function; import ``lavis_xformer`` first (the plugin's own entry points don't need it).
+3. ``host_prefetch_loader()`` -- not applied globally: a context manager the runner enters around
+   ``RunnerBase.create_loaders`` when the run device is not CUDA. lavis/runners/runner_base.py:538 wraps every
+   map-style loader in ``PrefetchLoader``, whose constructor (lavis/datasets/datasets/dataloader_utils.py:56)
+   creates a ``torch.cuda.Stream()`` and whose iterator copies every batch to the GPU. Inside the context that
+   name resolves to ``HostPrefetchLoader``: the same wrapper (length, attribute pass-through) without CUDA.
+"""
+
+import contextlib
+
+import lavis.common.dist_utils as lavis_dist_utils
+import lavis.runners.runner_base as lavis_runner_base
+import torch
+import torch.distributed as dist
+from lavis.common.logger import SmoothedValue
+from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
+
+from lavis_xformer.common import distributed
+
+# name -> LAVIS's original, kept for the tests (which reproduce each original failure) and for inspection.
+ORIGINALS = {
+    "SmoothedValue.synchronize_between_processes": SmoothedValue.synchronize_between_processes,
+    "dist_utils.init_distributed_mode": lavis_dist_utils.init_distributed_mode,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. SmoothedValue on the process group's device
+# ---------------------------------------------------------------------------------------------------------------
+def synchronize_between_processes(self):
+    """LAVIS's method with the tensor on ``collective_device()`` instead of ``"cuda"`` (logger.py:43)."""
+    if not lavis_dist_utils.is_dist_avail_and_initialized():
+        return
+    totals = torch.tensor([self.count, self.total], dtype=torch.float64, device=distributed.collective_device())
+    dist.barrier()
+    dist.all_reduce(totals)
+    count, total = totals.tolist()
+    self.count = int(count)
+    self.total = total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. PrefetchLoader without CUDA (scoped)
+# ---------------------------------------------------------------------------------------------------------------
+class HostPrefetchLoader(PrefetchLoader):
+    """``PrefetchLoader``'s interface (``len``, attribute pass-through to the DataLoader) with batches left where
+    the DataLoader puts them; the task's ``prepare_sample`` moves them to the run device."""
+
+    def __init__(self, loader):
+        self.loader = loader  # no torch.cuda.Stream()
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+@contextlib.contextmanager
+def host_prefetch_loader():
+    """Within the block, ``RunnerBase.create_loaders`` wraps loaders in ``HostPrefetchLoader``."""
+    saved = lavis_runner_base.PrefetchLoader
+    lavis_runner_base.PrefetchLoader = HostPrefetchLoader
+    try:
+        yield
+    finally:
+        lavis_runner_base.PrefetchLoader = saved
+
+
+# ---------------------------------------------------------------------------------------------------------------
+_applied = False
+
+
+def apply() -> None:
+    """Apply patches 1 and 2 (idempotent)."""
+    global _applied
+    if _applied:
+        return
+    SmoothedValue.synchronize_between_processes = synchronize_between_processes
+    lavis_dist_utils.init_distributed_mode = distributed.init_distributed_mode
+    _applied = True

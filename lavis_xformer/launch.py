@@ -1,0 +1,79 @@
+"""What ``python -m lavis_xformer.train`` and ``python -m lavis_xformer.evaluate`` share: LAVIS's own train.py /
+evaluate.py sequence (same arguments), with the plugin imported and a process group on any device.
+
+    Config(args) -> init_distributed_mode -> seeds -> logger -> task -> datasets -> model -> runner
+
+Two differences from LAVIS's scripts, both because LAVIS's versions assume GPUs and a launcher:
+``lavis_xformer.common.distributed.init_distributed_mode`` (gloo on CPU, a one-process group without torchrun),
+and the job id (the output sub-folder) is rank 0's on every rank. A config that names no ``run.runner`` gets
+``runner_xformer`` (LAVIS's default ``runner_base`` cannot run on CPU).
+"""
+
+import argparse
+import logging
+import random
+
+import numpy as np
+import torch
+import torch.backends.cudnn as cudnn
+
+import lavis.common.optims  # noqa: F401  (registers LAVIS's lr schedulers, as LAVIS's train.py imports them)
+import lavis.tasks as tasks
+from lavis.common.config import Config
+from lavis.common.dist_utils import get_rank
+from lavis.common.logger import setup_logger
+from lavis.common.registry import registry
+from lavis.common.utils import now
+
+import lavis_xformer  # noqa: F401  (registers the plugin's models, tasks, runners, datasets; applies compat)
+from lavis_xformer.common import distributed
+
+DEFAULT_RUNNER = "runner_xformer"
+
+
+def parse_args(argv=None, description="Training"):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cfg-path", required=True, help="path to configuration file.")
+    parser.add_argument(
+        "--options",
+        nargs="+",
+        help="override some settings in the used config, the key-value pair in xxx=yyy format will be merged "
+        "into config file (e.g. run.device=cpu run.max_epoch=1).",
+    )
+    return parser.parse_args(argv)
+
+
+def setup_seeds(cfg):
+    """As LAVIS: the run's seed offset by the rank (each rank draws different augmentations), cuDNN pinned."""
+    seed = cfg.run_cfg.seed + get_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    cudnn.benchmark = False
+    cudnn.deterministic = True
+
+
+def runner_class(cfg):
+    name = cfg.run_cfg.get("runner", None) or DEFAULT_RUNNER
+    runner_cls = registry.get_runner_class(name)
+    if runner_cls is None:
+        raise ValueError(f"run.runner={name!r} is not registered; choose one of {registry.list_runners()}")
+    return runner_cls
+
+
+def build_runner(argv=None, description="Training"):
+    """Parse arguments and build everything up to the runner (call ``.train()`` or ``.evaluate()`` on it)."""
+    job_id = now()
+    cfg = Config(parse_args(argv, description))
+    distributed.init_distributed_mode(cfg.run_cfg)
+    job_id = distributed.broadcast_from_main(job_id)
+    setup_seeds(cfg)
+    setup_logger()  # after the process group: only rank 0 logs at INFO
+    cfg.pretty_print()
+
+    task = tasks.setup_task(cfg)
+    datasets = task.build_datasets(cfg)
+    model = task.build_model(cfg)
+    runner = runner_class(cfg)(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+    logging.info("runner %s, output folder %s", type(runner).__name__, runner.output_dir)
+    return runner

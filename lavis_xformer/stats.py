@@ -1,0 +1,163 @@
+"""Paired statistics for comparing two models on the same questions.
+
+Both models answered the same questions, so the comparison is paired: the uncertainty that matters is that of the
+*difference*, question by question, not of each accuracy on its own.
+
+* ``paired_bootstrap_ci`` -- the percentile bootstrap interval of the accuracy difference: questions are resampled
+  with replacement (the same resample for both models), the difference of the resample means is recorded, and the
+  interval is read off the recorded differences' percentiles. Resample ``r`` draws its ``n`` question indices as
+  ``numpy.random.default_rng(seed).integers(0, n, size=n)`` would on its ``r``-th call; drawing them in chunks gives
+  the same indices, so the interval is a function of ``(scores, num_resamples, seed)`` alone.
+* ``mcnemar_exact`` -- McNemar's test on per-question correctness: under the null hypothesis that both models are
+  equally accurate, each question that exactly one of them gets right (a discordant pair) is equally likely to
+  favour either, so the count favouring one model is Binomial(b + c, 1/2); the two-sided exact p-value is
+  ``min(1, 2 * P(X <= min(b, c)))``.
+
+Scores are per-question accuracies in [0, 1] (VQA's official accuracy gives 0, 0.3, 0.6, 0.9 or 1); differences
+are reported in percentage points. McNemar needs a yes/no per question: ``is_correct`` calls a question correct
+when its score is at least ``CORRECT_AT`` (0.5: for VQAv2, at least two of the ten annotators gave that answer;
+for exact-match scores, the answer matched).
+"""
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Dict, Sequence, Tuple
+
+import numpy as np
+
+CORRECT_AT = 0.5
+DEFAULT_RESAMPLES = 10_000
+DEFAULT_CONFIDENCE = 0.95
+DEFAULT_SEED = 0
+# Index draws per chunk: bounds the memory of one chunk (8 bytes each) whatever the number of questions.
+_DRAWS_PER_CHUNK = 4_000_000
+
+
+def _paired_arrays(scores_a: Sequence[float], scores_b: Sequence[float]) -> Tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(scores_a, dtype=np.float64)
+    b = np.asarray(scores_b, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"paired scores must be two 1-d sequences of equal length, got {a.shape} and {b.shape}")
+    if a.size == 0:
+        raise ValueError("paired scores are empty: no question to compare on")
+    return a, b
+
+
+def is_correct(scores: Sequence[float]) -> np.ndarray:
+    """Per-question correctness for McNemar's test: score >= ``CORRECT_AT``."""
+    return np.asarray(scores, dtype=np.float64) >= CORRECT_AT
+
+
+def bootstrap_differences(
+    scores_a: Sequence[float],
+    scores_b: Sequence[float],
+    num_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> np.ndarray:
+    """``mean(b) - mean(a)`` (percentage points) on each of ``num_resamples`` paired resamples of the questions."""
+    a, b = _paired_arrays(scores_a, scores_b)
+    if num_resamples < 1:
+        raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
+    per_question = 100.0 * (b - a)
+    n = per_question.size
+    rng = np.random.default_rng(seed)
+    rows_per_chunk = max(1, _DRAWS_PER_CHUNK // n)
+    differences = np.empty(num_resamples, dtype=np.float64)
+    for start in range(0, num_resamples, rows_per_chunk):
+        rows = min(rows_per_chunk, num_resamples - start)
+        indices = rng.integers(0, n, size=(rows, n))  # row r = the r-th call's draws (C order)
+        differences[start : start + rows] = per_question[indices].mean(axis=1)
+    return differences
+
+
+def paired_bootstrap_ci(
+    scores_a: Sequence[float],
+    scores_b: Sequence[float],
+    num_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = DEFAULT_SEED,
+) -> Tuple[float, float]:
+    """The percentile bootstrap interval of ``mean(b) - mean(a)`` in percentage points."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    differences = bootstrap_differences(scores_a, scores_b, num_resamples, seed)
+    tail = 100.0 * (1 - confidence) / 2
+    low, high = np.percentile(differences, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def binomial_two_sided_p(k: int, n: int) -> float:
+    """Two-sided exact p-value of ``k`` successes in ``n`` fair coin flips: ``min(1, 2 P(X <= min(k, n-k)))``."""
+    if not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
+    if n == 0:
+        return 1.0
+    tail = min(k, n - k)
+    # log-space sum of C(n, i) / 2^n for i <= tail: exact enough (1e-12 relative) for any n, never overflows.
+    log_terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(tail + 1)
+    ]
+    peak = max(log_terms)
+    log_tail = peak + math.log(sum(math.exp(t - peak) for t in log_terms))
+    return min(1.0, 2.0 * math.exp(log_tail))
+
+
+@dataclass(frozen=True)
+class McNemarResult:
+    only_a_correct: int  #: b: questions model A gets right and model B gets wrong
+    only_b_correct: int  #: c: questions model B gets right and model A gets wrong
+    p_value: float  #: two-sided exact binomial test on the b + c discordant questions
+
+
+def mcnemar_exact(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> McNemarResult:
+    """McNemar's exact test on paired per-question correctness (booleans)."""
+    a = np.asarray(correct_a, dtype=bool)
+    b = np.asarray(correct_b, dtype=bool)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"paired correctness must be two 1-d sequences of equal length, got {a.shape} and {b.shape}")
+    only_a = int(np.sum(a & ~b))
+    only_b = int(np.sum(~a & b))
+    return McNemarResult(only_a, only_b, binomial_two_sided_p(only_a, only_a + only_b))
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Model B against model A on the same questions; differences are B - A in percentage points."""
+
+    num_questions: int
+    accuracy_a: float
+    accuracy_b: float
+    mean_difference: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    num_resamples: int
+    seed: int
+    mcnemar: McNemarResult
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+def compare_paired(
+    scores_a: Sequence[float],
+    scores_b: Sequence[float],
+    num_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = DEFAULT_SEED,
+) -> PairedComparison:
+    """Everything the comparison table reports for one pair of models on one benchmark."""
+    a, b = _paired_arrays(scores_a, scores_b)
+    low, high = paired_bootstrap_ci(a, b, num_resamples, confidence, seed)
+    return PairedComparison(
+        num_questions=int(a.size),
+        accuracy_a=float(100.0 * a.mean()),
+        accuracy_b=float(100.0 * b.mean()),
+        mean_difference=float(100.0 * (b - a).mean()),
+        ci_low=low,
+        ci_high=high,
+        confidence=confidence,
+        num_resamples=num_resamples,
+        seed=seed,
+        mcnemar=mcnemar_exact(is_correct(a), is_correct(b)),
+    )

@@ -1,0 +1,89 @@
+"""The plugin's tasks: LAVIS's own, each extended by what the paper's protocol needs; registered on import.
+
+* ``xformer_pretrain`` -- LAVIS's ``image_text_pretrain`` that also logs every stage-1 loss (``loss_itc``,
+  ``loss_itm``, ``loss_lm`` = ITG, ``loss_rec``) next to the total: their epoch averages, over all ranks, go to
+  the log and to ``log.txt`` as ``train_loss_itc`` etc. (LAVIS itself only records the total).
+* ``xformer_vqa`` / ``xformer_gqa`` -- LAVIS's ``vqa`` / ``gqa`` plus ``run.length_penalty``. LAVIS's VQA tasks
+  read ``num_beams``, ``max_len``, ``min_len``, ``inference_method``, ``num_ans_candidates`` and ``prompt``
+  (lavis/tasks/vqa.py:48-69) but not the length penalty, which the paper sets to 0 for short answers; without
+  the key each model's own ``predict_answers`` default applies (LAVIS's Blip2T5: -1).
+"""
+
+import logging
+
+from lavis.common.logger import MetricLogger
+from lavis.common.registry import registry
+from lavis.tasks.image_text_pretrain import ImageTextPretrainTask
+from lavis.tasks.vqa import GQATask, VQATask
+
+STAGE1_LOSSES = ("loss_itc", "loss_itm", "loss_lm", "loss_rec")
+
+
+@registry.register_task("xformer_pretrain")
+class XFormerPretrainTask(ImageTextPretrainTask):
+    """Stage-1 pre-training (LAVIS's ``image_text_pretrain``) with every loss term logged."""
+
+    def __init__(self):
+        super().__init__()
+        self._loss_meters = None  # a MetricLogger while an epoch runs
+
+    def train_step(self, model, samples):
+        output = model(samples)
+        if self._loss_meters is not None:
+            terms = {key: output.get(key) for key in STAGE1_LOSSES}
+            self._loss_meters.update(**{key: value.item() for key, value in terms.items() if value is not None})
+        return output["loss"]
+
+    def train_epoch(self, **kwargs):
+        self._loss_meters = MetricLogger(delimiter="  ")
+        try:
+            stats = super().train_epoch(**kwargs)
+            self._loss_meters.synchronize_between_processes()
+            logging.info("Averaged loss terms: %s", self._loss_meters.global_avg())
+            stats.update({key: "{:.3f}".format(meter.global_avg) for key, meter in self._loss_meters.meters.items()})
+        finally:
+            self._loss_meters = None
+        return stats
+
+
+class _PredictAnswersWith:
+    """A view of ``model`` whose ``predict_answers`` receives extra keyword arguments; everything else is the
+    model's. Lets the tasks below reuse LAVIS's ``valid_step`` unchanged."""
+
+    def __init__(self, model, **extra):
+        self._model = model
+        self._extra = extra
+
+    def predict_answers(self, *args, **kwargs):
+        return self._model.predict_answers(*args, **kwargs, **self._extra)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+class LengthPenaltyMixin:
+    """Reads ``run.length_penalty`` and passes it to ``model.predict_answers``."""
+
+    length_penalty = None
+
+    @classmethod
+    def setup_task(cls, cfg):
+        task = super().setup_task(cfg)
+        value = cfg.run_cfg.get("length_penalty", None)
+        task.length_penalty = None if value is None else float(value)
+        return task
+
+    def valid_step(self, model, samples):
+        if self.length_penalty is not None:
+            model = _PredictAnswersWith(model, length_penalty=self.length_penalty)
+        return super().valid_step(model, samples)
+
+
+@registry.register_task("xformer_vqa")
+class XFormerVQATask(LengthPenaltyMixin, VQATask):
+    """LAVIS's ``vqa`` (VQAv2, OK-VQA: official VQA accuracy) with ``run.length_penalty``."""
+
+
+@registry.register_task("xformer_gqa")
+class XFormerGQATask(LengthPenaltyMixin, GQATask):
+    """LAVIS's ``gqa`` (exact-match accuracy) with ``run.length_penalty``."""

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# VQAv2 fine-tuning on VQAv2 train+val and Visual Genome QA (supplement section 2), image 490, lr 1e-5.
+# MODEL=blip2 runs the BLIP-2 twin; NPROC_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT: ../torchrun.sh.
+# STAGE2_CKPT (required): the checkpoint to start from, e.g.
+#   STAGE2_CKPT=output/xformer/pretrain_stage2_opt2.7b/<job_id>/checkpoint_0.pth
+# Extra arguments are k=v config overrides, e.g. run.batch_size_train=16.
+set -euo pipefail
+exec "$(dirname "$0")/../torchrun.sh" train projects/xformer/train/vqa_ft.yaml \
+  model.pretrained="${STAGE2_CKPT:?set STAGE2_CKPT to the checkpoint (see the comment at the top of $0)}" "$@"
