@@ -1016,5 +1016,10 @@ def main(argv=None) -> ComparisonResult:
     return result
 
 
+def cli() -> None:
+    """Console-script entry point (``lavis-xformer-compare``): a run that finishes exits 0."""
+    main()
+
+
 if __name__ == "__main__":
     main()
