@@ -3,6 +3,11 @@
 Checkpoints are read with ``torch.load(weights_only=True)``: a file that carries pickled code is refused, never run.
 Truncated files and shape mismatches raise errors naming the file and the keys. Every load logs one summary line
 of missing and unexpected keys, grouped by module.
+
+Command line (weights for sharing, and a check of a file before trusting it)::
+
+    python -m lavis_xformer.checkpoints export IN.pth OUT.safetensors [--trainable-only]
+    python -m lavis_xformer.checkpoints inspect IN.pth
 """
 
 import logging
@@ -50,7 +55,10 @@ def read_checkpoint(path: str) -> dict:
             f"checkpoint {path!r} was refused: it holds objects other than tensors and plain containers, "
             f"which could run code when loaded ({err}). Re-save it as a state dict, or as safetensors."
         ) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+    except PermissionError as err:
+        raise CheckpointError(f"checkpoint {path!r} cannot be opened: {err}") from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        # a zip cut short fails in torch's reader with RuntimeError or OSError (EINVAL), depending on where
         raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt and cannot be read: {err}") from err
 
 
@@ -99,8 +107,10 @@ def load_model_weights(model, path: str, strict_unexpected: bool = False):
     return load_state_dict_checked(model, state_dict, path, strict_unexpected)
 
 
-def export_safetensors(model_or_state_dict, path: str, trainable_only: bool = False) -> str:
-    """Write model weights as safetensors (shared tensors copied apart); returns the path."""
+def export_safetensors(model_or_state_dict, path: str, trainable_only: bool = False,
+                       metadata: Optional[Dict[str, str]] = None) -> str:
+    """Write model weights as safetensors (shared tensors copied apart); returns the path. ``metadata`` (strings)
+    goes into the file's header."""
     from safetensors.torch import save_file
 
     if isinstance(model_or_state_dict, torch.nn.Module):
@@ -111,5 +121,100 @@ def export_safetensors(model_or_state_dict, path: str, trainable_only: bool = Fa
             state_dict = {k: v for k, v in state_dict.items() if k in trainable}
     else:
         state_dict = model_or_state_dict
-    save_file({k: v.detach().contiguous().clone() for k, v in state_dict.items()}, path)
+    tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items() if torch.is_tensor(v)}
+    save_file(tensors, path, metadata={str(k): str(v) for k, v in (metadata or {}).items()} or None)
     return path
+
+
+def trainable_parameter_names(model_config: dict) -> set:
+    """Names of the trainable parameters of the model a checkpoint's ``config["model"]`` describes, found by
+    building it on the meta device without the hub (no memory, no download, no weights read)."""
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+
+    from lavis_xformer.models.builders import no_hub
+
+    arch = (model_config or {}).get("arch")
+    model_cls = registry.get_model_class(str(arch)) if arch else None
+    if model_cls is None:
+        raise CheckpointError(f"the checkpoint's model config names no registered architecture (arch={arch!r})")
+    cfg = OmegaConf.merge(OmegaConf.create(dict(model_config)), {"load_pretrained": False, "load_finetuned": False})
+    with torch.device("meta"), no_hub():
+        model = model_cls.from_config(cfg)
+    return {name for name, param in model.named_parameters() if param.requires_grad}
+
+
+def export_checkpoint(src: str, dst: str, trainable_only: bool = False) -> dict:
+    """``src`` (a training checkpoint, a state dict, or safetensors) -> ``dst`` (safetensors). The model's weights
+    only: no optimizer, no RNG, nothing executable. Returns a summary."""
+    checkpoint = read_checkpoint(src)
+    state_dict = extract_state_dict(checkpoint)
+    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    model_config = (config or {}).get("model") or {}
+    if trainable_only:
+        if not model_config:
+            raise CheckpointError(f"{src!r} holds no model config: --trainable-only cannot tell trainable weights")
+        names = trainable_parameter_names(model_config)
+        state_dict = {k: v for k, v in state_dict.items() if k in names}
+    metadata = {"format": "pt", "source": os.path.basename(src)}
+    for key in ("arch", "model_type"):
+        if model_config.get(key) is not None:
+            metadata[key] = model_config[key]
+    if isinstance(checkpoint, dict) and checkpoint.get("epoch") is not None:
+        metadata["epoch"] = checkpoint["epoch"]
+    export_safetensors(state_dict, dst, metadata=metadata)
+    tensors = [v for v in state_dict.values() if torch.is_tensor(v)]
+    return {"file": dst, "tensors": len(tensors), "elements": sum(v.numel() for v in tensors), **metadata}
+
+
+def describe_checkpoint(path: str) -> dict:
+    """What a checkpoint holds (read safely): its keys, weights, epoch and the resume position."""
+    checkpoint = read_checkpoint(path)
+    state_dict = extract_state_dict(checkpoint)
+    tensors = [v for v in state_dict.values() if torch.is_tensor(v)]
+    summary = {
+        "file": path,
+        "keys": sorted(checkpoint) if isinstance(checkpoint, dict) else [],
+        "tensors": len(tensors),
+        "elements": sum(v.numel() for v in tensors),
+        "modules": _group(state_dict),
+        "epoch": checkpoint.get("epoch") if isinstance(checkpoint, dict) else None,
+    }
+    trainer = checkpoint.get("trainer") if isinstance(checkpoint, dict) else None
+    if trainer:
+        summary["resume"] = {key: trainer.get(key) for key in ("epoch", "iteration", "iters_per_epoch", "complete",
+                                                               "world_size")}
+    return summary
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m lavis_xformer.checkpoints", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="write a checkpoint's model weights as safetensors")
+    export.add_argument("src", help="a .pth checkpoint (read with weights_only=True) or .safetensors file")
+    export.add_argument("dst", help="the .safetensors file to write")
+    export.add_argument("--trainable-only", action="store_true",
+                        help="keep only trainable parameters (found from the checkpoint's model config)")
+    inspect = commands.add_parser("inspect", help="read a checkpoint safely and summarise it")
+    inspect.add_argument("src")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "export":
+            if args.trainable_only:
+                import lavis_xformer  # noqa: F401  (registers the plugin's models)
+            summary = export_checkpoint(args.src, args.dst, trainable_only=args.trainable_only)
+        else:
+            summary = describe_checkpoint(args.src)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,9 +7,17 @@ Two differences from LAVIS's scripts, both because LAVIS's versions assume GPUs 
 ``lavis_xformer.common.distributed.init_distributed_mode`` (gloo on CPU, a one-process group without torchrun),
 and the job id (the output sub-folder) is rank 0's on every rank. A config that names no ``run.runner`` gets
 ``runner_xformer`` (LAVIS's default ``runner_base`` cannot run on CPU).
+
+Before anything is built, ``validate_config`` checks the yaml with its ``--options``: a missing or unregistered
+``model.arch``, ``model.model_type``, ``run.task``, ``run.runner``, ``run.lr_sched`` or dataset name, a missing
+required run field, or a run field of the wrong type is reported in one ``ConfigError`` that lists the valid
+choices. (LAVIS itself fails with ``AssertionError: Model 'x' has not been registered.``, ``Unknown model type x``
+or, for an arch given in ``--options``, ``AttributeError: 'NoneType' object has no attribute 'from_config'``.) The
+model's own fields are then checked by its typed config (``models/config.py``), still before datasets or weights.
 """
 
 import argparse
+import difflib
 import logging
 import random
 
@@ -21,9 +29,9 @@ import lavis.common.optims  # noqa: F401  (registers LAVIS's lr schedulers, as L
 import lavis.tasks as tasks
 from lavis.common.config import Config
 from lavis.common.dist_utils import get_rank
-from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 from lavis.common.utils import now
+from omegaconf import OmegaConf
 
 import lavis_xformer  # noqa: F401  (registers the plugin's models, tasks, runners, datasets; applies compat)
 from lavis_xformer.common import distributed
@@ -53,6 +61,158 @@ def setup_seeds(cfg):
     cudnn.deterministic = True
 
 
+def setup_logger():
+    """LAVIS's ``setup_logger`` (INFO on rank 0, WARN elsewhere), forced. A logging call made before it (the
+    process-group setup logs) makes Python install its default WARNING-level handler, after which LAVIS's
+    ``basicConfig`` is a no-op and every INFO line of the run (checkpoints saved, resumes, epochs) is lost."""
+    logging.basicConfig(
+        level=logging.INFO if get_rank() == 0 else logging.WARN,
+        format="%(asctime)s [%(levelname)s] %(message)s",
+        handlers=[logging.StreamHandler()],
+        force=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config validation
+# ---------------------------------------------------------------------------------------------------------------
+class ConfigError(ValueError):
+    """A run config that cannot work: every problem found, each with the valid choices."""
+
+
+FLOAT_FIELDS = ("init_lr", "min_lr", "warmup_lr", "weight_decay", "beta2", "lr_decay_rate", "max_bad_fraction",
+                "length_penalty")
+INT_FIELDS = ("max_epoch", "batch_size_train", "batch_size_eval", "num_workers", "warmup_steps", "seed", "log_freq",
+              "accum_grad_iters", "max_consecutive_bad_steps", "checkpoint_every_iters", "bad_fraction_min_samples",
+              "max_image_pixels", "world_size", "k_test", "num_beams", "max_len", "min_len")
+BOOL_FIELDS = ("amp", "evaluate", "distributed", "robust_data", "use_dist_eval_sampler", "find_unused_parameters")
+# (field, minimum) for the integer fields that have one
+INT_MINIMUM = {"max_epoch": 1, "batch_size_train": 1, "batch_size_eval": 1, "num_workers": 0, "warmup_steps": 0,
+               "log_freq": 1, "accum_grad_iters": 1, "max_consecutive_bad_steps": 1, "checkpoint_every_iters": 0,
+               "bad_fraction_min_samples": 0, "max_image_pixels": 1}
+REQUIRED_TRAINING = ("task", "lr_sched", "init_lr", "min_lr", "weight_decay", "max_epoch", "batch_size_train",
+                     "output_dir", "train_splits")
+REQUIRED_EVALUATION = ("task", "output_dir")
+
+
+def _choices(value, valid) -> str:
+    close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; valid: {', '.join(sorted(map(str, valid)))}"
+
+
+def _type_problem(key, value):
+    if value is None:
+        return None
+    if key in BOOL_FIELDS:
+        if not isinstance(value, bool):
+            return f"run.{key}={value!r} must be true or false"
+        return None
+    if key in INT_FIELDS:
+        try:
+            ok = not isinstance(value, (bool, float)) and str(int(value)) == str(value).strip()
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            return f"run.{key}={value!r} must be an integer"
+        if key in INT_MINIMUM and int(value) < INT_MINIMUM[key]:
+            return f"run.{key}={value!r} must be >= {INT_MINIMUM[key]}"
+        return None
+    if key in FLOAT_FIELDS:
+        try:
+            ok = not isinstance(value, bool) and float(value) == float(value)  # YAML reads 5e-3 as a string
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            return f"run.{key}={value!r} must be a number"
+        if key == "max_bad_fraction" and not 0.0 <= float(value) < 1.0:
+            return f"run.max_bad_fraction={value!r} must lie in [0, 1)"
+    return None
+
+
+def validate_config(cfg_path, options=None, training: bool = True) -> None:
+    """Check a run config (yaml plus ``--options``) before anything is built; raise ``ConfigError`` listing every
+    problem with the valid choices. Checks: model arch and type, task, runner, lr schedule and dataset names
+    against LAVIS's registry (the plugin's included), required run fields, and run field types."""
+    merged = OmegaConf.merge(OmegaConf.load(str(cfg_path)), OmegaConf.from_dotlist(_dot_list(options)))
+    problems = []
+
+    model = merged.get("model", None)
+    if model is None:
+        problems.append("the config has no `model:` section (needs model.arch and model.model_type)")
+    else:
+        arch = model.get("arch", None)
+        if arch is None:
+            problems.append(f"model.arch is missing{_choices('', registry.list_models())}")
+        elif registry.get_model_class(str(arch)) is None:
+            choices = _choices(arch, registry.list_models())
+            problems.append(f"model.arch={arch!r} is not a registered architecture{choices}")
+        else:
+            types = list(getattr(registry.get_model_class(str(arch)), "PRETRAINED_MODEL_CONFIG_DICT", {}) or {})
+            model_type = model.get("model_type", None)
+            if model_type is None:
+                problems.append(f"model.model_type is missing; {arch} has the types {', '.join(sorted(types))}")
+            elif types and str(model_type) not in types:
+                problems.append(f"model.model_type={model_type!r} is not a type of {arch}{_choices(model_type, types)}")
+
+    datasets = merged.get("datasets", None)
+    if not datasets:
+        problems.append(f"the config has no `datasets:` section{_choices('', registry.list_datasets())}")
+    else:
+        for name in datasets:
+            builder = registry.get_builder_class(str(name))
+            if builder is None:
+                choices = _choices(name, registry.list_datasets())
+                problems.append(f"dataset {name!r} is not a registered builder{choices}")
+                continue
+            kind = (datasets[name] or {}).get("type", "default")
+            kinds = list(getattr(builder, "DATASET_CONFIG_DICT", {}) or {})
+            if kinds and kind not in kinds:
+                problems.append(f"datasets.{name}.type={kind!r} is not a config type of {name}{_choices(kind, kinds)}")
+
+    run = merged.get("run", None)
+    if run is None:
+        problems.append("the config has no `run:` section")
+    else:
+        training = training and not bool(run.get("evaluate", False))
+        for key in REQUIRED_TRAINING if training else REQUIRED_EVALUATION:
+            if run.get(key, None) is None:
+                problems.append(f"run.{key} is missing (required for {'training' if training else 'evaluation'})")
+        checks = (
+            ("task", registry.get_task_class, registry.list_tasks),
+            ("runner", registry.get_runner_class, registry.list_runners),
+            ("lr_sched", registry.get_lr_scheduler_class, registry.list_lr_schedulers),
+        )
+        for key, lookup, listing in checks:
+            value = run.get(key, None)
+            if value is not None and lookup(str(value)) is None:
+                problems.append(f"run.{key}={value!r} is not registered{_choices(value, listing())}")
+        for key in run:
+            problem = _type_problem(str(key), run.get(key))
+            if problem:
+                problems.append(problem)
+
+    if problems:
+        raise ConfigError(f"{cfg_path}: invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _dot_list(options):
+    """LAVIS's ``--options`` as a dot list (``k=v`` items, or ``k v`` pairs as LAVIS also accepts)."""
+    options = list(options or [])
+    if not options or "=" in options[0]:
+        return options
+    return [f"{key}={value}" for key, value in zip(options[0::2], options[1::2])]
+
+
+def validate_model_fields(cfg) -> None:
+    """The plugin's models check their own fields (typed configs) before any weight is built; run that check now,
+    before the datasets are built."""
+    model_cls = registry.get_model_class(cfg.model_cfg.arch)
+    config_class = getattr(model_cls, "config_class", None)
+    if config_class is not None and hasattr(config_class, "from_lavis_cfg"):
+        config_class.from_lavis_cfg(cfg.model_cfg)
+
+
 def runner_class(cfg):
     name = cfg.run_cfg.get("runner", None) or DEFAULT_RUNNER
     runner_cls = registry.get_runner_class(name)
@@ -64,7 +224,10 @@ def runner_class(cfg):
 def build_runner(argv=None, description="Training"):
     """Parse arguments and build everything up to the runner (call ``.train()`` or ``.evaluate()`` on it)."""
     job_id = now()
-    cfg = Config(parse_args(argv, description))
+    args = parse_args(argv, description)
+    validate_config(args.cfg_path, args.options, training=description == "Training")
+    cfg = Config(args)
+    validate_model_fields(cfg)
     distributed.init_distributed_mode(cfg.run_cfg)
     job_id = distributed.broadcast_from_main(job_id)
     setup_seeds(cfg)

@@ -2,7 +2,8 @@
 
 * ``xformer_pretrain`` -- LAVIS's ``image_text_pretrain`` that also logs every stage-1 loss (``loss_itc``,
   ``loss_itm``, ``loss_lm`` = ITG, ``loss_rec``) next to the total: their epoch averages, over all ranks, go to
-  the log and to ``log.txt`` as ``train_loss_itc`` etc. (LAVIS itself only records the total).
+  the log and to ``log.txt`` as ``train_loss_itc`` etc. (LAVIS itself only records the total). Steps that
+  ``runner_xformer`` skips for a non-finite loss are left out of the averages.
 * ``xformer_vqa`` / ``xformer_gqa`` -- LAVIS's ``vqa`` / ``gqa`` plus ``run.length_penalty``. LAVIS's VQA tasks
   read ``num_beams``, ``max_len``, ``min_len``, ``inference_method``, ``num_ans_candidates`` and ``prompt``
   (lavis/tasks/vqa.py:48-69) but not the length penalty, which the paper sets to 0 for short answers; without
@@ -26,13 +27,26 @@ class XFormerPretrainTask(ImageTextPretrainTask):
     def __init__(self):
         super().__init__()
         self._loss_meters = None  # a MetricLogger while an epoch runs
+        self._pending_terms = None  # this step's loss terms, until the runner accepts or skips the step
+        # Set by runner_xformer's loop, which calls ``commit_train_step`` once it knows whether the step is kept
+        # (a step skipped for a non-finite loss must not enter the averages); without it terms count at once.
+        self.defer_train_step_stats = False
 
     def train_step(self, model, samples):
         output = model(samples)
         if self._loss_meters is not None:
             terms = {key: output.get(key) for key in STAGE1_LOSSES}
-            self._loss_meters.update(**{key: value.item() for key, value in terms.items() if value is not None})
+            self._pending_terms = {key: value.detach() for key, value in terms.items() if value is not None}
+            if not self.defer_train_step_stats:
+                self.commit_train_step(accepted=True)
         return output["loss"]
+
+    def commit_train_step(self, accepted: bool) -> None:
+        """Add the last step's loss terms to the epoch averages if the step was ``accepted`` (every DDP rank gets
+        the same verdict, so every rank's meters stay the same set)."""
+        pending, self._pending_terms = self._pending_terms, None
+        if accepted and pending and self._loss_meters is not None:
+            self._loss_meters.update(**{key: value.item() for key, value in pending.items()})
 
     def train_epoch(self, **kwargs):
         self._loss_meters = MetricLogger(delimiter="  ")

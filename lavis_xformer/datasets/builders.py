@@ -18,6 +18,10 @@ first use, and ``build_info`` is derived from the dataset config's ``shapes:`` n
           num_test: 64
 
 Several builders with the same ``shapes:`` settings share one generated folder.
+
+The train split comes wrapped in ``RobustDataset`` (unusable samples are replaced, logged and counted; the run stops
+past 1% of them): robust by default, whichever runner trains on it. ``runner_xformer`` applies ``run.max_bad_fraction``
+and friends to it, and ``run.robust_data: False`` unwraps it.
 """
 
 import logging
@@ -30,6 +34,7 @@ from lavis.datasets.datasets.retrieval_datasets import RetrievalDataset, Retriev
 from omegaconf import OmegaConf
 
 from lavis_xformer.datasets import shapes
+from lavis_xformer.datasets.robust import RobustDataset
 from lavis_xformer.paths import dataset_config_path
 
 
@@ -63,6 +68,12 @@ class ShapesBuilder(BaseDatasetBuilder):
     def _download_data(self):
         self.data_dir = shapes.ensure_generated(self.spec, self.root)
         logging.info("shapes data: %s", self.data_dir)
+
+    def build_datasets(self):
+        datasets = super().build_datasets()
+        if "train" in datasets and not isinstance(datasets["train"], RobustDataset):
+            datasets["train"] = RobustDataset(datasets["train"])
+        return datasets
 
 
 @registry.register_builder("xformer_shapes_caption")

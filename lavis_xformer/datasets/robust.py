@@ -1,6 +1,7 @@
 """A wrapper that keeps a long run alive through bad samples, around any LAVIS dataset.
 
-A sample that cannot be used (missing, truncated or undecodable image, zero-size image, empty or non-UTF-8 caption)
+A sample that cannot be used (missing, truncated or undecodable image, zero-size image, an image over
+``max_image_pixels`` (PIL's decompression-bomb limit unless set), empty or non-UTF-8 caption)
 is replaced by the next usable sample of the dataset, so every batch keeps its size and every DDP rank its step
 count. Each replacement is logged with the file and the reason and counted; when the fraction of bad samples in
 an epoch passes ``max_bad_fraction`` (1% by default) the run stops with ``BadSampleLimitExceeded``, a clear error
@@ -10,10 +11,11 @@ rather than a silently shrinking dataset. The counts live in shared memory, so D
 import contextlib
 import logging
 import multiprocessing
+import warnings
 from typing import Optional
 
 import torch
-from PIL import ImageFile
+from PIL import Image, ImageFile
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,21 @@ def _truncated_images_raise(accept: bool):
         yield
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+@contextlib.contextmanager
+def _giant_images_raise(max_image_pixels: Optional[int]):
+    """PIL only warns (``DecompressionBombWarning``) between ``MAX_IMAGE_PIXELS`` and twice that, and decodes the
+    image; while a wrapped sample loads, anything over the limit (``max_image_pixels``, else PIL's) raises."""
+    saved = Image.MAX_IMAGE_PIXELS
+    if max_image_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = int(max_image_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 class BadSampleLimitExceeded(RuntimeError):
@@ -75,12 +92,10 @@ class RobustDataset(torch.utils.data.Dataset):
         max_bad_fraction: float = 0.01,
         min_samples_before_limit: int = 100,
         accept_truncated_images: bool = False,
+        max_image_pixels: Optional[int] = None,
     ):
-        if not 0.0 <= max_bad_fraction < 1.0:
-            raise ValueError(f"max_bad_fraction={max_bad_fraction} must lie in [0, 1)")
         self.dataset = dataset
-        self.max_bad_fraction = max_bad_fraction
-        self.min_samples_before_limit = min_samples_before_limit
+        self.configure(max_bad_fraction, min_samples_before_limit, max_image_pixels)
         self.accept_truncated_images = accept_truncated_images
         # Shared with forked DataLoader workers: attempted and bad samples in the current epoch.
         self._attempted = multiprocessing.Value("q", 0)
@@ -99,6 +114,19 @@ class RobustDataset(torch.utils.data.Dataset):
     def collater(self, samples):
         return self.dataset.collater(samples)
 
+    def configure(self, max_bad_fraction: float = 0.01, min_samples_before_limit: int = 100,
+                  max_image_pixels: Optional[int] = None) -> None:
+        """Set the limits (the runner applies ``run.max_bad_fraction`` etc. to datasets a builder wrapped)."""
+        if not 0.0 <= float(max_bad_fraction) < 1.0:
+            raise ValueError(f"max_bad_fraction={max_bad_fraction} must lie in [0, 1)")
+        if int(min_samples_before_limit) < 0:
+            raise ValueError(f"min_samples_before_limit={min_samples_before_limit} must be >= 0")
+        if max_image_pixels is not None and int(max_image_pixels) < 1:
+            raise ValueError(f"max_image_pixels={max_image_pixels} must be >= 1")
+        self.max_bad_fraction = float(max_bad_fraction)
+        self.min_samples_before_limit = int(min_samples_before_limit)
+        self.max_image_pixels = None if max_image_pixels is None else int(max_image_pixels)
+
     # ---------------------------------------------------------------------------------------------------------
     def start_epoch(self):
         """Reset the per-epoch counts (the runner calls this at the start of every epoch)."""
@@ -109,6 +137,12 @@ class RobustDataset(torch.utils.data.Dataset):
 
     def stats(self) -> dict:
         return {"attempted": self._attempted.value, "bad": self._bad.value, "bad_total": self._bad_total.value}
+
+    def load_stats(self, stats: dict) -> None:
+        """Put back counts saved with ``stats()`` (a run resumed inside an epoch keeps counting that epoch)."""
+        for value, key in ((self._attempted, "attempted"), (self._bad, "bad"), (self._bad_total, "bad_total")):
+            with value.get_lock():
+                value.value = int(stats.get(key, 0))
 
     def _record_bad(self, index: int, error: BaseException):
         with self._bad.get_lock():
@@ -137,7 +171,7 @@ class RobustDataset(torch.utils.data.Dataset):
             with self._attempted.get_lock():
                 self._attempted.value += 1
             try:
-                with _truncated_images_raise(self.accept_truncated_images):
+                with _truncated_images_raise(self.accept_truncated_images), _giant_images_raise(self.max_image_pixels):
                     sample = self.dataset[current]
                 check_sample(sample)
                 return sample

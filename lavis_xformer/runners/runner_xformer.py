@@ -21,26 +21,87 @@ what breaks off-GPU in LAVIS 1.0.2, each citing the line it replaces:
   site-packages for an installed LAVIS; here it is resolved against the current directory.
 * the job id is taken from rank 0 (LAVIS lets every rank read its own clock, so ranks may disagree on it).
 
-Checkpoints keep LAVIS's content and names (``checkpoint_{epoch}.pth`` / ``checkpoint_best.pth``: trainable
-weights, optimizer, scaler, config, epoch), but are written atomically (temporary file, fsync, ``os.replace``)
-and read back with ``weights_only=True``. What goes into a checkpoint and how it is restored are separate
-methods (``checkpoint_state`` / ``restore_checkpoint_state``), so that exact resume can extend them.
+Reliability (run-config keys, all optional):
+
+* **Exact resume.** A checkpoint is written after every epoch (``checkpoint_{epoch}.pth``, also when validation
+  splits exist) and, with ``run.checkpoint_every_iters: N``, every N optimiser steps inside an epoch
+  (``checkpoint_{epoch}_iter{k}.pth``; only the newest is kept, and it goes once the epoch's own is written). Besides
+  LAVIS's keys (trainable weights, optimizer, scaler, config, epoch) it holds ``trainer``: epoch and next iteration,
+  every rank's RNG states (python, numpy, torch CPU, all CUDA devices), the data-order state (seed, batch size: the
+  order is a function of (run.seed, epoch), see ``reliability.EpochLoader``), the LR schedule's parameters (LAVIS's
+  schedulers are stateless functions of epoch and step), the best validation metric, the NaN-guard's and the bad-data
+  counters. ``run.resume_ckpt_path`` takes a file, or ``auto``: the furthest-progressed readable checkpoint in any job
+  folder under ``run.output_dir`` (none: start fresh), so a preempted job is simply requeued with the same command
+  (a folder path searches that folder the same way).
+  Resuming from the end of an epoch or from a mid-epoch checkpoint gives bit-identical weights to an uninterrupted
+  run on CPU (tests/test_reliability.py). Saves are atomic (temporary file, fsync, ``os.replace``): a process killed
+  mid-save leaves the previous checkpoint intact; resume removes the orphaned temporary file.
+* **Bad data.** Train splits are wrapped in ``RobustDataset`` (``run.robust_data``: unset = the plugin's builders
+  only, which wrap by default; True = every train dataset, any LAVIS builder; False = none), with
+  ``run.max_bad_fraction`` (0.01), ``run.bad_fraction_min_samples`` (100) and ``run.max_image_pixels`` (PIL's limit).
+  The per-epoch counts, summed over ranks, go to log.txt as ``train_bad_samples`` / ``train_loaded_samples``.
+* **Non-finite losses.** A NaN/inf in any loss term skips the optimiser step on every rank (one all-reduced flag),
+  with a warning naming the terms; ``train_skipped_steps`` is logged per epoch; ``run.max_consecutive_bad_steps``
+  (10) in a row stop the run with ``NonFiniteLossError`` naming the loss. Under amp the scaler is neither stepped nor
+  updated on such a step (its scale and growth tracker are untouched); finite losses with overflowing gradients are
+  the scaler's own business (it skips and backs off). Without amp a non-finite gradient also skips the step.
+  Test hooks: ``run.debug_nan_steps`` (global steps whose ``run.debug_nan_loss``, default ``loss_itc``, becomes NaN;
+  ``run.debug_nan_ranks`` restricts them to some ranks) and the environment variable
+  ``LAVIS_XFORMER_TEST_SAVE_DELAY=SECONDS[@NAME]`` (a save writes half its bytes, then sleeps).
 """
 
+import contextlib
+import functools
+import io
 import logging
 import os
+import re
+import time
 from pathlib import Path
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from lavis.common.dist_utils import main_process
+from lavis.common.dist_utils import get_rank, get_world_size, is_main_process, main_process
+from lavis.common.logger import MetricLogger, SmoothedValue
 from lavis.common.registry import registry
+from lavis.datasets.data_utils import prepare_sample
+from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
 from lavis.runners.runner_base import RunnerBase
+from lavis.tasks.base_task import BaseTask
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lavis_xformer import compat
 from lavis_xformer.checkpoints import CheckpointError, extract_state_dict, load_state_dict_checked, read_checkpoint
 from lavis_xformer.common import distributed
+from lavis_xformer.datasets.robust import RobustDataset
+from lavis_xformer.runners.reliability import (
+    EpochLoader,
+    OutputWatch,
+    StepGuard,
+    capture_rng_state,
+    first_nonfinite_gradient,
+    restore_rng_state,
+)
+
+TEST_SAVE_DELAY_ENV = "LAVIS_XFORMER_TEST_SAVE_DELAY"
+TRAINER_STATE_FORMAT = 1
+_CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)(?:_iter(\d+))?\.pth$")
+# Run settings that change what an exact resume computes: a difference from the checkpoint's config is reported.
+_EXACTNESS_KEYS = ("seed", "batch_size_train", "accum_grad_iters", "world_size", "amp", "lr_sched", "init_lr",
+                   "min_lr", "warmup_lr", "warmup_steps", "weight_decay", "beta2")
+
+
+def _test_save_delay(path: str) -> float:
+    """``LAVIS_XFORMER_TEST_SAVE_DELAY=SECONDS[@NAME]``: seconds to stall in the middle of writing ``path`` (only
+    when its file name contains NAME). A test hook for killing a process mid-save; unset in real runs."""
+    value = os.environ.get(TEST_SAVE_DELAY_ENV, "")
+    if not value:
+        return 0.0
+    seconds, _, name = value.partition("@")
+    if name and name not in os.path.basename(path):
+        return 0.0
+    return float(seconds)
 
 
 def save_checkpoint_atomically(obj, path) -> str:
@@ -51,9 +112,20 @@ def save_checkpoint_atomically(obj, path) -> str:
     """
     path = os.fspath(path)
     tmp_path = f"{path}.tmp-{os.getpid()}"
+    delay = _test_save_delay(path)
     try:
         with open(tmp_path, "wb") as handle:
-            torch.save(obj, handle)
+            if delay:
+                buffer = io.BytesIO()
+                torch.save(obj, buffer)
+                data = buffer.getvalue()
+                handle.write(data[: len(data) // 2])
+                handle.flush()
+                os.fsync(handle.fileno())
+                time.sleep(delay)
+                handle.write(data[len(data) // 2 :])
+            else:
+                torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
@@ -84,6 +156,120 @@ def trainable_state_dict(model: torch.nn.Module) -> dict:
     return {key: value for key, value in model.state_dict().items() if key not in frozen}
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Finding the checkpoint to resume from
+# ---------------------------------------------------------------------------------------------------------------
+def checkpoint_progress(path) -> Optional[Tuple[int, int]]:
+    """(epoch, next iteration) a checkpoint file resumes at, from its name; None for ``checkpoint_best.pth`` and
+    other files. ``checkpoint_3.pth`` -> (4, 0); ``checkpoint_3_iter200.pth`` -> (3, 200)."""
+    match = _CHECKPOINT_NAME.match(os.path.basename(os.fspath(path)))
+    if match is None:
+        return None
+    epoch = int(match.group(1))
+    return (epoch + 1, 0) if match.group(2) is None else (epoch, int(match.group(2)))
+
+
+def _checkpoint_candidates(folder: Path) -> List[Path]:
+    found = [p for pattern in ("checkpoint_*.pth", "*/checkpoint_*.pth") for p in folder.glob(pattern)]
+    found = [p for p in found if p.is_file() and checkpoint_progress(p) is not None]
+    return sorted(found, key=lambda p: (checkpoint_progress(p), p.stat().st_mtime), reverse=True)
+
+
+def remove_interrupted_saves(folder) -> List[str]:
+    """Delete ``checkpoint_*.pth.tmp-PID`` files (in ``folder`` and its job folders): the leftovers of saves that
+    were killed before their rename, which is a save's commit point, so they can never be valid checkpoints."""
+    folder = Path(folder)
+    removed = []
+    for pattern in ("checkpoint_*.pth.tmp-*", "*/checkpoint_*.pth.tmp-*"):
+        for path in folder.glob(pattern):
+            logging.warning("removing %s: the temporary file of a save that was interrupted", path)
+            path.unlink(missing_ok=True)
+            removed.append(str(path))
+    return removed
+
+
+def find_resume_checkpoint(folder) -> Tuple[Optional[str], Optional[dict]]:
+    """The furthest-progressed checkpoint under ``folder`` (itself and its job folders) that reads back (safely) and
+    holds weights and optimizer: ``(path, checkpoint)``; ``(None, None)`` when there is none. Unreadable files
+    (truncated, corrupt, unsafe) are skipped with a warning naming them."""
+    for path in _checkpoint_candidates(Path(folder)):
+        try:
+            checkpoint = read_checkpoint(str(path))
+        except CheckpointError as err:
+            logging.warning("resume: skipping %s: %s", path, err)
+            continue
+        if not isinstance(checkpoint, dict) or "model" not in checkpoint or "optimizer" not in checkpoint:
+            logging.warning("resume: skipping %s: not a training checkpoint (no 'model' and 'optimizer')", path)
+            continue
+        return str(path), checkpoint
+    return None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad data
+# ---------------------------------------------------------------------------------------------------------------
+def _is_map_style(dataset) -> bool:
+    return (
+        isinstance(dataset, torch.utils.data.Dataset)
+        and not isinstance(dataset, torch.utils.data.IterableDataset)
+        and hasattr(dataset, "__len__")
+    )
+
+
+def make_train_datasets_robust(datasets: dict, train_splits, run_cfg) -> List[RobustDataset]:
+    """Wrap (or unwrap) the train splits of LAVIS's ``{name: {split: dataset}}`` in place; returns the wrapped ones.
+
+    ``run.robust_data``: unset keeps what the builders made (the plugin's wrap their train split), True wraps every
+    map-style train dataset of any LAVIS builder, False unwraps everything. The limits come from
+    ``run.max_bad_fraction``, ``run.bad_fraction_min_samples`` and ``run.max_image_pixels``.
+    """
+    mode = run_cfg.get("robust_data", None)
+    limits = dict(
+        max_bad_fraction=float(run_cfg.get("max_bad_fraction", 0.01)),
+        min_samples_before_limit=int(run_cfg.get("bad_fraction_min_samples", 100)),
+        max_image_pixels=run_cfg.get("max_image_pixels", None),
+    )
+    robust = []
+    for name, splits in datasets.items():
+        if not isinstance(splits, dict):
+            continue
+        for split in list(splits):
+            if split not in train_splits:
+                continue
+            dataset = splits[split]
+            if isinstance(dataset, RobustDataset):
+                if mode is False:
+                    splits[split] = dataset.dataset
+                    logging.info("%s/%s: run.robust_data=False, bad samples will stop the run", name, split)
+                    continue
+            elif mode is True and _is_map_style(dataset):
+                dataset = splits[split] = RobustDataset(dataset)
+            else:
+                if mode is True:
+                    logging.warning("%s/%s (%s) is not a map-style dataset: not wrapped in RobustDataset",
+                                    name, split, type(dataset).__name__)
+                continue
+            dataset.configure(**limits)
+            robust.append(dataset)
+            logging.info("%s/%s: unusable samples are replaced and counted (max_bad_fraction %g)",
+                         name, split, dataset.max_bad_fraction)
+    return robust
+
+
+def _lr_scheduler_state(scheduler) -> dict:
+    """LAVIS's schedulers are plain objects whose lr is a function of (epoch, step) and their parameters: those
+    are saved (a torch scheduler's ``state_dict`` would be saved as such)."""
+    if hasattr(scheduler, "state_dict"):
+        return {"class": type(scheduler).__name__, "state": scheduler.state_dict()}
+    params = {key: value for key, value in vars(scheduler).items()
+              if value is None or isinstance(value, (bool, int, float, str))}
+    return {"class": type(scheduler).__name__, "params": params}
+
+
+def _format_meter(meter) -> str:
+    return "{:.3f}".format(meter.global_avg) if meter.count else "nan"
+
+
 @registry.register_runner("runner_xformer")
 class RunnerXFormer(RunnerBase):
     def __init__(self, cfg, task, model, datasets, job_id):
@@ -95,6 +281,28 @@ class RunnerXFormer(RunnerBase):
         output_dir = Path(str(run_cfg.output_dir)).expanduser()
         run_cfg.output_dir = str(output_dir if output_dir.is_absolute() else Path.cwd() / output_dir)
         super().__init__(cfg=cfg, task=task, model=model, datasets=datasets, job_id=job_id)
+
+        self.robust_datasets = make_train_datasets_robust(self.datasets, run_cfg.get("train_splits", []) or [], run_cfg)
+        self.step_guard = StepGuard(
+            max_consecutive=int(run_cfg.get("max_consecutive_bad_steps", 10)),
+            debug_nan_steps=run_cfg.get("debug_nan_steps", None) or (),
+            debug_nan_ranks=run_cfg.get("debug_nan_ranks", None),
+            debug_nan_loss=run_cfg.get("debug_nan_loss", "loss_itc"),
+        )
+        every = run_cfg.get("checkpoint_every_iters", None)
+        self.checkpoint_every_iters = int(every) if every else 0
+        if self.checkpoint_every_iters < 0:
+            raise ValueError(f"run.checkpoint_every_iters={every} must be >= 0")
+        self.best_agg_metric, self.best_epoch = 0, 0
+        self._start_iter = 0  # the iteration the first (resumed) epoch starts at
+        self._epoch_start_iter = 0
+        self._iters_per_epoch = None
+        self._pending_rng = None  # this rank's RNG states from the checkpoint, restored just before training
+
+    @property
+    def data_seed(self) -> int:
+        """The data order's seed: ``run.seed``, the same on every rank (the ranks take slices of one permutation)."""
+        return int(self.config.run_cfg.get("seed", 0))
 
     # ------------------------------------------------------------------------------------------------------------
     # Device, model, AMP
@@ -132,11 +340,30 @@ class RunnerXFormer(RunnerBase):
     # ------------------------------------------------------------------------------------------------------------
     # Data and evaluation
     # ------------------------------------------------------------------------------------------------------------
-    def create_loaders(self, *args, **kwargs):
-        if self.cuda_enabled:
-            return super().create_loaders(*args, **kwargs)
-        with compat.host_prefetch_loader():
-            return super().create_loaders(*args, **kwargs)
+    def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns, dataset_ratios=None):
+        """LAVIS's loaders, except a map-style training set, which gets an ``EpochLoader`` (the data order is a
+        function of (run.seed, epoch), so resumed epochs see the same batches; see ``reliability``)."""
+        loaders = []
+        context = contextlib.nullcontext() if self.cuda_enabled else compat.host_prefetch_loader()
+        with context:
+            for dataset, batch_size, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
+                if is_train and _is_map_style(dataset):
+                    loaders.append(
+                        EpochLoader(
+                            dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
+                            seed=self.data_seed,
+                            num_replicas=get_world_size() if self.use_distributed else 1,
+                            rank=get_rank() if self.use_distributed else 0,
+                            pin_memory=self.cuda_enabled, wrap=PrefetchLoader if self.cuda_enabled else None,
+                        )
+                    )
+                    continue
+                if is_train:
+                    logging.warning("the training set (%s) is not one map-style dataset: LAVIS's loader is used, "
+                                    "and a resumed run is not bit-identical", type(dataset).__name__)
+                loaders.extend(super().create_loaders([dataset], num_workers, [batch_size], [is_train], [collate_fn],
+                                                      dataset_ratios))
+        return loaders
 
     @torch.no_grad()
     def eval_epoch(self, split_name, cur_epoch, skip_reload=False):
@@ -155,14 +382,212 @@ class RunnerXFormer(RunnerBase):
             return self.task.after_evaluation(val_result=results, split_name=split_name, epoch=cur_epoch)
 
     # ------------------------------------------------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------------------------------------------------
+    def train(self):
+        """LAVIS's ``RunnerBase.train`` (same phases, logs and best-checkpoint rule) with: resume (``auto`` too)
+        restoring the full trainer state, a resumable checkpoint after every epoch (after its validation, so the
+        saved RNG states are those the next epoch starts with), and the best metric kept across resumes."""
+        start_time = time.time()
+        self.log_config()
+        if not self.evaluate_only and self.resume_ckpt_path is not None:
+            self._resume(self.resume_ckpt_path)
+
+        cur_epoch = self.max_epoch - 1
+        for cur_epoch in range(self.start_epoch, self.max_epoch):
+            if not self.evaluate_only:
+                logging.info("Start training")
+                train_stats = self.train_epoch(cur_epoch)
+                self.log_stats(split_name="train", stats=train_stats)
+
+            for split_name in self.valid_splits:
+                logging.info("Evaluating on {}.".format(split_name))
+                val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
+                if val_log is not None and is_main_process():
+                    assert "agg_metrics" in val_log, "No agg_metrics found in validation log."
+                    if val_log["agg_metrics"] > self.best_agg_metric and split_name == "val":
+                        self.best_epoch, self.best_agg_metric = cur_epoch, val_log["agg_metrics"]
+                        self._save_checkpoint(cur_epoch, is_best=True)
+                    val_log.update({"best_epoch": self.best_epoch})
+                    self.log_stats(val_log, split_name)
+
+            if self.evaluate_only:
+                break
+            self.save_progress(cur_epoch, self._iters_per_epoch or len(self.train_loader), complete=True)
+            dist.barrier()
+
+        test_epoch = "best" if len(self.valid_splits) > 0 else cur_epoch
+        self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
+        logging.info("Training time {}".format(time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time))))
+
+    def train_epoch(self, epoch):
+        """LAVIS's ``train_epoch`` (the task's ``train_epoch`` drives it, so task-side logging is kept) with the
+        task's inner loop replaced, for this epoch, by ``_reliable_inner_loop``."""
+        self.model.train()
+        loader = self.train_loader
+        start_iter, self._start_iter = self._start_iter, 0
+        if isinstance(loader, EpochLoader):
+            loader.start_epoch(epoch, start_iter)
+        elif start_iter:
+            logging.warning("this training loader cannot start inside an epoch: epoch %d restarts at iteration 0",
+                            epoch)
+            start_iter = 0
+        self._epoch_start_iter = start_iter
+        if start_iter == 0:  # a run resumed inside an epoch keeps that epoch's counts (restored with the checkpoint)
+            self.step_guard.start_epoch()
+            for dataset in self.robust_datasets:
+                dataset.start_epoch()
+
+        custom_loop = type(self.task)._train_inner_loop is not BaseTask._train_inner_loop
+        if custom_loop:
+            logging.warning("%s has its own _train_inner_loop: non-finite losses are not guarded",
+                            type(self.task).__name__)
+        watch = OutputWatch(self.unwrap_dist_model(self.model), self.step_guard)
+        if not custom_loop:
+            self.task._train_inner_loop = functools.partial(self._reliable_inner_loop, self.task, watch)
+        try:
+            stats = self.task.train_epoch(
+                epoch=epoch,
+                model=self.model,
+                data_loader=loader,
+                optimizer=self.optimizer,
+                scaler=self.scaler,
+                lr_scheduler=self.lr_scheduler,
+                cuda_enabled=self.cuda_enabled,
+                log_freq=self.log_freq,
+                accum_grad_iters=self.accum_grad_iters,
+            )
+        finally:
+            self.task.__dict__.pop("_train_inner_loop", None)
+            watch.remove()
+        stats.update(self._reliability_stats(epoch))
+        return stats
+
+    def _reliable_inner_loop(self, task, watch, epoch, iters_per_epoch, model, data_loader, optimizer, lr_scheduler,
+                             scaler=None, start_iters=None, log_freq=50, cuda_enabled=False, accum_grad_iters=1):
+        """LAVIS's ``BaseTask._train_inner_loop`` (base_task.py:164-246: same samples, schedule, accumulation, amp and
+        logs), with each step checked by the step guard: a non-finite loss on any rank skips the optimiser step
+        everywhere (without DDP its backward is skipped too; under DDP every rank still runs backward, so DDP's
+        reducer stays in step, and the gradients are dropped). Starts at the resumed iteration and writes the
+        mid-epoch checkpoints."""
+        use_amp = scaler is not None
+        if not hasattr(data_loader, "__next__"):
+            data_loader = iter(data_loader)
+        self._iters_per_epoch = iters_per_epoch
+        metric_logger = MetricLogger(delimiter="  ")
+        metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+        logging.info("Start training epoch {}, {} iters per inner epoch.".format(epoch, iters_per_epoch))
+        header = "Train: data epoch: [{}]".format(epoch)
+        if start_iters is None:
+            inner_epoch, first = epoch, self._epoch_start_iter
+        else:  # iter-based runners
+            inner_epoch, first = start_iters // iters_per_epoch, 0
+            header = header + "; inner epoch [{}]".format(inner_epoch)
+        if first:
+            logging.info("resuming epoch %s at iteration %d", epoch, first)
+
+        guard = self.step_guard
+        trainable = [(n, p) for n, p in self.unwrap_dist_model(model).named_parameters() if p.requires_grad]
+        defer_stats = hasattr(task, "commit_train_step")
+        if defer_stats:
+            task.defer_train_step_stats = True
+        autocast_device = "cuda" if cuda_enabled else "cpu"
+        step_bad: List[str] = []
+        try:
+            for i in metric_logger.log_every(range(first, iters_per_epoch), log_freq, header):
+                samples = next(data_loader)
+                samples = prepare_sample(samples, cuda_enabled=cuda_enabled)
+                samples.update({"epoch": inner_epoch, "num_iters_per_epoch": iters_per_epoch, "iters": i})
+                lr_scheduler.step(cur_epoch=inner_epoch, cur_step=i)
+                global_step = (epoch * iters_per_epoch if start_iters is None else start_iters) + i
+
+                with watch.watching(global_step), torch.autocast(autocast_device, enabled=use_amp and cuda_enabled):
+                    loss = task.train_step(model=model, samples=samples)
+                bad = guard.check(loss, watch.output)
+                if defer_stats:
+                    task.commit_train_step(accepted=not bad)
+                if bad:
+                    step_bad = step_bad or bad
+                    if self.use_distributed:
+                        loss.backward()  # every rank runs backward, as DDP expects; the gradients are dropped below
+                elif use_amp:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+
+                if (i + 1) % accum_grad_iters == 0:
+                    self._optimizer_step(optimizer, scaler, trainable, step_bad, epoch, i, global_step)
+                    step_bad = []
+
+                if not bad:
+                    if "loss" not in metric_logger.meters:
+                        metric_logger.add_meter("loss", SmoothedValue(window_size=1, fmt="{value:.4f}"))
+                    metric_logger.update(loss=loss.item())
+                metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+
+                done = i + 1
+                if (start_iters is None and self.checkpoint_every_iters and done < iters_per_epoch
+                        and done % self.checkpoint_every_iters == 0 and done % accum_grad_iters == 0):
+                    self.save_progress(epoch, done, complete=False)
+        finally:
+            if defer_stats:
+                task.defer_train_step_stats = False
+
+        metric_logger.synchronize_between_processes()
+        stats = {k: _format_meter(meter) for k, meter in metric_logger.meters.items()}
+        stats.setdefault("loss", "nan")  # every step of the epoch was skipped
+        logging.info("Averaged stats: " + "  ".join(f"{k}: {v}" for k, v in stats.items()))
+        return stats
+
+    def _optimizer_step(self, optimizer, scaler, trainable, step_bad, epoch, iteration, global_step):
+        if step_bad:
+            optimizer.zero_grad()
+            self.step_guard.skipped(step_bad, epoch, iteration, global_step)  # raises after too many in a row
+            return
+        if scaler is not None:
+            scale_before = scaler.get_scale()
+            scaler.step(optimizer)  # skips the step itself when the (unscaled) gradients overflowed
+            scaler.update()
+            scale_after = scaler.get_scale()
+            if scale_after < scale_before:
+                self.step_guard.amp_overflow(scale_before, scale_after)
+            else:
+                self.step_guard.stepped()
+        else:
+            name = first_nonfinite_gradient(trainable)  # DDP: gradients are already averaged, so ranks agree
+            if name is not None:
+                optimizer.zero_grad()
+                self.step_guard.skipped([f"gradient of {name}"], epoch, iteration, global_step)
+                return
+            optimizer.step()
+            self.step_guard.stepped()
+        optimizer.zero_grad()
+
+    def _reliability_stats(self, epoch) -> dict:
+        stats = {"skipped_steps": self.step_guard.skipped_epoch}
+        if self.scaler is not None:
+            stats["amp_overflow_steps"] = self.step_guard.amp_overflows_epoch
+        if self.robust_datasets:
+            counts = [[d.stats()["bad"], d.stats()["attempted"]] for d in self.robust_datasets]
+            totals = torch.tensor(counts, dtype=torch.float64, device=distributed.collective_device()).sum(0)
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(totals)
+            bad, loaded = (int(x) for x in totals.tolist())
+            stats.update(bad_samples=bad, loaded_samples=loaded)
+            if bad:
+                logging.warning("epoch %s: %d unusable training samples replaced (of %d loaded, %.2f%%)",
+                                epoch, bad, loaded, 100.0 * bad / max(loaded, 1))
+        return stats
+
+    # ------------------------------------------------------------------------------------------------------------
     # Checkpoints
     # ------------------------------------------------------------------------------------------------------------
     def checkpoint_path(self, tag) -> str:
-        """``checkpoint_{tag}.pth`` in the job's output folder (tag: an epoch number or "best")."""
+        """``checkpoint_{tag}.pth`` in the job's output folder (tag: an epoch number, "{epoch}_iter{k}" or "best")."""
         return os.path.join(self.output_dir, f"checkpoint_{tag}.pth")
 
     def checkpoint_state(self, cur_epoch) -> dict:
-        """Everything a checkpoint holds; ``restore_checkpoint_state`` is its inverse."""
+        """LAVIS's checkpoint content; ``restore_checkpoint_state`` is its inverse."""
         return {
             "model": trainable_state_dict(self.unwrap_dist_model(self.model)),
             "optimizer": self.optimizer.state_dict(),
@@ -171,13 +596,128 @@ class RunnerXFormer(RunnerBase):
             "epoch": cur_epoch,
         }
 
+    def trainer_state(self, epoch, next_iter, iters_per_epoch, complete, rank_states) -> dict:
+        """What an exact resume needs beyond LAVIS's content (``checkpoint["trainer"]``)."""
+        return {
+            "format": TRAINER_STATE_FORMAT,
+            "epoch": int(epoch),
+            "iteration": int(next_iter),
+            "iters_per_epoch": int(iters_per_epoch),
+            "complete": bool(complete),
+            "world_size": int(get_world_size()),
+            "ranks": rank_states,  # per rank: RNG states and bad-data counts
+            "data": {"seed": self.data_seed, "batch_size": int(self.config.run_cfg.batch_size_train),
+                     "order": "EpochLoader" if isinstance(self.train_loader, EpochLoader) else "lavis"},
+            "lr_scheduler": _lr_scheduler_state(self.lr_scheduler),
+            "best_agg_metric": float(self.best_agg_metric),
+            "best_epoch": int(self.best_epoch),
+            "step_guard": self.step_guard.state_dict(),
+        }
+
+    def _gather_rank_states(self) -> list:
+        """Every rank's RNG states and bad-data counts, in rank order (a collective)."""
+        state = {"rng": capture_rng_state(), "robust": [d.stats() for d in self.robust_datasets]}
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return [state]
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, state)
+        return states
+
+    def save_progress(self, epoch, next_iter, complete):
+        """Write a resumable checkpoint: ``checkpoint_{epoch}.pth`` at the end of an epoch, else
+        ``checkpoint_{epoch}_iter{next_iter}.pth`` (the older mid-epoch ones of this job are then removed). Called on
+        every rank (the RNG states are gathered); rank 0 writes."""
+        rank_states = self._gather_rank_states()
+        if not is_main_process():
+            return
+        iters_per_epoch = self._iters_per_epoch or len(self.train_loader)
+        path = self.checkpoint_path(epoch if complete else f"{epoch}_iter{next_iter}")
+        # LAVIS resumes after ``epoch``: a mid-epoch checkpoint names the last complete epoch there.
+        state = self.checkpoint_state(epoch if complete else epoch - 1)
+        state["trainer"] = self.trainer_state(epoch, next_iter, iters_per_epoch, complete, rank_states)
+        logging.info("Saving checkpoint at epoch %s, iteration %s to %s.", epoch, next_iter, path)
+        save_checkpoint_atomically(state, path)
+        for old in Path(self.output_dir).glob("checkpoint_*_iter*.pth"):
+            if str(old) != path:
+                old.unlink(missing_ok=True)
+
+    def _resume(self, source):
+        """``run.resume_ckpt_path``: a file; ``auto`` (the furthest readable checkpoint under run.output_dir); or a
+        folder (the furthest readable checkpoint in it and its job folders)."""
+        checkpoint = None
+        search = str(source).lower() == "auto" or os.path.isdir(str(source))
+        if search:
+            path = None
+            if is_main_process():
+                root = Path(self.config.run_cfg.output_dir) if str(source).lower() == "auto" else Path(str(source))
+                remove_interrupted_saves(root)
+                path, checkpoint = find_resume_checkpoint(root)
+                logging.info("resume: auto -> %s", path or "no checkpoint under %s, starting fresh" % root)
+            path = distributed.broadcast_from_main(path)
+            if path is None:
+                return
+            source = path
+        if checkpoint is None:
+            checkpoint = read_checkpoint(str(source))
+        self.restore_checkpoint_state(checkpoint, str(source))
+        logging.info("Resume checkpoint from %s (epoch %d, iteration %d)", source, self.start_epoch, self._start_iter)
+        # Build everything lazily built (nothing of it draws random numbers), then put the RNG states back last.
+        _ = self.dataloaders, self.lr_scheduler, self.optimizer
+        if self._pending_rng is not None:
+            restore_rng_state(self._pending_rng)
+            self._pending_rng = None
+
     def restore_checkpoint_state(self, checkpoint: dict, source: str) -> None:
-        """Load weights, optimizer and scaler from a checkpoint dict and continue after its epoch."""
+        """Load weights, optimizer and scaler; with a ``trainer`` state also the position (epoch, iteration), this
+        rank's RNG states and counters. Older/LAVIS checkpoints continue after their epoch, not bit-exactly."""
         self.load_model_state(self.unwrap_dist_model(self.model), extract_state_dict(checkpoint), source)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
-        self.start_epoch = int(checkpoint["epoch"]) + 1
+        self.start_epoch, self._start_iter = int(checkpoint["epoch"]) + 1, 0
+        trainer = checkpoint.get("trainer")
+        if not trainer:
+            logging.warning("%s holds no trainer state (RNG, data order): training continues after epoch %d, but "
+                            "not bit-identically to an uninterrupted run", source, self.start_epoch - 1)
+            return
+        if trainer.get("complete", True):
+            self.start_epoch, self._start_iter = int(trainer["epoch"]) + 1, 0
+        else:
+            self.start_epoch, self._start_iter = int(trainer["epoch"]), int(trainer["iteration"])
+        self.best_agg_metric = trainer.get("best_agg_metric", 0)
+        self.best_epoch = int(trainer.get("best_epoch", 0))
+        self.step_guard.load_state_dict(trainer.get("step_guard", {}))
+        self._report_resume_differences(checkpoint, trainer, source)
+        ranks = trainer.get("ranks") or []
+        if len(ranks) == get_world_size():
+            mine = ranks[get_rank()]
+            self._pending_rng = mine["rng"]
+            if not trainer.get("complete", True):
+                for dataset, counts in zip(self.robust_datasets, mine.get("robust", [])):
+                    dataset.load_stats(counts)
+        else:
+            logging.warning("%s was written by %d ranks, this run has %d: RNG states are not restored, and each "
+                            "rank's share of the data differs; training continues, not bit-identically",
+                            source, len(ranks), get_world_size())
+
+    def _report_resume_differences(self, checkpoint, trainer, source) -> None:
+        saved_run = (checkpoint.get("config") or {}).get("run", {}) or {}
+        current = self.config.run_cfg
+        changed = [f"{key}: {saved_run.get(key)!r} -> {current.get(key)!r}" for key in _EXACTNESS_KEYS
+                   if key in saved_run and saved_run.get(key) != current.get(key)]
+        saved_model = (checkpoint.get("config") or {}).get("model")
+        if saved_model is not None and saved_model != self.config.to_dict().get("model"):
+            changed.append("model config")
+        saved_sched = trainer.get("lr_scheduler") or {}
+        if "state" in saved_sched and hasattr(self.lr_scheduler, "load_state_dict"):
+            self.lr_scheduler.load_state_dict(saved_sched["state"])
+        elif "params" in saved_sched:
+            now = _lr_scheduler_state(self.lr_scheduler).get("params", {})
+            changed += [f"lr schedule {key}: {value!r} -> {now.get(key)!r}"
+                        for key, value in saved_sched["params"].items() if now.get(key) != value]
+        if changed:
+            logging.warning("resuming %s with settings that differ from the checkpoint's (the current ones apply, "
+                            "so the run is not a bit-identical continuation): %s", source, "; ".join(changed))
 
     @staticmethod
     def load_model_state(model, state_dict, source: str) -> None:
@@ -191,14 +731,14 @@ class RunnerXFormer(RunnerBase):
 
     @main_process
     def _save_checkpoint(self, cur_epoch, is_best=False):
+        """LAVIS's save (used for ``checkpoint_best.pth``), atomic."""
         path = self.checkpoint_path("best" if is_best else cur_epoch)
         logging.info("Saving checkpoint at epoch %s to %s.", cur_epoch, path)
         save_checkpoint_atomically(self.checkpoint_state(cur_epoch), path)
 
     def _load_checkpoint(self, url_or_filename):
-        """Resume (``run.resume_ckpt_path``)."""
-        self.restore_checkpoint_state(read_checkpoint(url_or_filename), url_or_filename)
-        logging.info("Resume checkpoint from %s", url_or_filename)
+        """LAVIS's resume entry point: read safely, then restore everything the checkpoint holds."""
+        self._resume(url_or_filename)
 
     def _reload_best_model(self, model):
         path = self.checkpoint_path("best")
