@@ -249,3 +249,175 @@ def test_unknown_or_mistyped_config_fields_are_refused_before_building():
         XFormerConfig(itg_conditioning="x")
     with pytest.raises(ValueError, match="at least one MAE patch"):
         XFormerConfig(mask_ratio=1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Retrieval through LAVIS's compute_sim_matrix: ITC on Z', ITM re-scoring through the dual block
+# ------------------------------------------------------------------------------------------------------------------
+import torch.nn.functional as F  # noqa: E402
+from lavis.models.blip2_models.blip2_qformer import Blip2Qformer  # noqa: E402
+
+
+class _RetrievalImages(torch.utils.data.Dataset):
+    """What LAVIS's ``compute_sim_matrix`` reads from a retrieval eval dataset: ``text``, ``image`` and the images."""
+
+    def __init__(self, images, texts):
+        self.images, self.text, self.image = images, texts, [f"img{i}" for i in range(len(images))]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return {"image": self.images[index]}
+
+
+RETRIEVAL_TEXTS = [f"{n} {c} {s}" for n, c, s in zip(
+    ["a", "two", "three", "a", "four", "two", "a", "three"],
+    ["red", "blue", "green", "yellow", "red", "green", "blue", "yellow"],
+    ["circle", "squares", "triangles", "square", "circles", "triangles", "triangle", "circles"],
+)]
+
+
+def lavis_sim_matrix(model, images, k_test):
+    from lavis.models.blip2_models.blip2 import compute_sim_matrix
+
+    loader = torch.utils.data.DataLoader(_RetrievalImages(images, RETRIEVAL_TEXTS), batch_size=3)
+    with torch.no_grad():
+        return compute_sim_matrix(model, loader, k_test=k_test)
+
+
+class _LavisBlip2Path:
+    """The model seen through LAVIS's own ``Blip2Qformer.forward_image`` / ``compute_itm`` (no MAE branch)."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def forward_image(self, image):
+        return Blip2Qformer.forward_image(self._model, image)
+
+    def compute_itm(self, **kwargs):
+        return Blip2Qformer.compute_itm(self._model, **kwargs)
+
+
+@torch.no_grad()
+def direct_retrieval_scores(model, images, texts):
+    """ITC + ITM for every (image, text), computed from the model's parts: ITC between vision_proj(Z') and the
+    text's [CLS]; ITM from the bi-directional pass over [queries; text] on C, then the dual block with M."""
+    tokens = model.tokenizer(texts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    text_cls = model.Qformer.bert(tokens.input_ids, attention_mask=tokens.attention_mask, return_dict=True)
+    text_feat = F.normalize(model.text_proj(text_cls.last_hidden_state[:, 0]), dim=-1)
+    image_feats = F.normalize(model.vision_proj(model.image_queries(images)), dim=-1)
+    itc = torch.einsum("iqd,td->itq", image_feats, text_feat).max(-1).values
+
+    itm = torch.empty_like(itc)
+    clip_features, mae = model.forward_encoders(images)
+    num_queries = model.query_tokens.shape[1]
+    for i in range(len(images)):
+        for t in range(len(texts)):
+            output = model.Qformer.bert(
+                tokens.input_ids[t : t + 1],
+                query_embeds=model.query_tokens,
+                attention_mask=torch.cat([torch.ones(1, num_queries, dtype=torch.long), tokens.attention_mask[t : t + 1]], 1),
+                encoder_hidden_states=clip_features[i : i + 1],
+                encoder_attention_mask=torch.ones(clip_features[i : i + 1].shape[:-1], dtype=torch.long),
+                return_dict=True,
+            )
+            queries = output.last_hidden_state[:, :num_queries]
+            if mae is not None:
+                queries, _ = model.dual_block(queries, mae.features[i : i + 1])
+            itm[i, t] = model.itm_head(queries)[0, :, 1].mean()
+    return itc, itm
+
+
+def expected_lavis_scores(itc, itm, k_test):
+    """LAVIS's score matrices from ITC and ITM: the top-k texts (images) by ITC get ITC + ITM, the rest -100."""
+    i2t = torch.full_like(itc, -100.0)
+    for i in range(itc.shape[0]):
+        top = itc[i].topk(k_test).indices
+        i2t[i, top] = itc[i, top] + itm[i, top]
+    t2i = torch.full_like(itc.t(), -100.0)
+    for t in range(itc.shape[1]):
+        top = itc[:, t].topk(k_test).indices
+        t2i[t, top] = itc[top, t] + itm[top, t]
+    return i2t, t2i
+
+
+def test_retrieval_scores_use_the_mae_branch():
+    torch.manual_seed(0)
+    model = tiny().eval()
+    images = batch(size=4, seed=5)["image"]
+    i2t, t2i = lavis_sim_matrix(model, images, k_test=3)
+    expected_i2t, expected_t2i = expected_lavis_scores(*direct_retrieval_scores(model, images, RETRIEVAL_TEXTS), 3)
+    torch.testing.assert_close(torch.from_numpy(i2t), expected_i2t, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(t2i), expected_t2i, rtol=0, atol=1e-5)
+    # ... and not what LAVIS's BLIP-2 code computes on the same model (Q-Former output, no dual block)
+    blip2_i2t, _ = lavis_sim_matrix(_LavisBlip2Path(model), images, k_test=3)
+    assert (torch.from_numpy(blip2_i2t) - expected_i2t).abs().max() > 1e-3
+
+
+def test_retrieval_packing_round_trips_c_and_m():
+    model = tiny().eval()
+    clip_features, mae = model.forward_encoders(batch()["image"])
+    packed = model.pack_image_inputs(clip_features, mae.features)
+    assert packed.shape == (4, clip_features.shape[1] + mae.features.shape[1], max(32, 48))
+    clip_back, mae_back = model.unpack_image_inputs(packed)
+    assert torch.equal(clip_back, clip_features) and torch.equal(mae_back, mae.features)
+    with pytest.raises(ValueError, match="followed by the MAE features"):
+        model.unpack_image_inputs(clip_features)
+
+
+def test_retrieval_with_mae_off_equals_lavis_blip2(process_group):
+    torch.manual_seed(0)
+    blip2 = load_model("blip2_baseline", "tiny").eval()
+    xformer = tiny(use_mae=False, reconstruction_loss=False).eval()
+    xformer.load_state_dict(blip2.state_dict(), strict=True)
+    images = batch(size=4, seed=6)["image"]
+    for ours, reference in zip(lavis_sim_matrix(xformer, images, 3), lavis_sim_matrix(blip2, images, 3)):
+        torch.testing.assert_close(torch.from_numpy(ours), torch.from_numpy(reference), rtol=0, atol=1e-5)
+
+
+def test_extract_features_are_z_prime():
+    model = tiny().eval()
+    samples = batch()
+    image = model.extract_features(samples, mode="image")
+    torch.testing.assert_close(image.image_embeds, model.image_queries(samples["image"]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(image.image_embeds_proj, F.normalize(model.vision_proj(image.image_embeds), dim=-1))
+    assert image.text_embeds is None and image.multimodal_embeds is None
+
+    multimodal = model.extract_features(samples, mode="multimodal")
+    torch.testing.assert_close(multimodal.image_embeds, image.image_embeds, rtol=0, atol=0)
+    tokens = model.tokenizer(samples["text_input"], return_tensors="pt", padding=True)
+    clip_features, mae = model.forward_encoders(samples["image"])
+    expected = model.multimodal_queries(clip_features, mae.features, tokens.input_ids, tokens.attention_mask)
+    torch.testing.assert_close(multimodal.multimodal_embeds, expected, rtol=0, atol=1e-6)
+
+    text = model.extract_features(samples, mode="text")
+    reference = Blip2Qformer.extract_features(model, samples, mode="text")
+    torch.testing.assert_close(text.text_embeds_proj, reference.text_embeds_proj, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        model.extract_features(samples, mode="images")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# freeze_vit_layernorms: honoured by every architecture, the BLIP-2 baselines included
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("archs", [("xformer", "blip2_baseline"), ("xformer_opt", "blip2_baseline_opt"),
+                                   ("xformer_t5", "blip2_baseline_t5")])
+def test_freeze_vit_layernorms_false_trains_the_same_vit_layer_norms(archs):
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+
+    trainable_vit = []
+    for arch in archs:
+        model_cls = registry.get_model_class(arch)
+        cfg = OmegaConf.load(model_cls.default_config_path("tiny")).model
+        frozen = model_cls.from_config(OmegaConf.merge(cfg, {"load_pretrained": False}))
+        assert not any(p.requires_grad for p in frozen.visual_encoder.parameters())  # the default: all frozen
+        model = model_cls.from_config(OmegaConf.merge(cfg, {"load_pretrained": False, "freeze_vit_layernorms": False}))
+        trainable_vit.append(sorted(n for n, p in model.visual_encoder.named_parameters() if p.requires_grad))
+        assert not model.visual_encoder.training  # still pinned in eval mode
+    assert trainable_vit[0] and all("norm" in name for name in trainable_vit[0])
+    assert trainable_vit[0] == trainable_vit[1]

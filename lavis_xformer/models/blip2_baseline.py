@@ -10,7 +10,7 @@ from typing import Optional
 from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
-from lavis_xformer.models.builders import ConfigBuildersMixin, blip2_init_kwargs
+from lavis_xformer.models.builders import ConfigBuildersMixin, blip2_init_kwargs, unfreeze_layernorms
 from lavis_xformer.models.config import BackboneConfig
 from lavis_xformer.models.sdpa import use_sdpa_attention
 from lavis_xformer.paths import model_config_path
@@ -29,5 +29,7 @@ class Blip2Baseline(ConfigBuildersMixin, Blip2Qformer):
         self.attach_build_config(config)
         super().__init__(**blip2_init_kwargs(config))
         self.config = config
+        if config.freeze_vit and not config.freeze_vit_layernorms:  # LAVIS's constructor has no such switch
+            unfreeze_layernorms(self.visual_encoder)
         if config.sdpa_attention:  # off by default: the baseline is LAVIS's code as shipped
             use_sdpa_attention(self)

@@ -13,12 +13,16 @@ without its text parts), with the plugin's builders: hub weights for the paper t
    ``OPTGenerationMixin`` left-pads them (OPT computes its positions from the attention mask, so the padding between
    the image queries and a prompt changes nothing) and passes ``min_length`` as ``min_new_tokens``: transformers'
    ``min_length`` counts the padded prompt, which would make one image's answer depend on its batch neighbours.
+   For the same reason, beam search with a length penalty (which divides by the padded length) runs prompts of
+   different token lengths in separate calls.
 2. ``Blip2OPT`` has no ``predict_answers`` (LAVIS added one after 1.0.2); zero-shot VQA needs it.
 3. ``Blip2T5.forward`` needs ``samples["text_output"]``, but caption data has one text per image: BLIP-2's
    prefix-LM split (``split_captions``) is applied when it is absent.
 4. ``Blip2T5.__init__`` casts T5 to bf16 unconditionally and relies on CUDA autocast to mix it with fp32 inputs;
    on CPU that fails. The builders keep the LLM in fp32 where CUDA is absent (``llm_precision``).
 Inputs are checked up front (``ValueError`` naming the problem) instead of failing deep inside transformers.
+``freeze_vit_layernorms: False`` (the supplement's fine-tuning recipe, which LAVIS's constructors have no switch for)
+trains the frozen CLIP-ViT's layer norms, for these baselines and the X-Former stage-2 classes alike.
 """
 
 from typing import List, Optional, Sequence, Tuple
@@ -30,7 +34,7 @@ from lavis.models.blip2_models.blip2 import Blip2Base
 from lavis.models.blip2_models.blip2_opt import Blip2OPT
 from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
-from lavis_xformer.models.builders import ConfigBuildersMixin, freeze
+from lavis_xformer.models.builders import ConfigBuildersMixin, freeze, unfreeze_layernorms
 from lavis_xformer.models.config_llm import Blip2OPTConfig, Blip2T5Config
 from lavis_xformer.models.llm_builders import build_opt, build_t5, drop_qformer_text_parts
 from lavis_xformer.models.sdpa import use_sdpa_attention
@@ -152,6 +156,8 @@ class Blip2LLMPartsMixin(ConfigBuildersMixin):
         )
         if config.freeze_vit:
             freeze(self.visual_encoder)
+            if not config.freeze_vit_layernorms:  # fine-tuning: the CLIP-ViT's layer norms train (supplement 2)
+                unfreeze_layernorms(self.visual_encoder)
         self.Qformer, self.query_tokens = self.init_Qformer(
             config.num_query_token, self.visual_encoder.num_features, config.cross_attention_freq
         )
@@ -256,6 +262,29 @@ class OPTGenerationMixin:
         temperature=1.0,
     ) -> List[str]:
         check_generation_args(num_beams, max_length, min_length, num_captions, use_nucleus_sampling)
+        settings = dict(
+            use_nucleus_sampling=use_nucleus_sampling, num_beams=num_beams, max_length=max_length,
+            min_length=min_length, top_p=top_p, repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+            num_captions=num_captions, temperature=temperature,
+        )
+        # transformers' beam search divides a hypothesis' score by its length ** length_penalty, counting the
+        # prompt with its left padding: prompts padded to a batch's longest would rank their hypotheses unlike
+        # the same prompts alone. With a length penalty, prompts of different token lengths go in separate calls.
+        lengths = [len(ids) for ids in self.opt_tokenizer(prompts).input_ids]
+        if use_nucleus_sampling or num_beams == 1 or length_penalty == 0 or len(set(lengths)) == 1:
+            return self._generate_padded(image, prompts, **settings)
+        texts = [None] * len(prompts)
+        for length in sorted(set(lengths)):
+            group = [i for i, n in enumerate(lengths) if n == length]
+            answers = self._generate_padded(image[group], [prompts[i] for i in group], **settings)
+            for position, i in enumerate(group):
+                texts[i] = answers[position * num_captions : (position + 1) * num_captions]
+        return [text for per_image in texts for text in per_image]
+
+    def _generate_padded(
+        self, image, prompts, use_nucleus_sampling, num_beams, max_length, min_length, top_p, repetition_penalty,
+        length_penalty, num_captions, temperature,
+    ) -> List[str]:
         image_embeds, image_atts = self.llm_image_inputs(image)
 
         self.opt_tokenizer.padding_side = "left"  # [image queries | padding | prompt]: every answer starts flush

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ import torch.nn as nn
 from lavis.models.blip2_models.blip2 import LayerNorm, disabled_train
 from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
 from lavis.models.eva_vit import VisionTransformer, convert_weights_to_fp16, create_eva_vit_g
-from transformers import BertTokenizer, ViTMAEConfig, ViTMAEForPreTraining
+from transformers import BertTokenizer, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 
 from lavis_xformer.models import published
 
@@ -46,6 +47,20 @@ def hub_allowed() -> bool:
     return _HUB_ALLOWED.get()
 
 
+@contextlib.contextmanager
+def standin_weights(name: str):
+    """Random weights that stand in for a hub checkpoint (the ``tiny`` types' frozen CLIP-ViT, MAE and LLM) are a
+    function of the config alone: drawn from a generator seeded by ``name``, leaving the global RNG as it was.
+
+    Checkpoints hold trainable weights only (LAVIS's rule), so a stage-1 checkpoint loaded into stage 2, or a
+    checkpoint loaded for evaluation, must meet the same frozen encoders it was trained with, whatever the build
+    order and the run's seed, as it would with hub weights.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(name.encode()))
+        yield
+
+
 def resolve_asset(name_or_path: str) -> Path:
     """A path as given, or relative to the package's ``assets`` folder."""
     path = Path(name_or_path)
@@ -58,6 +73,15 @@ def freeze(module: nn.Module) -> nn.Module:
         param.requires_grad = False
     module.eval()
     module.train = functools.partial(disabled_train, module)
+    return module
+
+
+def unfreeze_layernorms(module: nn.Module) -> nn.Module:
+    """Make a frozen module's layer norms trainable again (``freeze_vit_layernorms: False``: the supplement's VQA
+    and caption fine-tuning train the CLIP-ViT's layer norms only). The module stays in eval mode."""
+    for submodule in module.modules():
+        if isinstance(submodule, nn.LayerNorm):
+            submodule.requires_grad_(True)
     return module
 
 
@@ -117,7 +141,7 @@ def build_clip_vit(cfg) -> nn.Module:
     if cfg.vit_weights not in (None, "eva_clip_g"):
         raise ValueError(f"vit_weights={cfg.vit_weights!r} is not valid; choose 'eva_clip_g' or null (random)")
     on_meta = torch.get_default_device().type == "meta"
-    with _linspace_on_cpu() if on_meta else contextlib.nullcontext():
+    with _linspace_on_cpu() if on_meta else contextlib.nullcontext(), standin_weights("clip_vit"):
         vit = VisionTransformer(
             img_size=cfg.image_size,
             patch_size=cfg.vit_patch_size,
@@ -207,7 +231,16 @@ def build_mae(cfg) -> ViTMAEForPreTraining:
                     f"config says {getattr(config, name)}; set mae_{name} to match the checkpoint"
                 )
         return mae
-    return ViTMAEForPreTraining(config)
+    with standin_weights("mae_decoder"):
+        mae = ViTMAEForPreTraining(config)
+    mae.vit = standin_mae_encoder(config)  # the same frozen encoder whether a decoder is built or not
+    return mae
+
+
+def standin_mae_encoder(config: ViTMAEConfig) -> ViTMAEModel:
+    """The random MAE encoder of a config without hub weights (see ``standin_weights``)."""
+    with standin_weights("mae_encoder"):
+        return ViTMAEModel(config)
 
 
 class ConfigBuildersMixin:

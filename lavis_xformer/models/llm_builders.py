@@ -22,7 +22,7 @@ from lavis.models.blip2_models.modeling_t5 import T5Config, T5ForConditionalGene
 from transformers import AutoTokenizer, GPT2Tokenizer, T5TokenizerFast
 
 from lavis_xformer.models import published_llm
-from lavis_xformer.models.builders import ASSETS_DIR, hub_allowed, resolve_asset
+from lavis_xformer.models.builders import ASSETS_DIR, hub_allowed, resolve_asset, standin_weights
 
 TINY_OPT_TOKENIZER = "tiny_opt"  # assets/tiny_opt-vocab.json + assets/tiny_opt-merges.txt (GPT-2 byte-level BPE)
 TINY_T5_TOKENIZER = "tiny_t5"  # assets/tiny_t5-tokenizer.json (Unigram, T5's special-token layout)
@@ -128,7 +128,8 @@ def build_opt(cfg):
     if cfg.opt_model is not None and hub_allowed():
         model = OPTForCausalLM.from_pretrained(cfg.opt_model, torch_dtype=dtype)
     else:
-        model = OPTForCausalLM(opt_config(cfg, len(tokenizer))).to(dtype)
+        with standin_weights("opt"):
+            model = OPTForCausalLM(opt_config(cfg, len(tokenizer))).to(dtype)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(
             f"the OPT tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size} embeddings"
@@ -175,7 +176,8 @@ def build_t5(cfg):
         config.dense_act_fn = "gelu"
         model = T5ForConditionalGeneration.from_pretrained(cfg.t5_model, config=config, torch_dtype=dtype)
     else:
-        model = T5ForConditionalGeneration(t5_config(cfg, len(tokenizer))).to(dtype)
+        with standin_weights("t5"):
+            model = T5ForConditionalGeneration(t5_config(cfg, len(tokenizer))).to(dtype)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(
             f"the T5 tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size} embeddings"

@@ -71,7 +71,7 @@ import torch.nn as nn
 from lavis.models.blip2_models.Qformer import BertAttention, BertIntermediate, BertLayer, BertOutput
 from transformers import ViTMAEModel
 
-from lavis_xformer.models.builders import hub_allowed, mae_config
+from lavis_xformer.models.builders import hub_allowed, mae_config, standin_mae_encoder
 from lavis_xformer.paths import configs_root
 
 
@@ -194,7 +194,7 @@ def build_mae_encoder(cfg) -> nn.Module:
     """
     config = mae_config(cfg)
     if not (cfg.mae_weights and hub_allowed()):
-        return ViTMAEModel(config)
+        return standin_mae_encoder(config)  # the very encoder build_mae makes: stage 1 and stage 2 share it
     encoder = ViTMAEModel.from_pretrained(cfg.mae_weights, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss)
     for name in ("hidden_size", "patch_size", "image_size"):
         if getattr(encoder.config, name) != getattr(config, name):

@@ -20,11 +20,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
+from lavis.models.blip_models.blip_outputs import BlipOutputFeatures
 from transformers.modeling_outputs import ModelOutput
 
 from lavis_xformer.common import dist
 from lavis_xformer.models import variants
-from lavis_xformer.models.builders import ConfigBuildersMixin, blip2_init_kwargs, build_mae, freeze
+from lavis_xformer.models.builders import (
+    ConfigBuildersMixin,
+    blip2_init_kwargs,
+    build_mae,
+    freeze,
+    unfreeze_layernorms,
+)
 from lavis_xformer.models.config import XFormerConfig
 from lavis_xformer.models.sdpa import use_sdpa_attention
 from lavis_xformer.paths import model_config_path
@@ -206,9 +213,7 @@ class XFormerImageMixin:
 
     def unfreeze_vit_layernorms(self):
         """VQA fine-tuning (supplement section 2) trains the CLIP-ViT's layer norms only."""
-        for module in self.visual_encoder.modules():
-            if isinstance(module, nn.LayerNorm):
-                module.requires_grad_(True)
+        unfreeze_layernorms(self.visual_encoder)
 
     # ------------------------------------------------------------------------------------------------------------
     # Inputs
@@ -508,23 +513,28 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
         if mae_features is not None:
             mae_all = torch.cat([mae_features, mae_world[neg_images], mae_features])
 
-        query_tokens = self.query_tokens.expand(text_ids_all.shape[0], -1, -1)
+        logits = self.itm_head(self.multimodal_queries(clip_all, mae_all, text_ids_all, text_atts_all)).mean(dim=1)
+        labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(logits.device)
+        return F.cross_entropy(logits, labels)
+
+    def multimodal_queries(self, clip_features, mae_features, text_ids, text_atts):
+        """The ITM representation of (image, text) pairs: the bi-directional Q-Former pass over [queries; text]
+        cross-attending to C (and M for concat / early CA), then the dual block with the image's own M."""
+        query_tokens = self.query_tokens.expand(text_ids.shape[0], -1, -1)
         query_atts = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=clip_features.device)
-        context, context_atts = self.qformer_context(clip_all, mae_all)  # concat / early CA: each image's M too
+        context, context_atts = self.qformer_context(clip_features, mae_features)
         output = self.Qformer.bert(
-            text_ids_all,
+            text_ids,
             query_embeds=query_tokens,
-            attention_mask=torch.cat([query_atts, text_atts_all], dim=1),
+            attention_mask=torch.cat([query_atts, text_atts], dim=1),
             encoder_hidden_states=context,
             encoder_attention_mask=context_atts,
             return_dict=True,
         )
-        multimodal_queries = output.last_hidden_state[:, : query_tokens.shape[1], :]
-        if mae_all is not None:
-            multimodal_queries, _ = self.enrich(multimodal_queries, mae_all)
-        logits = self.itm_head(multimodal_queries).mean(dim=1)
-        labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(logits.device)
-        return F.cross_entropy(logits, labels)
+        queries = output.last_hidden_state[:, : query_tokens.shape[1], :]
+        if mae_features is not None:
+            queries, _ = self.enrich(queries, mae_features)
+        return queries
 
     def itg_loss(self, query_cache, text_tokens):
         """Image-grounded text generation: [DEC] replaces [CLS]; text attends causally to itself and the queries."""
@@ -542,3 +552,71 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
             labels=labels,
         )
         return output.loss
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Retrieval and features: what LAVIS's compute_sim_matrix and extract_features call, on Z'
+    # ------------------------------------------------------------------------------------------------------------
+    # LAVIS's ``compute_sim_matrix`` (blip2.py) takes ``(image_feat, vit_feat) = forward_image(image)``, ranks texts by
+    # ITC on ``vision_proj(image_feat)``, keeps ``vit_feat`` on the CPU ([N, tokens, width], concatenated and indexed
+    # per image) and re-scores the top k with ``compute_itm(vit_feat, text_ids, text_atts)``. Here ``image_feat`` is
+    # Z' and ``vit_feat`` packs C and M along the tokens, so that ITM re-scoring runs the dual block too.
+    def pack_image_inputs(self, clip_features, mae_features=None):
+        """[C; M] along the tokens, both zero-padded to the wider of the two widths (C alone without the MAE branch,
+        i.e. exactly what LAVIS's BLIP-2 stores). C's token count is the CLIP-ViT's, so M is the rest."""
+        if mae_features is None:
+            return clip_features
+        width = max(clip_features.shape[-1], mae_features.shape[-1])
+        padded = [F.pad(x, (0, width - x.shape[-1])) for x in (clip_features, mae_features.to(clip_features.dtype))]
+        return torch.cat(padded, dim=1)
+
+    def unpack_image_inputs(self, image_inputs):
+        """(C, M or None) from ``pack_image_inputs``' output."""
+        if not self.config.use_mae:
+            return image_inputs, None
+        clip_tokens, clip_width = self.visual_encoder.patch_embed.num_patches + 1, self.visual_encoder.num_features
+        if image_inputs.shape[1] <= clip_tokens:
+            raise ValueError(
+                f"image_inputs has {image_inputs.shape[1]} tokens: expected the CLIP-ViT's {clip_tokens} followed by "
+                "the MAE features (model.forward_image packs them)"
+            )
+        clip_features = image_inputs[:, :clip_tokens, :clip_width]
+        mae_features = image_inputs[:, clip_tokens:, : self.config.mae_feature_width]
+        return clip_features, mae_features
+
+    def forward_image(self, image):
+        """(Z', packed [C; M]) for LAVIS's retrieval; the MAE sees ``eval_mask_ratio`` of masking (the whole image),
+        as every feature does."""
+        clip_features, mae = self.forward_encoders(self.check_image(image), self.config.eval_mask_ratio)
+        mae_features = mae.features if mae is not None else None
+        query_states = self.forward_queries(clip_features, mae_features=mae_features).last_hidden_state
+        enriched_queries, _ = self.enrich(query_states, mae_features)
+        return enriched_queries, self.pack_image_inputs(clip_features, mae_features)
+
+    def compute_itm(self, image_inputs, text_ids, text_atts):
+        """ITM score (the matching logit, averaged over queries, as ``itm_loss`` averages) of packed image inputs
+        and texts: the bi-directional pass, then the dual block with each image's M."""
+        clip_features, mae_features = self.unpack_image_inputs(image_inputs)
+        return self.itm_head(self.multimodal_queries(clip_features, mae_features, text_ids, text_atts))[:, :, 1].mean(1)
+
+    @torch.no_grad()
+    def extract_features(self, samples, mode="multimodal"):
+        """LAVIS's ``extract_features`` on Z': "image": ``image_embeds`` = Z', ``image_embeds_proj`` = normalised
+        ``vision_proj(Z')`` (what ITC compares); "multimodal": those plus ``multimodal_embeds``, the ITM
+        representation (bi-directional pass + dual block); "text": LAVIS's."""
+        if mode == "text":
+            return super().extract_features(samples, mode="text")
+        if mode not in ("image", "multimodal"):
+            raise ValueError(f"mode must be one of 'image', 'text', 'multimodal', got {mode!r}")
+        image = self.check_image(samples.get("image"))
+        enriched_queries, image_inputs = self.forward_image(image)
+        multimodal_embeds = None
+        if mode == "multimodal":
+            texts = self.check_texts(samples.get("text_input"), image.shape[0])
+            text = self.tokenizer(texts, return_tensors="pt", padding=True).to(image.device)
+            clip_features, mae_features = self.unpack_image_inputs(image_inputs)
+            multimodal_embeds = self.multimodal_queries(clip_features, mae_features, text.input_ids, text.attention_mask)
+        return BlipOutputFeatures(
+            image_embeds=enriched_queries,
+            image_embeds_proj=F.normalize(self.vision_proj(enriched_queries), dim=-1),
+            multimodal_embeds=multimodal_embeds,
+        )

@@ -58,8 +58,7 @@ class XFormerStage2Mixin(XFormerImageMixin):
     llm_projection: str = None
 
     def build_xformer_stage2(self, config):
-        if config.freeze_vit and not config.freeze_vit_layernorms:
-            self.unfreeze_vit_layernorms()
+        # (freeze_vit_layernorms is applied by build_blip2_parts, for the BLIP-2 baselines alike)
         self.build_mae_branch(config)
         if config.freeze_xformer:
             # Supplement Table 6, "X-Former Frozen": the stage-1 X-Former as it is, only the projection learns.
