@@ -21,22 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lavis_xformer.models.blip2_baseline_llm import blip2_query_outputs
+
 
 @torch.no_grad()
 def blip2_output_queries(model, image: torch.Tensor) -> torch.Tensor:
     """BLIP-2's query outputs for a batch of images without text: LAVIS's ``Blip2Qformer.extract_features``
     (mode "image") up to ``image_embeds``, which every BLIP-2 class (Q-Former, OPT, T5) can compute."""
-    with model.maybe_autocast():
-        image_embeds = model.ln_vision(model.visual_encoder(image))
-    image_embeds = image_embeds.float()
-    image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
-    query_output = model.Qformer.bert(
-        query_embeds=model.query_tokens.expand(image_embeds.shape[0], -1, -1),
-        encoder_hidden_states=image_embeds,
-        encoder_attention_mask=image_atts,
-        return_dict=True,
-    )
-    return query_output.last_hidden_state
+    return blip2_query_outputs(model, image)
 
 
 @torch.no_grad()

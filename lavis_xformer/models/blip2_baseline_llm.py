@@ -139,6 +139,22 @@ def with_prefix_split(samples: dict) -> dict:
 # ================================================================================================================
 # Construction: what Blip2OPT.__init__ / Blip2T5.__init__ build, by the plugin's builders
 # ================================================================================================================
+def blip2_query_outputs(model, image: torch.Tensor) -> torch.Tensor:
+    """BLIP-2's query outputs for a batch of images without text (CLIP-ViT, ``ln_vision``, Q-Former), as every
+    LAVIS BLIP-2 class (Q-Former, OPT, T5) computes them before its own head or projection."""
+    with model.maybe_autocast():
+        image_embeds = model.ln_vision(model.visual_encoder(image))
+    image_embeds = image_embeds.float()
+    image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+    query_output = model.Qformer.bert(
+        query_embeds=model.query_tokens.expand(image_embeds.shape[0], -1, -1),
+        encoder_hidden_states=image_embeds,
+        encoder_attention_mask=image_atts,
+        return_dict=True,
+    )
+    return query_output.last_hidden_state
+
+
 class Blip2LLMPartsMixin(ConfigBuildersMixin):
     """Builds the parts of LAVIS's BLIP-2 LLM classes under LAVIS's attribute names (see the module docstring)."""
 
@@ -341,17 +357,7 @@ class Blip2BaselineOPT(OPTGenerationMixin, Blip2LLMPartsMixin, Blip2OPT):
 
     def llm_image_inputs(self, image):
         """BLIP-2's visual prefix: the Q-Former's query outputs, projected (LAVIS's ``Blip2OPT.generate`` inline)."""
-        with self.maybe_autocast():
-            image_embeds = self.ln_vision(self.visual_encoder(image))
-        image_embeds = image_embeds.float()
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
-        query_output = self.Qformer.bert(
-            query_embeds=self.query_tokens.expand(image_embeds.shape[0], -1, -1),
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_atts,
-            return_dict=True,
-        )
-        inputs_opt = self.opt_proj(query_output.last_hidden_state)
+        inputs_opt = self.opt_proj(blip2_query_outputs(self, image))
         return inputs_opt, torch.ones(inputs_opt.shape[:-1], dtype=torch.long, device=image.device)
 
 
