@@ -23,7 +23,7 @@ def test_every_field_for_both_models(report):
         for row in ("blip2", "xformer"):
             assert paper[row]["trainable"] > 0 and paper[row]["frozen"] > 0 and paper[row]["forward_flops_per_sample"] > 0
         timed = ["train_step", "feature_extraction"] + (["predict_answers"] if stage == "stage2" else [])
-        for row in ("blip2", "blip2+sdpa", "xformer"):
+        for row in ("blip2", "blip2+impl", "xformer"):
             for key in timed:
                 result = data[stage][key][row]
                 assert result["median_s"] > 0 and result["iqr_s"] >= 0 and result["n"] >= 2

@@ -20,10 +20,11 @@ import torch
 import torch.nn as nn
 from lavis.models.blip2_models.blip2 import LayerNorm, disabled_train
 from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
-from lavis.models.eva_vit import VisionTransformer, convert_weights_to_fp16, create_eva_vit_g
+from lavis.models.eva_vit import VisionTransformer, create_eva_vit_g
 from transformers import BertTokenizer, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 
 from lavis_xformer.models import published
+from lavis_xformer.models.precision import frozen_half_dtype, run_in_half_precision
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
@@ -135,9 +136,16 @@ def _linspace_on_cpu():
 
 
 def build_clip_vit(cfg) -> nn.Module:
-    """LAVIS's EVA ViT: ``create_eva_vit_g`` with its weights, or the same class from the config's sizes."""
+    """LAVIS's EVA ViT: ``create_eva_vit_g`` with its weights, or the same class from the config's sizes.
+
+    A frozen ViT runs in half precision (``precision.frozen_half_dtype``: fp16 with CUDA as LAVIS does, bf16 on a
+    CPU-only machine where LAVIS would stay fp32); a trainable one stays fp32.
+    """
+    half = frozen_half_dtype(cfg) if cfg.freeze_vit else None
     if cfg.vit_weights == "eva_clip_g" and hub_allowed():
-        return create_eva_vit_g(cfg.image_size, cfg.drop_path_rate, cfg.use_grad_checkpoint, cfg.vit_precision)
+        # fp32 here: LAVIS's own fp16 cast would also run on a CPU, where fp16 has no kernels worth the name.
+        vit = create_eva_vit_g(cfg.image_size, cfg.drop_path_rate, cfg.use_grad_checkpoint, "fp32")
+        return run_in_half_precision(vit, half)
     if cfg.vit_weights not in (None, "eva_clip_g"):
         raise ValueError(f"vit_weights={cfg.vit_weights!r} is not valid; choose 'eva_clip_g' or null (random)")
     on_meta = torch.get_default_device().type == "meta"
@@ -155,9 +163,7 @@ def build_clip_vit(cfg) -> nn.Module:
             norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
             use_checkpoint=cfg.use_grad_checkpoint,
         )
-    if cfg.vit_precision == "fp16" and torch.cuda.is_available():
-        convert_weights_to_fp16(vit)
-    return vit
+    return run_in_half_precision(vit, half)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ class BackboneConfig:
     vit_depth: int = published.EVA_VIT_G["depth"]  #: blocks kept (EVA-g has 40; 39 = second-to-last layer output)
     vit_num_heads: int = published.EVA_VIT_G["num_heads"]  #: CLIP-ViT attention heads
     vit_mlp_ratio: float = published.EVA_VIT_G["mlp_ratio"]  #: CLIP-ViT MLP width / embed width
-    vit_precision: str = "fp16"  #: "fp16" casts frozen encoders to half when CUDA is available; "fp32" never
+    vit_precision: str = "fp16"  #: "fp16": frozen encoders in half precision (fp16 with CUDA); "fp32": never
+    frozen_cpu_precision: str = "bf16"  #: half type of the frozen encoders on a CPU-only machine; "fp32" = LAVIS's
     drop_path_rate: float = 0.0  #: stochastic depth of the (frozen) CLIP-ViT
     use_grad_checkpoint: bool = False  #: activation checkpointing inside the CLIP-ViT
     freeze_vit: bool = True  #: keep the CLIP-ViT frozen (the paper always does)
@@ -55,6 +56,10 @@ class BackboneConfig:
 
     # --- tokenizer ---
     tokenizer: str = "bert-base-uncased"  #: hub name, or a vocab.txt path (relative paths: lavis_xformer/assets)
+
+    def __post_init__(self):
+        _check_choice("vit_precision", self.vit_precision, ("fp16", "fp32"))
+        _check_choice("frozen_cpu_precision", self.frozen_cpu_precision, ("bf16", "fp32"))
 
     @classmethod
     def from_lavis_cfg(cls, cfg) -> "BackboneConfig":
@@ -99,7 +104,8 @@ class XFormerConfig(BackboneConfig):
     dual_intermediate_size: int = 3072  #: FFN width in both branches
     dual_mae_self_attention: bool = True  #: self-attention over MAE tokens before they attend to Z_q
     dual_query_self_attention: bool = True  #: self-attention over Z_q before it attends to M' (paper ablation)
-    dual_dropout: float = 0.1  #: dropout on attention probabilities and residual branches
+    dual_dropout: float = 0.1  #: dropout on the residual branches (attention and FFN outputs)
+    dual_attention_dropout: float = 0.0  #: dropout on attention probabilities (0 keeps SDPA's fused kernel; see README)
     itg_conditioning: str = "enriched_cache"  #: "enriched_cache": ITG text sees Z'; "qformer_cache": BLIP-2's
 
     # --- the paper's baselines and ablations (models/variants.py): where M comes from, how it meets the queries ---
@@ -116,8 +122,8 @@ class XFormerConfig(BackboneConfig):
     loss_weight_rec: float = 1.0  #: weight of the MAE reconstruction loss in the total
 
     def __post_init__(self):
+        BackboneConfig.__post_init__(self)
         _check_choice("itg_conditioning", self.itg_conditioning, ("enriched_cache", "qformer_cache"))
-        _check_choice("vit_precision", self.vit_precision, ("fp16", "fp32"))
         if not 0.0 <= self.mask_ratio < 1.0 or not 0.0 <= self.eval_mask_ratio < 1.0:
             raise ValueError(
                 f"mask_ratio={self.mask_ratio} and eval_mask_ratio={self.eval_mask_ratio} must lie in [0, 1): "

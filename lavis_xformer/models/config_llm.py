@@ -36,6 +36,7 @@ class FrozenLLMConfig(BackboneConfig):
     llm_vocab_size: Optional[int] = None  #: vocabulary of a random LLM; None = the tokenizer's size
 
     def _check_llm(self, checkpoint: Optional[str], checkpoint_field: str):
+        BackboneConfig.__post_init__(self)
         _check_choice("llm_precision", self.llm_precision, LLM_PRECISIONS)
         if self.max_txt_len < 1:
             raise ValueError(f"max_txt_len={self.max_txt_len} must be at least 1")

@@ -10,11 +10,24 @@ is swapped; no parameter is touched), ``use_reference_attention`` switches back.
 tests/test_sdpa.py proves outputs, losses and gradients equal to the originals to 1e-5.
 """
 
+import contextlib
+import contextvars
+from typing import Dict, List, Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 from lavis.models.blip2_models.Qformer import BertSelfAttention
 from lavis.models.eva_vit import Attention as EvaAttention
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAESelfAttention
+
+
+def _bf16_on_cpu(x: torch.Tensor) -> bool:
+    """True where the frozen encoders run in bfloat16 on a CPU (models/precision.py). There the fused SDPA kernel is
+    about 2x slower than the plain product the reference classes compute (measured on AVX-512-BF16 cores, head
+    widths 8 to 88, 32 to 257 tokens), so the reference code runs instead; in fp32 and on CUDA, SDPA does."""
+    if x.device.type != "cpu":
+        return False
+    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
 class SdpaBertSelfAttention(BertSelfAttention):
@@ -41,8 +54,11 @@ class SdpaBertSelfAttention(BertSelfAttention):
 
         # Keys/values exactly as LAVIS builds them (its cache format included).
         if encoder_hidden_states is not None:
-            key_layer = self.transpose_for_scores(self.key(encoder_hidden_states))
-            value_layer = self.transpose_for_scores(self.value(encoder_hidden_states))
+            shared = _SHARED_CONTEXT.get()
+            if shared is not None:
+                key_layer, value_layer = shared.keys_values(self, encoder_hidden_states)
+            else:
+                key_layer, value_layer = self.context_keys_values(encoder_hidden_states)
             attention_mask = encoder_attention_mask
         else:
             key_layer = self.transpose_for_scores(self.key(hidden_states))
@@ -61,9 +77,78 @@ class SdpaBertSelfAttention(BertSelfAttention):
         return (context.transpose(1, 2).flatten(2), (key_layer, value_layer))
 
 
+    def context_keys_values(self, context):
+        return self.transpose_for_scores(self.key(context)), self.transpose_for_scores(self.value(context))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cross-attention keys/values of the image features, projected once per step
+# ----------------------------------------------------------------------------------------------------------------
+_SHARED_CONTEXT: contextvars.ContextVar = contextvars.ContextVar("lavis_xformer_shared_context", default=None)
+
+
+class SharedContextProjections:
+    """Keys/values of one batch of image features C, projected once per Q-Former cross-attention and re-used.
+
+    A stage-1 step reads C three times over: the unimodal query pass (B images) and ITM's pass over
+    [C; C_neg; C] (3B rows, two thirds of them the same B images). LAVIS projects every row again at every
+    cross-attention layer. Here the unimodal pass stores each layer's keys/values of C, and the ITM context, built by
+    ``compose([C, C_neg, C])``, gets them back, so that only the hard negatives' rows are projected. The values are
+    the same tensors (no dropout acts on a projection), so losses and gradients are LAVIS's up to summation order
+    (tests/test_sdpa.py). A context that is neither C nor composed here (the concat / early-CA variants) is projected
+    as usual.
+    """
+
+    def __init__(self, features: torch.Tensor):
+        self.features = features
+        self._kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._composed: List[Tuple[torch.Tensor, List[torch.Tensor]]] = []
+
+    def compose(self, parts: List[torch.Tensor]) -> torch.Tensor:
+        """``torch.cat(parts)`` along the batch, remembered so that rows equal to ``features`` are not re-projected."""
+        context = torch.cat(parts)
+        self._composed.append((context, list(parts)))
+        return context
+
+    def _parts_of(self, context) -> Optional[List[torch.Tensor]]:
+        for composed, parts in self._composed:
+            if composed is context:
+                return parts
+        return None
+
+    def keys_values(self, attention: SdpaBertSelfAttention, context: torch.Tensor):
+        if context is self.features:
+            kv = attention.context_keys_values(context)
+            self._kv[id(attention)] = kv
+            return kv
+        parts = self._parts_of(context)
+        if parts is None:
+            return attention.context_keys_values(context)
+        pieces = []
+        for part in parts:
+            stored = self._kv.get(id(attention)) if part is self.features else None
+            pieces.append(stored if stored is not None else attention.context_keys_values(part))
+        return torch.cat([k for k, _ in pieces]), torch.cat([v for _, v in pieces])
+
+
+def current_shared_context() -> Optional[SharedContextProjections]:
+    return _SHARED_CONTEXT.get()
+
+
+@contextlib.contextmanager
+def shared_context_projections(features: torch.Tensor):
+    """Within the block, SDPA cross-attentions project ``features`` once per layer (see SharedContextProjections)."""
+    shared = SharedContextProjections(features)
+    token = _SHARED_CONTEXT.set(shared)
+    try:
+        yield shared
+    finally:
+        _SHARED_CONTEXT.reset(token)
+
+
 class SdpaEvaAttention(EvaAttention):
     def forward(self, x, rel_pos_bias=None):
-        if self.relative_position_bias_table is not None:
+        if self.relative_position_bias_table is not None or _bf16_on_cpu(x):
             return super().forward(x, rel_pos_bias)
         batch, tokens, _ = x.shape
         qkv_bias = None
@@ -79,7 +164,7 @@ class SdpaEvaAttention(EvaAttention):
 
 class SdpaViTMAESelfAttention(ViTMAESelfAttention):
     def forward(self, hidden_states, head_mask=None, output_attentions: bool = False):
-        if output_attentions or head_mask is not None:
+        if output_attentions or head_mask is not None or _bf16_on_cpu(hidden_states):
             return super().forward(hidden_states, head_mask, output_attentions)
         query = self.transpose_for_scores(self.query(hidden_states))
         key = self.transpose_for_scores(self.key(hidden_states))

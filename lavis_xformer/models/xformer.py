@@ -33,7 +33,8 @@ from lavis_xformer.models.builders import (
     unfreeze_layernorms,
 )
 from lavis_xformer.models.config import XFormerConfig
-from lavis_xformer.models.sdpa import use_sdpa_attention
+from lavis_xformer.models.precision import frozen_half_dtype, run_in_half_precision
+from lavis_xformer.models.sdpa import current_shared_context, shared_context_projections, use_sdpa_attention
 from lavis_xformer.paths import model_config_path
 
 # The processors normalise with CLIP's statistics (what the CLIP-ViT was trained on); MAE was trained on
@@ -106,7 +107,7 @@ class DualCrossAttentionLayer(nn.Module):
         width, heads, drop = cfg.qformer_hidden_size, cfg.dual_num_heads, cfg.dual_dropout
 
         def attention():
-            return Residual(Attention(width, heads, drop), width, drop)
+            return Residual(Attention(width, heads, cfg.dual_attention_dropout), width, drop)
 
         def ffn():
             return Residual(FeedForward(width, cfg.dual_intermediate_size), width, drop)
@@ -197,12 +198,15 @@ class XFormerImageMixin:
         # Variants (models/variants.py): no MAE for clip_layer, no decoder without reconstruction, concat / early CA.
         if config.mae_source == "mae":
             mae = build_mae(config) if config.reconstruction_loss else None
-            self.mae_encoder = freeze(mae.vit if mae is not None else variants.build_mae_encoder(config))
+            mae_encoder = freeze(mae.vit if mae is not None else variants.build_mae_encoder(config))
+            self.mae_encoder = run_in_half_precision(mae_encoder, frozen_half_dtype(config))
         if config.mae_fusion == "dual":
             self.dual_block = DualCrossAttention(config)
         else:
             variants.build_fusion(self, config)
         if config.reconstruction_loss:
+            # Frozen, but the reconstruction loss's gradient flows back through it to M': it stays in the training
+            # precision (fp32, or the runner's autocast). In bf16 it was also 2.7x slower at bench size.
             self.mae_decoder = freeze(mae.decoder)
             # M' lives at the Q-Former width; the frozen decoder reads the MAE encoder's width.
             self.mae_out_proj = nn.Linear(config.qformer_hidden_size, config.mae_hidden_size)
@@ -441,16 +445,18 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
         mae_features = mae.features if mae is not None else None
 
         use_enriched_cache = self.dual_block is not None and self.config.itg_conditioning == "enriched_cache"
-        query_output = self.forward_queries(clip_features, use_enriched_cache, mae_features)
-        query_states = query_output.last_hidden_state
-        enriched_queries, enriched_mae = self.enrich(query_states, mae_features)
-
         text_tokens = self.tokenizer(
             texts, padding="max_length", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
         ).to(image.device)
 
-        loss_itc, sim_i2t, sim_t2i = self.itc_loss(enriched_queries, text_tokens, rank)
-        loss_itm = self.itm_loss(clip_features, mae_features, text_tokens, sim_i2t, sim_t2i, rank)
+        # The unimodal pass and ITM read the same C: each cross-attention projects it to keys/values once.
+        with shared_context_projections(clip_features):
+            query_output = self.forward_queries(clip_features, use_enriched_cache, mae_features)
+            query_states = query_output.last_hidden_state
+            enriched_queries, enriched_mae = self.enrich(query_states, mae_features)
+
+            loss_itc, sim_i2t, sim_t2i = self.itc_loss(enriched_queries, text_tokens, rank)
+            loss_itm = self.itm_loss(clip_features, mae_features, text_tokens, sim_i2t, sim_t2i, rank)
         if use_enriched_cache:
             cache = self.enriched_query_cache(query_output, enriched_queries - query_states)
         else:
@@ -507,7 +513,9 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
 
         text_ids_all = torch.cat([text_tokens.input_ids, text_tokens.input_ids, text_ids_world[neg_texts]])
         text_atts_all = torch.cat([text_tokens.attention_mask, text_tokens.attention_mask, text_atts_world[neg_texts]])
-        clip_all = torch.cat([clip_features, clip_world[neg_images], clip_features])  # pos, neg, pos
+        clip_parts = [clip_features, clip_world[neg_images], clip_features]  # pos, neg, pos
+        shared = current_shared_context()  # keys/values of C already projected by the unimodal pass
+        clip_all = shared.compose(clip_parts) if shared is not None else torch.cat(clip_parts)
 
         mae_all = None
         if mae_features is not None:
