@@ -20,7 +20,10 @@ CAPTIONS = ["a red circle", "two blue squares and a star", "a green triangle", "
 
 def pair():
     torch.manual_seed(0)
-    config = XFormerConfig(**{**load_model("xformer", "tiny").config.to_dict(), "sdpa_attention": True})
+    # fp32 frozen encoders: in bf16 on the CPU the CLIP-ViT and MAE take the reference attention (faster there), and
+    # this module is about the SDPA code paths.
+    base = load_model("xformer", "tiny").config.to_dict()
+    config = XFormerConfig(**{**base, "sdpa_attention": True, "frozen_cpu_precision": "fp32"})
     fast = XFormer(config).eval()
     reference = XFormer(XFormerConfig(**{**config.to_dict(), "sdpa_attention": False})).eval()
     reference.load_state_dict(fast.state_dict())
@@ -74,3 +77,46 @@ def test_attention_maps_requested_fall_back_to_reference():
     b = reference.Qformer.bert(tokens.input_ids, attention_mask=tokens.attention_mask, output_attentions=True, return_dict=True)
     assert len(a.attentions) == len(b.attentions)
     torch.testing.assert_close(a.attentions[0], b.attentions[0])
+
+
+def test_keys_values_of_clip_features_are_projected_once_per_step(process_group, monkeypatch):
+    """The unimodal pass and ITM share each cross-attention's projection of C: same losses and gradients as projecting
+    every row again (LAVIS's way), and only the hard negatives' rows are projected a second time."""
+    import contextlib
+
+    from lavis_xformer.models import xformer as xformer_module
+
+    fast, _ = pair()
+    fast.train()
+    generator = torch.Generator().manual_seed(0)
+    samples = {"image": torch.randn(4, 3, 32, 32, generator=generator), "text_input": CAPTIONS,
+               "mae_noise": torch.rand(4, 16, generator=generator)}
+    projected_rows = []
+    original = SdpaBertSelfAttention.context_keys_values
+
+    def counting(self, context):
+        projected_rows.append(context.shape[0])
+        return original(self, context)
+
+    monkeypatch.setattr(SdpaBertSelfAttention, "context_keys_values", counting)
+    results = []
+    for share in (True, False):
+        if not share:
+            monkeypatch.setattr(xformer_module, "shared_context_projections", lambda features: contextlib.nullcontext())
+        projected_rows.clear()
+        fast.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        out = fast(samples)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in fast.named_parameters() if p.grad is not None}
+        results.append((out, grads, sum(projected_rows)))
+    (shared_out, shared_grads, shared_rows), (plain_out, plain_grads, plain_rows) = results
+    for key in ("loss", "loss_itc", "loss_itm", "loss_lm", "loss_rec"):
+        torch.testing.assert_close(shared_out[key], plain_out[key], rtol=1e-6, atol=1e-6, msg=key)
+    assert shared_grads.keys() == plain_grads.keys()
+    for name, grad in shared_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    layers = sum(1 for layer in fast.Qformer.bert.encoder.layer if layer.has_cross_attention)
+    batch = samples["image"].shape[0]
+    assert plain_rows == layers * (batch + 3 * batch)  # unimodal B + ITM 3B rows, at every cross-attention
+    assert shared_rows == layers * (batch + batch)  # unimodal B + the B hard negatives

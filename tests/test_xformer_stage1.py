@@ -421,3 +421,33 @@ def test_freeze_vit_layernorms_false_trains_the_same_vit_layer_norms(archs):
         assert not model.visual_encoder.training  # still pinned in eval mode
     assert trainable_vit[0] and all("norm" in name for name in trainable_vit[0])
     assert trainable_vit[0] == trainable_vit[1]
+
+
+def test_dual_block_attention_dropout_is_its_own_switch():
+    """``dual_attention_dropout`` (default 0: SDPA's fused kernel) drops attention probabilities; ``dual_dropout``
+    the residual branches. Each acts alone, in training only."""
+    from lavis_xformer.models.xformer import DualCrossAttention
+
+    def block(**dropouts):
+        torch.manual_seed(0)
+        config = XFormerConfig(qformer_hidden_size=16, dual_num_heads=2, dual_intermediate_size=32, mae_hidden_size=24, **dropouts)
+        return DualCrossAttention(config)
+
+    queries, mae_features = torch.randn(2, 4, 16), torch.randn(2, 9, 24)
+
+    def two_calls(module):
+        torch.manual_seed(1)
+        first = module(queries, mae_features)[0]
+        torch.manual_seed(2)
+        return first, module(queries, mae_features)[0]
+
+    assert XFormerConfig().dual_attention_dropout == 0.0
+    no_dropout = block(dual_dropout=0.0, dual_attention_dropout=0.0).train()
+    assert torch.equal(*two_calls(no_dropout))
+    attention_only = block(dual_dropout=0.0, dual_attention_dropout=0.5).train()
+    assert not torch.equal(*two_calls(attention_only))
+    assert torch.equal(*two_calls(attention_only.eval()))
+    assert all(layer.sublayer.dropout == 0.5 and layer.dropout.p == 0.0
+               for layer in attention_only.modules() if type(layer).__name__ == "Residual" and hasattr(layer.sublayer, "num_heads"))
+    with pytest.raises(ValueError, match="dual_attention_dropout"):
+        XFormerConfig(dual_attention_dropout=1.0)

@@ -129,6 +129,9 @@ class XFormerConfig(BackboneConfig):
                 f"mask_ratio={self.mask_ratio} and eval_mask_ratio={self.eval_mask_ratio} must lie in [0, 1): "
                 "at least one MAE patch has to stay visible"
             )
+        for name in ("dual_dropout", "dual_attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must lie in [0, 1)")
         if self.qformer_hidden_size % self.dual_num_heads:
             raise ValueError(
                 f"dual_num_heads={self.dual_num_heads} must divide qformer_hidden_size={self.qformer_hidden_size}"
