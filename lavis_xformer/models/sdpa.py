@@ -5,9 +5,12 @@ borrow: LAVIS's Q-Former ``BertSelfAttention``, LAVIS's EVA ViT ``Attention`` an
 Each subclass keeps its parent's parameters, inputs and outputs; only the attention product is computed by SDPA
 (fused kernels on CPU and GPU; no materialised probability matrix in the backward). Cases SDPA cannot express
 (attention maps requested or saved for Grad-CAM, head masks, relative position embeddings) fall back to the
-parent's code. ``use_sdpa_attention(module)`` switches a built model in place (the class of each attention module
-is swapped; no parameter is touched), ``use_reference_attention`` switches back.
-tests/test_sdpa.py proves outputs, losses and gradients equal to the originals to 1e-5.
+parent's code, as do bf16 inputs on a CPU (``_bf16_on_cpu``). ``use_sdpa_attention(module)`` switches a built model
+in place (the class of each attention module is swapped; no parameter is touched), ``use_reference_attention``
+switches back. tests/test_sdpa.py proves outputs, losses and gradients equal to the originals to 1e-5.
+
+``shared_context_projections`` lets the Q-Former's cross-attentions project one batch of image features to keys and
+values once per training step (see ``SharedContextProjections``).
 """
 
 import contextlib
@@ -54,7 +57,7 @@ class SdpaBertSelfAttention(BertSelfAttention):
 
         # Keys/values exactly as LAVIS builds them (its cache format included).
         if encoder_hidden_states is not None:
-            shared = _SHARED_CONTEXT.get()
+            shared = current_shared_context()
             if shared is not None:
                 key_layer, value_layer = shared.keys_values(self, encoder_hidden_states)
             else:
@@ -75,7 +78,6 @@ class SdpaBertSelfAttention(BertSelfAttention):
             query_layer, key_layer, value_layer, attn_mask=attention_mask, dropout_p=self.dropout.p if self.training else 0.0
         )
         return (context.transpose(1, 2).flatten(2), (key_layer, value_layer))
-
 
     def context_keys_values(self, context):
         return self.transpose_for_scores(self.key(context)), self.transpose_for_scores(self.value(context))
@@ -132,6 +134,7 @@ class SharedContextProjections:
 
 
 def current_shared_context() -> Optional[SharedContextProjections]:
+    """The projections shared by the enclosing ``shared_context_projections`` block, or None outside one."""
     return _SHARED_CONTEXT.get()
 
 
