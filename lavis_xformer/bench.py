@@ -200,45 +200,40 @@ def forward_flops(model: torch.nn.Module, samples: dict, batch_size: int) -> flo
     return counter.get_total_flops() / batch_size
 
 
+def paper_scale_rows(builds: Dict[str, Callable[[], torch.nn.Module]]) -> Dict[str, dict]:
+    """Parameter counts and forward FLOPs per sample of each model, built on the ``meta`` device (no weights)."""
+    from lavis_xformer.models.builders import no_hub
+
+    batch = 2  # ITC needs more than one sample; FLOPs are reported per sample
+    rows = {}
+    for name, build in builds.items():
+        with torch.device("meta"), no_hub():
+            model = build().train()
+            samples = {"image": torch.zeros(batch, 3, 224, 224), "text_input": [CAPTION] * batch}
+            rows[name] = {**count_parameters(model), "forward_flops_per_sample": forward_flops(model, samples, batch)}
+        del model
+    return rows
+
+
 def paper_scale_stage2() -> Dict[str, dict]:
     """Stage 2 with OPT-6.7B, the LLM of the paper's cost table."""
     from lavis.models import load_model  # noqa: F401  (registry)
     from lavis_xformer.models.blip2_baseline_llm import Blip2BaselineOPT
-    from lavis_xformer.models.builders import no_hub
     from lavis_xformer.models.config_llm import Blip2OPTConfig, XFormerOPTConfig
     from lavis_xformer.models.xformer_llm import XFormerOPT
 
-    batch = 2
-    rows = {}
-    builds = {
+    return paper_scale_rows({
         "blip2": lambda: Blip2BaselineOPT(Blip2OPTConfig(opt_model="facebook/opt-6.7b")),
         "xformer": lambda: XFormerOPT(XFormerOPTConfig(opt_model="facebook/opt-6.7b")),
-    }
-    for name, build in builds.items():
-        with torch.device("meta"), no_hub():
-            model = build().train()
-            samples = {"image": torch.zeros(batch, 3, 224, 224), "text_input": [CAPTION] * batch}
-            rows[name] = {**count_parameters(model), "forward_flops_per_sample": forward_flops(model, samples, batch)}
-        del model
-    return rows
+    })
 
 
 def paper_scale_stage1() -> Dict[str, dict]:
     from lavis_xformer.models.blip2_baseline import Blip2Baseline
-    from lavis_xformer.models.builders import no_hub
     from lavis_xformer.models.config import BackboneConfig, XFormerConfig
     from lavis_xformer.models.xformer import XFormer
 
-    batch = 2  # ITC needs more than one sample; FLOPs are reported per sample
-    rows = {}
-    builds = {"blip2": lambda: Blip2Baseline(BackboneConfig()), "xformer": lambda: XFormer(XFormerConfig())}
-    for name, build in builds.items():
-        with torch.device("meta"), no_hub():
-            model = build().train()
-            samples = {"image": torch.zeros(batch, 3, 224, 224), "text_input": [CAPTION] * batch}
-            rows[name] = {**count_parameters(model), "forward_flops_per_sample": forward_flops(model, samples, batch)}
-        del model
-    return rows
+    return paper_scale_rows({"blip2": lambda: Blip2Baseline(BackboneConfig()), "xformer": lambda: XFormer(XFormerConfig())})
 
 
 # ----------------------------------------------------------------------------------------------------------------
