@@ -1,6 +1,9 @@
 """The paper's baselines and ablations (lavis_xformer/models/variants.py): each is a model type of the same classes;
 each trains offline with exactly its losses; concat, early CA and clip_layerN read what the paper says they read."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from lavis.common.registry import registry
@@ -8,7 +11,6 @@ from lavis.models import load_model
 from omegaconf import OmegaConf
 from transformers.models.vit_mae import modeling_vit_mae
 
-from lavis_xformer.models import variants
 from lavis_xformer.models.config import XFormerConfig
 from lavis_xformer.models.variants import VARIANTS, variant_type_name
 from lavis_xformer.models.xformer import XFormer
@@ -66,15 +68,28 @@ def test_stage2_variant_trains_one_tiny_step_with_exactly_its_losses(name):
     output, no_grad = train_one_step(model, batch())
     assert loss_keys(output) == VARIANTS[name].losses(stage=2)
     # Stage 2 has no text in the Q-Former: only the early-CA blocks' text feed-forward (kept, as Blip2OPT keeps
-    # everything but each layer's own text FFN; see variants.py) gets no gradient.
+    # everything but each layer's own text FFN; see fusion.py) gets no gradient.
     assert all(".mae_block.intermediate." in n or ".mae_block.output." in n for n in no_grad), no_grad
     assert bool(no_grad) == (name == "early_ca")
 
 
+def _yaml_generator():
+    """tools/generate_variant_yamls.py, the script that writes the variant yamls (it lives outside the package)."""
+    path = Path(__file__).resolve().parent.parent / "tools" / "generate_variant_yamls.py"
+    spec = importlib.util.spec_from_file_location("generate_variant_yamls", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_every_variant_yaml_is_its_base_yaml_plus_the_variant_fields():
-    """The yamls are what VARIANTS says (regenerate with `python -m lavis_xformer.models.variants`)."""
+    """The yamls are what VARIANTS says (regenerate with `python tools/generate_variant_yamls.py`)."""
+    generator = _yaml_generator()
+    written = generator.variant_yamls()
+    for path, text in written.items():
+        assert path.read_text() == text, f"{path.name} is not what the script writes; run it to regenerate"
     checked = 0
-    for arch, (stage, bases) in variants.VARIANT_ARCHS.items():
+    for arch, (stage, bases) in generator.VARIANT_ARCHS.items():
         cls = registry.get_model_class(arch)
         if cls is None:
             continue
@@ -86,14 +101,14 @@ def test_every_variant_yaml_is_its_base_yaml_plus_the_variant_fields():
                 model_type = variant_type_name(variant.name, base)
                 assert model_type in cls.PRETRAINED_MODEL_CONFIG_DICT, f"{arch} type {model_type} not registered"
                 yaml = OmegaConf.load(cls.default_config_path(model_type))
-                expected = variants.variant_model_section(
-                    OmegaConf.to_container(base_yaml.model), variant, tiny="tiny" in base
-                )
+                expected = variant.model_section(OmegaConf.to_container(base_yaml.model), tiny="tiny" in base)
                 assert OmegaConf.to_container(yaml.model) == expected, (
                     f"{arch} {model_type}: yaml differs from {base} + VARIANTS[{variant.name!r}]; regenerate with "
-                    "`python -m lavis_xformer.models.variants`"
+                    "`python tools/generate_variant_yamls.py`"
                 )
                 assert yaml.preprocess == base_yaml.preprocess
+                assert cls.default_config_path(model_type) == str(generator.variant_yaml_path(arch, variant.name, base))
+                assert generator.variant_yaml_path(arch, variant.name, base) in written
                 checked += 1
     assert checked >= 2 * len(STAGE1)
 
@@ -232,7 +247,7 @@ def test_early_ca_without_m_says_what_to_pass():
 
 
 def test_early_ca_full_size_block_is_a_bert_layer_without_self_attention():
-    """The structure chosen for the paper's 183M (variants.py): cross-attention to M (1280 wide) + query FFN + text
+    """The structure chosen for the paper's 183M (fusion.EarlyCrossAttention): cross-attention to M (1280 wide) + query FFN + text
     FFN, in the 6 layers without CLIP cross-attention; ``early_ca_feed_forward: False`` keeps the bare one."""
     from lavis_xformer.models.builders import no_hub
 

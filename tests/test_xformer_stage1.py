@@ -426,7 +426,7 @@ def test_freeze_vit_layernorms_false_trains_the_same_vit_layer_norms(archs):
 def test_dual_block_attention_dropout_is_its_own_switch():
     """``dual_attention_dropout`` (default 0: SDPA's fused kernel) drops attention probabilities; ``dual_dropout``
     the residual branches. Each acts alone, in training only."""
-    from lavis_xformer.models.xformer import DualCrossAttention
+    from lavis_xformer.models.fusion import DualCrossAttention
 
     def block(**dropouts):
         torch.manual_seed(0)

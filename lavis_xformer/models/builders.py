@@ -230,17 +230,34 @@ def build_mae(cfg) -> ViTMAEForPreTraining:
         mae = ViTMAEForPreTraining.from_pretrained(
             cfg.mae_weights, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss
         )
-        for name in ("hidden_size", "patch_size", "image_size"):
-            if getattr(mae.config, name) != getattr(config, name):
-                raise ValueError(
-                    f"MAE checkpoint {cfg.mae_weights!r} has {name}={getattr(mae.config, name)} but the model "
-                    f"config says {getattr(config, name)}; set mae_{name} to match the checkpoint"
-                )
+        _check_mae_checkpoint(cfg, mae.config, config)
         return mae
     with standin_weights("mae_decoder"):
         mae = ViTMAEForPreTraining(config)
     mae.vit = standin_mae_encoder(config)  # the same frozen encoder whether a decoder is built or not
     return mae
+
+
+def build_mae_encoder(cfg) -> ViTMAEModel:
+    """transformers' ``ViTMAEModel`` (the encoder ``ViTMAEForPreTraining.vit`` is) without the decoder.
+
+    Used when the reconstruction loss is off: the decoder is then never built, nor its weights loaded.
+    """
+    config = mae_config(cfg)
+    if not (cfg.mae_weights and hub_allowed()):
+        return standin_mae_encoder(config)  # the very encoder build_mae makes: stage 1 and stage 2 share it
+    encoder = ViTMAEModel.from_pretrained(cfg.mae_weights, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss)
+    _check_mae_checkpoint(cfg, encoder.config, config)
+    return encoder
+
+
+def _check_mae_checkpoint(cfg, loaded: ViTMAEConfig, expected: ViTMAEConfig):
+    for name in ("hidden_size", "patch_size", "image_size"):
+        if getattr(loaded, name) != getattr(expected, name):
+            raise ValueError(
+                f"MAE checkpoint {cfg.mae_weights!r} has {name}={getattr(loaded, name)} but the model "
+                f"config says {getattr(expected, name)}; set mae_{name} to match the checkpoint"
+            )
 
 
 def standin_mae_encoder(config: ViTMAEConfig) -> ViTMAEModel:

@@ -141,7 +141,14 @@ def current_shared_context() -> Optional[SharedContextProjections]:
 @contextlib.contextmanager
 def shared_context_projections(features: torch.Tensor):
     """Within the block, SDPA cross-attentions project ``features`` once per layer (see SharedContextProjections)."""
-    shared = SharedContextProjections(features)
+    with reusing_projections(SharedContextProjections(features)) as shared:
+        yield shared
+
+
+@contextlib.contextmanager
+def reusing_projections(shared: Optional[SharedContextProjections]):
+    """Within the block, the cross-attentions read ``shared`` (an earlier block's projections) again; with None, every
+    context is projected as usual."""
     token = _SHARED_CONTEXT.set(shared)
     try:
         yield shared

@@ -5,15 +5,17 @@
     dual cross-attention:  M attends to Z_q -> M'  ;  Z_q attends to M' -> Z'
     Z'  -> ITC, ITM, ITG          M' -> frozen MAE decoder -> reconstruction loss on the masked patches
 
-The BLIP-2 parts are LAVIS's own classes (``Blip2Qformer`` is the parent: its Q-Former, EVA ViT, tokenizer, heads
-and retrieval code); this file adds only the MAE branch and the dual block. With ``use_mae=False`` every loss is
+``encode`` is that image pathway, once, for the stage-1 losses, retrieval, features and stage 2 alike. How M meets the
+queries is a module of ``models/fusion.py``: the dual block (X-Former), or the paper's concat / early
+cross-attention baselines. The BLIP-2 parts are LAVIS's own classes (``Blip2Qformer`` is the parent: its Q-Former,
+EVA ViT, tokenizer, heads and retrieval code); this file adds the MAE branch. With ``use_mae=False`` every loss is
 LAVIS's BLIP-2 loss on the same weights (tests/test_xformer_stage1.py proves it).
 """
 
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from lavis.common.registry import registry
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 from lavis.models.blip_models.blip_outputs import BlipOutputFeatures
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput
 
 from lavis_xformer.common import dist
 from lavis_xformer.models import variants
@@ -29,12 +31,15 @@ from lavis_xformer.models.builders import (
     ConfigBuildersMixin,
     blip2_init_kwargs,
     build_mae,
+    build_mae_encoder,
     freeze,
     unfreeze_layernorms,
 )
 from lavis_xformer.models.config import XFormerConfig
+from lavis_xformer.models.fusion import FUSIONS, NO_FUSION, Fusion, build_fusion
 from lavis_xformer.models.precision import frozen_half_dtype, run_in_half_precision
-from lavis_xformer.models.sdpa import current_shared_context, shared_context_projections, use_sdpa_attention
+from lavis_xformer.models.sdpa import SharedContextProjections, reusing_projections, shared_context_projections
+from lavis_xformer.models.sdpa import use_sdpa_attention
 from lavis_xformer.paths import model_config_path
 
 # The processors normalise with CLIP's statistics (what the CLIP-ViT was trained on); MAE was trained on
@@ -43,107 +48,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# ================================================================================================================
-# The dual cross-attention block
-# ================================================================================================================
-class Attention(nn.Module):
-    """Multi-head attention on ``torch.nn.functional.scaled_dot_product_attention`` (self- or cross-)."""
-
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.query = nn.Linear(hidden_size, hidden_size)
-        self.key = nn.Linear(hidden_size, hidden_size)
-        self.value = nn.Linear(hidden_size, hidden_size)
-        self.output = nn.Linear(hidden_size, hidden_size)
-        self.dropout = dropout
-
-    def _heads(self, x):
-        batch, length, width = x.shape
-        return x.view(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)
-
-    def forward(self, hidden_states, context):
-        q, k, v = self._heads(self.query(hidden_states)), self._heads(self.key(context)), self._heads(self.value(context))
-        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.output(attended.transpose(1, 2).flatten(2))
-
-
-class Residual(nn.Module):
-    """Post-norm residual sub-layer, as in the BERT layers of the Q-Former: ``LN(x + dropout(f(x, ...)))``."""
-
-    def __init__(self, sublayer: nn.Module, hidden_size: int, dropout: float):
-        super().__init__()
-        self.sublayer = sublayer
-        self.dropout = nn.Dropout(dropout)
-        self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
-
-    def forward(self, x, *context):
-        return self.norm(x + self.dropout(self.sublayer(x, *context)))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
-        super().__init__()
-        self.up = nn.Linear(hidden_size, intermediate_size)
-        self.down = nn.Linear(intermediate_size, hidden_size)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
-
-
-class DualCrossAttentionLayer(nn.Module):
-    """One layer of the dual block.
-
-    (1) MAE branch: the MAE tokens are the queries, Z_q the keys/values -> M' (MAE features enriched with the
-        Q-Former's global semantics).
-    (2) Query branch: Z_q, after self-attention (the paper's ablation keeps it), attends to M' -> Z' (queries
-        enriched with local detail).
-    """
-
-    def __init__(self, cfg: XFormerConfig):
-        super().__init__()
-        width, heads, drop = cfg.qformer_hidden_size, cfg.dual_num_heads, cfg.dual_dropout
-
-        def attention():
-            return Residual(Attention(width, heads, cfg.dual_attention_dropout), width, drop)
-
-        def ffn():
-            return Residual(FeedForward(width, cfg.dual_intermediate_size), width, drop)
-
-        self.mae_self_attention = attention() if cfg.dual_mae_self_attention else None
-        self.mae_cross_attention = attention()
-        self.mae_ffn = ffn()
-        self.query_self_attention = attention() if cfg.dual_query_self_attention else None
-        self.query_cross_attention = attention()
-        self.query_ffn = ffn()
-
-    def forward(self, query_states, mae_states):
-        if self.mae_self_attention is not None:
-            mae_states = self.mae_self_attention(mae_states, mae_states)
-        enriched_mae = self.mae_ffn(self.mae_cross_attention(mae_states, query_states))
-
-        if self.query_self_attention is not None:
-            query_states = self.query_self_attention(query_states, query_states)
-        enriched_queries = self.query_ffn(self.query_cross_attention(query_states, enriched_mae))
-        return enriched_queries, enriched_mae
-
-
-class DualCrossAttention(nn.Module):
-    """Projects MAE features M to the Q-Former width, then runs the dual layers: (Z_q, M) -> (Z', M')."""
-
-    def __init__(self, cfg: XFormerConfig):
-        super().__init__()
-        self.mae_proj = nn.Linear(cfg.mae_feature_width, cfg.qformer_hidden_size)  # MAE's width; CLIP's for clip_layer
-        self.mae_norm = nn.LayerNorm(cfg.qformer_hidden_size, eps=1e-12)
-        self.layers = nn.ModuleList(DualCrossAttentionLayer(cfg) for _ in range(cfg.dual_num_layers))
-
-    def forward(self, query_states, mae_features):
-        mae_states = self.mae_norm(self.mae_proj(mae_features))
-        for layer in self.layers:
-            query_states, mae_states = layer(query_states, mae_states)
-        return query_states, mae_states
 
 
 # ================================================================================================================
@@ -157,6 +61,23 @@ class MaeEncoding(ModelOutput):
     mask: torch.Tensor = None  # [B, num_patches], 1 = masked (hidden from the encoder)
     ids_restore: torch.Tensor = None  # [B, num_patches], un-shuffles visible + mask tokens for the decoder
     pixels: torch.Tensor = None  # the MAE-normalised input [B, 3, H, W], the reconstruction target
+
+
+@dataclass
+class ImagePath(ModelOutput):
+    """One pass of the image pathway (``encode``): everything the losses, retrieval and stage 2 read."""
+
+    clip_features: torch.Tensor = None  # C: [B, clip tokens, clip width], after ln_vision
+    mae: Optional[MaeEncoding] = None  # M and its masking; None without the MAE branch
+    queries: torch.Tensor = None  # Z_q: [B, num_query_token, qformer_hidden_size]
+    enriched_queries: torch.Tensor = None  # Z': Z_q after the fusion (Z_q itself where the fusion leaves it)
+    mae_enriched: Optional[torch.Tensor] = None  # M': the dual block's MAE branch; None for the other fusions
+    qformer_output: Optional[BaseModelOutputWithPoolingAndCrossAttentions] = None  # Z_q's pass: cache, hidden states
+    clip_projections: Optional[SharedContextProjections] = None  # the query pass's keys/values of C, for ITM
+
+    @property
+    def mae_features(self) -> Optional[torch.Tensor]:
+        return self.mae.features if self.mae is not None else None
 
 
 @dataclass
@@ -188,22 +109,23 @@ class XFormerImageMixin:
     """The X-Former image pathway on top of a LAVIS BLIP-2 class (which provides the CLIP-ViT and Q-Former).
 
     ``build_mae_branch(config)`` adds the frozen MAE encoder (and decoder when the reconstruction loss is on) and
-    the trainable dual block; with ``use_mae=False`` nothing is added and the pathway is BLIP-2's.
+    the trainable fusion (the dual block by default); with ``use_mae=False`` nothing is added and the pathway is
+    BLIP-2's.
     """
 
     def build_mae_branch(self, config: XFormerConfig):
-        self.mae_encoder = self.mae_decoder = self.dual_block = self.mae_out_proj = self.mae_align = None
+        self.mae_encoder = self.mae_decoder = self.mae_out_proj = None
+        for fusion_class in FUSIONS.values():
+            setattr(self, fusion_class.attribute, None)
         if not config.use_mae:
             return
         # Variants (models/variants.py): no MAE for clip_layer, no decoder without reconstruction, concat / early CA.
         if config.mae_source == "mae":
             mae = build_mae(config) if config.reconstruction_loss else None
-            mae_encoder = freeze(mae.vit if mae is not None else variants.build_mae_encoder(config))
+            mae_encoder = freeze(mae.vit if mae is not None else build_mae_encoder(config))
             self.mae_encoder = run_in_half_precision(mae_encoder, frozen_half_dtype(config))
-        if config.mae_fusion == "dual":
-            self.dual_block = DualCrossAttention(config)
-        else:
-            variants.build_fusion(self, config)
+        fusion = build_fusion(config, self.Qformer, self.visual_encoder.num_features)
+        setattr(self, fusion.attribute, fusion)
         if config.reconstruction_loss:
             # Frozen, but the reconstruction loss's gradient flows back through it to M': it stays in the training
             # precision (fp32, or the runner's autocast). In bf16 it was also 2.7x slower at bench size.
@@ -214,6 +136,13 @@ class XFormerImageMixin:
         self.register_buffer("_clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_mae_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_mae_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def fusion(self) -> Fusion:
+        """How M meets the queries (models/fusion.py), held under its own name (``dual_block``, ``mae_align``, ...)."""
+        if not self.config.use_mae:
+            return NO_FUSION
+        return getattr(self, FUSIONS[self.config.mae_fusion].attribute)
 
     def unfreeze_vit_layernorms(self):
         """VQA fine-tuning (supplement section 2) trains the CLIP-ViT's layer norms only."""
@@ -291,16 +220,41 @@ class XFormerImageMixin:
             pixels=pixels,
         )
 
+    def forward_clip_with_block(self, image, block: int):
+        """(C, output of CLIP-ViT block ``block``, 1-based) from one CLIP forward pass, by a forward hook on that block:
+        M for ``mae_source: clip_layer``. The block output is detached and float32, as the frozen MAE's features are."""
+        captured = []
+
+        def hook(module, inputs, output):
+            if not captured:  # the first call only: activation checkpointing may run the block again
+                captured.append(output)
+
+        handle = self.visual_encoder.blocks[block - 1].register_forward_hook(hook)
+        try:
+            clip_features = self.forward_clip(image)
+        finally:
+            handle.remove()
+        return clip_features, captured[0].detach().float()
+
+    def forward_encoders(self, image, mask_ratio: Optional[float] = None, noise=None):
+        """(C, MaeEncoding of M or None) from the frozen encoders; for clip_layer, M is a CLIP-ViT block's output."""
+        if not self.config.use_mae:
+            return self.forward_clip(image), None
+        if self.config.mae_source == "clip_layer":
+            clip_features, block_features = self.forward_clip_with_block(image, self.config.clip_feature_layer)
+            return clip_features, MaeEncoding(features=block_features)
+        return self.forward_clip(image), self.forward_mae(image, mask_ratio, noise)
+
     # ------------------------------------------------------------------------------------------------------------
-    # Q-Former and the dual block
+    # Q-Former and the image pathway
     # ------------------------------------------------------------------------------------------------------------
     def forward_queries(self, clip_features, output_hidden_states: bool = False, mae_features=None):
         """Z_q: the learnable queries through the Q-Former, cross-attending to C (unimodal: no text).
 
-        ``mae_features``: M, which the concat and early-CA variants read inside the Q-Former (unused otherwise).
+        ``mae_features``: M, which the concat and early-CA fusions read inside the Q-Former (unused otherwise).
         """
         query_tokens = self.query_tokens.expand(clip_features.shape[0], -1, -1)
-        context, context_atts = self.qformer_context(clip_features, mae_features)
+        context, context_atts = self.fusion.qformer_context(clip_features, mae_features)
         return self.Qformer.bert(
             query_embeds=query_tokens,
             encoder_hidden_states=context,
@@ -310,24 +264,29 @@ class XFormerImageMixin:
             return_dict=True,
         )
 
-    def qformer_context(self, clip_features, mae_features=None):
-        """The Q-Former's cross-attention input and its mask: C; (C, M*) for concat; [C, M] for early CA."""
-        return variants.qformer_context(self, clip_features, mae_features)
+    def encode(self, image, mask_ratio: Optional[float] = None, noise=None) -> ImagePath:
+        """The image pathway: C and M from the frozen encoders, Z_q from the Q-Former, (Z', M') from the fusion.
 
-    def forward_encoders(self, image, mask_ratio: Optional[float] = None, noise=None):
-        """(C, MaeEncoding of M or None) from the frozen encoders; for clip_layer, M is a CLIP-ViT block's output."""
-        if not self.config.use_mae:
-            return self.forward_clip(image), None
-        if self.config.mae_source == "clip_layer":
-            clip_features, layer_features = variants.clip_with_layer(self, image, self.config.clip_feature_layer)
-            return clip_features, MaeEncoding(features=layer_features)
-        return self.forward_clip(image), self.forward_mae(image, mask_ratio, noise)
-
-    def enrich(self, query_states, mae_features) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(Z', M') from (Z_q, M); the identity on Z_q when the MAE branch is off."""
-        if self.dual_block is None:
-            return query_states, None
-        return self.dual_block(query_states, mae_features)
+        ``mask_ratio``: the fraction of MAE patches hidden (None: ``mask_ratio`` in training, ``eval_mask_ratio``
+        otherwise); ``noise`` ([B, num_patches], as transformers takes it) fixes the masking.
+        """
+        clip_features, mae = self.forward_encoders(self.check_image(image), mask_ratio, noise)
+        mae_features = mae.features if mae is not None else None
+        # ITM (stage 1) reads C again: each cross-attention keeps its keys/values of C for it.
+        with shared_context_projections(clip_features) as clip_projections:
+            # hidden states: ITG's enriched cache re-projects every layer's query states
+            qformer_output = self.forward_queries(clip_features, output_hidden_states=True, mae_features=mae_features)
+        queries = qformer_output.last_hidden_state
+        enriched_queries, mae_enriched = self.fusion.enrich(queries, mae_features)
+        return ImagePath(
+            clip_features=clip_features,
+            mae=mae,
+            queries=queries,
+            enriched_queries=enriched_queries,
+            mae_enriched=mae_enriched,
+            qformer_output=qformer_output,
+            clip_projections=clip_projections,
+        )
 
     def enriched_query_cache(self, query_output, enrichment):
         """Keys/values the ITG text tokens attend to, carrying the dual block's enrichment Z' - Z_q.
@@ -358,9 +317,9 @@ class XFormerImageMixin:
         x = torch.einsum("nchpwq->nhwpqc", x)
         return x.reshape(batch, h * w, p * p * channels)
 
-    def forward_decoder(self, enriched_mae, ids_restore):
+    def forward_decoder(self, mae_enriched, ids_restore):
         """Predicted pixels of every patch from M' (visible tokens; the decoder adds its mask tokens)."""
-        tokens = self.mae_out_proj(enriched_mae)
+        tokens = self.mae_out_proj(mae_enriched)
         with self.maybe_autocast():
             return self.mae_decoder(tokens, ids_restore).logits.float()
 
@@ -374,17 +333,19 @@ class XFormerImageMixin:
         per_patch = ((predicted_patches - target) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
+    def reconstruction_loss_of(self, path: ImagePath) -> Optional[torch.Tensor]:
+        """The reconstruction loss of one pass of the pathway; None where no MAE decoder is built."""
+        if self.mae_decoder is None:
+            return None
+        predicted = self.forward_decoder(path.mae_enriched, path.mae.ids_restore)
+        return self.reconstruction_loss(path.mae.pixels, predicted, path.mae.mask)
 
     # ------------------------------------------------------------------------------------------------------------
-    # Features for retrieval, analysis and stage 2
+    # Features for analysis
     # ------------------------------------------------------------------------------------------------------------
     def image_queries(self, image, mask_ratio: Optional[float] = None, noise=None):
         """Z' for a batch of images without text: what ITC compares and what stage 2 feeds to the LLM."""
-        clip_features, mae = self.forward_encoders(self.check_image(image), mask_ratio, noise)
-        mae_features = mae.features if mae is not None else None
-        query_states = self.forward_queries(clip_features, mae_features=mae_features).last_hidden_state
-        enriched_queries, _ = self.enrich(query_states, mae_features)
-        return enriched_queries
+        return self.encode(image, mask_ratio, noise).enriched_queries
 
     @torch.no_grad()
     def encode_image(self, image, mask_ratio: Optional[float] = None):
@@ -437,36 +398,18 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
     def forward(self, samples):
         image = self.check_image(samples.get("image") if isinstance(samples, dict) else None)
         texts = self.check_texts(samples.get("text_input"), image.shape[0])
-        bs, rank = image.shape[0], dist.get_rank()
-
-        # The objective is defined on the masked image, in training and in validation alike; eval_mask_ratio is
-        # for features (image_queries), where there is nothing to reconstruct.
-        clip_features, mae = self.forward_encoders(image, self.config.mask_ratio, samples.get("mae_noise"))
-        mae_features = mae.features if mae is not None else None
-
-        use_enriched_cache = self.dual_block is not None and self.config.itg_conditioning == "enriched_cache"
         text_tokens = self.tokenizer(
             texts, padding="max_length", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
         ).to(image.device)
+        rank = dist.get_rank()
 
-        # The unimodal pass and ITM read the same C: each cross-attention projects it to keys/values once.
-        with shared_context_projections(clip_features):
-            query_output = self.forward_queries(clip_features, use_enriched_cache, mae_features)
-            query_states = query_output.last_hidden_state
-            enriched_queries, enriched_mae = self.enrich(query_states, mae_features)
-
-            loss_itc, sim_i2t, sim_t2i = self.itc_loss(enriched_queries, text_tokens, rank)
-            loss_itm = self.itm_loss(clip_features, mae_features, text_tokens, sim_i2t, sim_t2i, rank)
-        if use_enriched_cache:
-            cache = self.enriched_query_cache(query_output, enriched_queries - query_states)
-        else:
-            cache = query_output.past_key_values
-        loss_lm = self.itg_loss(cache, text_tokens)
-
-        loss_rec = None
-        if self.mae_decoder is not None:
-            predicted = self.forward_decoder(enriched_mae, mae.ids_restore)
-            loss_rec = self.reconstruction_loss(mae.pixels, predicted, mae.mask)
+        # The objective is defined on the masked image, in training and in validation alike; eval_mask_ratio is
+        # for features (image_queries), where there is nothing to reconstruct.
+        path = self.encode(image, self.config.mask_ratio, samples.get("mae_noise"))
+        loss_itc, sim_i2t, sim_t2i = self.itc_loss(path.enriched_queries, text_tokens, rank)
+        loss_itm = self.itm_loss(path, text_tokens, sim_i2t, sim_t2i, rank)
+        loss_lm = self.itg_loss(self.itg_cache(path), text_tokens)
+        loss_rec = self.reconstruction_loss_of(path)
 
         cfg = self.config
         loss = cfg.loss_weight_itc * loss_itc + cfg.loss_weight_itm * loss_itm + cfg.loss_weight_itg * loss_lm
@@ -494,8 +437,9 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
         ) / 2
         return loss, sim_i2t, sim_t2i
 
-    def itm_loss(self, clip_features, mae_features, text_tokens, sim_i2t, sim_t2i, rank):
+    def itm_loss(self, path: ImagePath, text_tokens, sim_i2t, sim_t2i, rank):
         """Image-text matching on Z' of the bi-directional pass; hard negatives drawn from ITC similarities."""
+        clip_features, mae_features = path.clip_features, path.mae_features
         bs = clip_features.shape[0]
         text_ids_world = dist.concat_all_gather(text_tokens.input_ids)
         text_atts_world = dist.concat_all_gather(text_tokens.attention_mask)
@@ -513,24 +457,25 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
 
         text_ids_all = torch.cat([text_tokens.input_ids, text_tokens.input_ids, text_ids_world[neg_texts]])
         text_atts_all = torch.cat([text_tokens.attention_mask, text_tokens.attention_mask, text_atts_world[neg_texts]])
-        clip_parts = [clip_features, clip_world[neg_images], clip_features]  # pos, neg, pos
-        shared = current_shared_context()  # keys/values of C already projected by the unimodal pass
-        clip_all = shared.compose(clip_parts) if shared is not None else torch.cat(clip_parts)
-
         mae_all = None
         if mae_features is not None:
             mae_all = torch.cat([mae_features, mae_world[neg_images], mae_features])
 
-        logits = self.itm_head(self.multimodal_queries(clip_all, mae_all, text_ids_all, text_atts_all)).mean(dim=1)
+        clip_parts = [clip_features, clip_world[neg_images], clip_features]  # pos, neg, pos
+        with reusing_projections(path.clip_projections) as shared:  # keys/values of C from the query pass
+            clip_all = shared.compose(clip_parts) if shared is not None else torch.cat(clip_parts)
+            queries = self.multimodal_queries(clip_all, mae_all, text_ids_all, text_atts_all)
+        logits = self.itm_head(queries).mean(dim=1)
         labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(logits.device)
         return F.cross_entropy(logits, labels)
 
     def multimodal_queries(self, clip_features, mae_features, text_ids, text_atts):
-        """The ITM representation of (image, text) pairs: the bi-directional Q-Former pass over [queries; text]
-        cross-attending to C (and M for concat / early CA), then the dual block with the image's own M."""
+        """The ITM representation of (image, text) pairs: ``encode``'s Q-Former pass and fusion, with the text in.
+        The bi-directional pass over [queries; text] cross-attends to C (and M for concat / early CA), then the
+        fusion (the dual block) enriches the queries with the image's own M."""
         query_tokens = self.query_tokens.expand(text_ids.shape[0], -1, -1)
         query_atts = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=clip_features.device)
-        context, context_atts = self.qformer_context(clip_features, mae_features)
+        context, context_atts = self.fusion.qformer_context(clip_features, mae_features)
         output = self.Qformer.bert(
             text_ids,
             query_embeds=query_tokens,
@@ -539,10 +484,15 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
             encoder_attention_mask=context_atts,
             return_dict=True,
         )
-        queries = output.last_hidden_state[:, : query_tokens.shape[1], :]
-        if mae_features is not None:
-            queries, _ = self.enrich(queries, mae_features)
+        queries, _ = self.fusion.enrich(output.last_hidden_state[:, : query_tokens.shape[1], :], mae_features)
         return queries
+
+    def itg_cache(self, path: ImagePath):
+        """What ITG's text attends to: Z' through the enriched cache where the fusion changes the queries, else the
+        Q-Former's own cache (BLIP-2's)."""
+        if self.fusion.enriches_queries and self.config.itg_conditioning == "enriched_cache":
+            return self.enriched_query_cache(path.qformer_output, path.enriched_queries - path.queries)
+        return path.qformer_output.past_key_values
 
     def itg_loss(self, query_cache, text_tokens):
         """Image-grounded text generation: [DEC] replaces [CLS]; text attends causally to itself and the queries."""
@@ -594,11 +544,8 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
     def forward_image(self, image):
         """(Z', packed [C; M]) for LAVIS's retrieval; the MAE sees ``eval_mask_ratio`` of masking (the whole image),
         as every feature does."""
-        clip_features, mae = self.forward_encoders(self.check_image(image), self.config.eval_mask_ratio)
-        mae_features = mae.features if mae is not None else None
-        query_states = self.forward_queries(clip_features, mae_features=mae_features).last_hidden_state
-        enriched_queries, _ = self.enrich(query_states, mae_features)
-        return enriched_queries, self.pack_image_inputs(clip_features, mae_features)
+        path = self.encode(image, self.config.eval_mask_ratio)
+        return path.enriched_queries, self.pack_image_inputs(path.clip_features, path.mae_features)
 
     def compute_itm(self, image_inputs, text_ids, text_atts):
         """ITM score (the matching logit, averaged over queries, as ``itm_loss`` averages) of packed image inputs
@@ -616,15 +563,16 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
         if mode not in ("image", "multimodal"):
             raise ValueError(f"mode must be one of 'image', 'text', 'multimodal', got {mode!r}")
         image = self.check_image(samples.get("image"))
-        enriched_queries, image_inputs = self.forward_image(image)
+        path = self.encode(image, self.config.eval_mask_ratio)
         multimodal_embeds = None
         if mode == "multimodal":
             texts = self.check_texts(samples.get("text_input"), image.shape[0])
             text = self.tokenizer(texts, return_tensors="pt", padding=True).to(image.device)
-            clip_features, mae_features = self.unpack_image_inputs(image_inputs)
-            multimodal_embeds = self.multimodal_queries(clip_features, mae_features, text.input_ids, text.attention_mask)
+            multimodal_embeds = self.multimodal_queries(
+                path.clip_features, path.mae_features, text.input_ids, text.attention_mask
+            )
         return BlipOutputFeatures(
-            image_embeds=enriched_queries,
-            image_embeds_proj=F.normalize(self.vision_proj(enriched_queries), dim=-1),
+            image_embeds=path.enriched_queries,
+            image_embeds_proj=F.normalize(self.vision_proj(path.enriched_queries), dim=-1),
             multimodal_embeds=multimodal_embeds,
         )

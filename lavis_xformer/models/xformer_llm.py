@@ -72,25 +72,18 @@ class XFormerStage2Mixin(XFormerImageMixin):
         return getattr(self, self.llm_projection)(queries)
 
     def xformer_queries(self, image, noise=None):
-        """(Z', reconstruction loss or None) for the training objective.
+        """(Z', reconstruction loss or None) for the training objective: ``encode``, the image pathway of stage 1.
 
         Like stage 1, the objective is defined on the image masked by ``mask_ratio`` in training and validation
         alike; ``noise`` ([B, num_patches]) fixes that masking.
         """
-        clip_features, mae = self.forward_encoders(image, mask_ratio=self.config.mask_ratio, noise=noise)
-        mae_features = mae.features if mae is not None else None
-        query_states = self.forward_queries(clip_features, mae_features=mae_features).last_hidden_state
-        enriched_queries, enriched_mae = self.enrich(query_states, mae_features)
-        loss_rec = None
-        if self.mae_decoder is not None:
-            predicted = self.forward_decoder(enriched_mae, mae.ids_restore)
-            loss_rec = self.reconstruction_loss(mae.pixels, predicted, mae.mask)
-        return enriched_queries, loss_rec
+        path = self.encode(image, self.config.mask_ratio, noise)
+        return path.enriched_queries, self.reconstruction_loss_of(path)
 
     def llm_image_inputs(self, image):
         """The LLM's visual prefix at inference: projected Z' (the MAE sees ``eval_mask_ratio`` of masking in eval
         mode, i.e. the whole image by default) and its attention mask."""
-        prefix = self.project_to_llm(self.image_queries(image))
+        prefix = self.project_to_llm(self.encode(image).enriched_queries)
         return prefix, torch.ones(prefix.shape[:-1], dtype=torch.long, device=prefix.device)
 
     def stage2_output(self, loss_lm, loss_rec) -> XFormerLLMOutput:
