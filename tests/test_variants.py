@@ -263,3 +263,50 @@ def test_early_ca_full_size_block_is_a_bert_layer_without_self_attention():
     assert sum(p.numel() for p in block.parameters()) == cross_attention + 2 * feed_forward
     bare_block = bare.Qformer.bert.encoder.layer[1].mae_block
     assert sum(p.numel() for p in bare_block.parameters()) == cross_attention
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Fusion strategies (models/fusion.py): one interface, selected by `mae_fusion`
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type, fusion_name", [("tiny", "dual"), ("concat_tiny", "concat"),
+                                                     ("early_ca_tiny", "early_ca"), ("blip2", "none")])
+def test_every_fusion_satisfies_the_interface(model_type, fusion_name):
+    from lavis_xformer.models.fusion import FUSIONS, NO_FUSION, Fusion
+
+    if model_type == "blip2":
+        cfg = load_model("xformer", "tiny").config
+        model = XFormer(XFormerConfig(**{**cfg.to_dict(), "use_mae": False, "reconstruction_loss": False})).eval()
+    else:
+        model = load_model("xformer", model_type).eval()
+    fusion = model.fusion
+    assert isinstance(fusion, Fusion) and fusion.name == fusion_name
+    assert set(FUSIONS) == {"dual", "concat", "early_ca"} and all(XFormerConfig(mae_fusion=n, reconstruction_loss=False)
+                                                                  for n in FUSIONS)
+    # held under its own attribute (its checkpoint prefix); the other fusions' attributes are None
+    for name, fusion_class in FUSIONS.items():
+        held = getattr(model, fusion_class.attribute)
+        assert held is (fusion if name == fusion_name else None), (name, held)
+    if fusion_name == "none":
+        assert fusion is NO_FUSION and not list(fusion.parameters())
+    own = {n for n, _ in fusion.named_parameters()}
+    assert {f"{fusion.attribute}.{n}" for n in own} <= set(model.state_dict())
+
+    clip_features, mae = model.forward_encoders(batch()["image"], 0.0)
+    mae_features = mae.features if mae is not None else None
+    context, mask = fusion.qformer_context(clip_features, mae_features)
+    reads_mae = fusion_name in ("concat", "early_ca")
+    if reads_mae:
+        with pytest.raises(ValueError, match="pass mae_features"):
+            fusion.qformer_context(clip_features)
+    else:
+        assert context is clip_features and torch.equal(mask, torch.ones(4, clip_features.shape[1], dtype=torch.long))
+    query_states = model.forward_queries(clip_features, mae_features=mae_features).last_hidden_state
+    enriched, mae_enriched = fusion.enrich(query_states, mae_features)
+    assert enriched.shape == query_states.shape
+    assert fusion.enriches_queries == (fusion_name == "dual") == (not torch.equal(enriched, query_states))
+    assert (mae_enriched is None) == (fusion_name != "dual")
+    if mae_enriched is not None:
+        assert mae_enriched.shape == (*mae_features.shape[:2], model.config.qformer_hidden_size)
+    # and the model's pathway is exactly these two steps
+    path = model.encode(batch()["image"], 0.0)
+    torch.testing.assert_close(path.enriched_queries, enriched, rtol=0, atol=0)

@@ -451,3 +451,89 @@ def test_dual_block_attention_dropout_is_its_own_switch():
                for layer in attention_only.modules() if type(layer).__name__ == "Residual" and hasattr(layer.sublayer, "num_heads"))
     with pytest.raises(ValueError, match="dual_attention_dropout"):
         XFormerConfig(dual_attention_dropout=1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One image pathway: the stage-1 losses, retrieval, features and stage 2 all read `encode`
+# ------------------------------------------------------------------------------------------------------------------
+def spy_on_encode(model, shift=0.0):
+    """Record every ``encode`` call (mask ratio, returned path); ``shift`` is added to the Z' it returns."""
+    calls = []
+    original = model.encode
+
+    def encode(image, mask_ratio=None, noise=None):
+        path = original(image, mask_ratio, noise)
+        if shift:
+            path.enriched_queries = path.enriched_queries + shift
+        calls.append((mask_ratio, noise, path))
+        return path
+
+    model.encode = encode
+    return calls
+
+
+def test_stage1_losses_read_one_encode_pass(process_group):
+    model = tiny(mask_ratio=0.25).train()
+    samples = {**batch(), "mae_noise": torch.rand(4, 16, generator=torch.Generator().manual_seed(3))}
+    torch.manual_seed(0)
+    reference = model(samples)
+    calls = spy_on_encode(model)
+    torch.manual_seed(0)
+    same = model(samples)
+    assert len(calls) == 1 and calls[0][0] == 0.25 and calls[0][1] is samples["mae_noise"]
+    for key in ("loss", "loss_itc", "loss_itm", "loss_lm", "loss_rec"):
+        torch.testing.assert_close(same[key], reference[key], rtol=0, atol=0, msg=key)
+    path = calls[0][2]
+    assert path.clip_features.shape[:2] == (4, 17) and path.mae.mask.sum() == 4 * 4  # a quarter of 16 patches
+    assert path.queries.shape == path.enriched_queries.shape == (4, 8, 32)
+    assert path.mae_enriched.shape == (4, 1 + 12, 32)  # M': [CLS] + the visible patches, at the Q-Former width
+    # what encode returns is what ITC and ITG read: shifting its Z' moves them (ITM and reconstruction do not read Z')
+    spy_on_encode(model, shift=0.5)
+    torch.manual_seed(0)
+    shifted = model(samples)
+    assert (shifted.loss_itc - reference.loss_itc).abs() > 1e-4 and (shifted.loss_lm - reference.loss_lm).abs() > 1e-4
+    torch.testing.assert_close(shifted.loss_rec, reference.loss_rec, rtol=0, atol=0)
+
+
+def test_retrieval_and_features_read_encode_at_the_eval_mask_ratio(process_group):
+    model = tiny().eval()
+    calls = spy_on_encode(model)
+    images = batch(size=4, seed=5)["image"]
+    enriched, packed = model.forward_image(images)
+    assert len(calls) == 1 and calls[0][0] == model.config.eval_mask_ratio
+    assert enriched is calls[0][2].enriched_queries
+    assert torch.equal(packed, model.pack_image_inputs(calls[0][2].clip_features, calls[0][2].mae.features))
+    features = model.extract_features(batch(), mode="multimodal")
+    assert len(calls) == 2 and features.image_embeds is calls[1][2].enriched_queries
+    lavis_sim_matrix(model, images, k_test=3)  # LAVIS's compute_sim_matrix: one encode per batch of 3 images
+    assert len(calls) == 2 + 2
+    assert torch.equal(model.image_queries(images), calls[-1][2].enriched_queries) and len(calls) == 5
+
+
+@pytest.mark.parametrize("arch", ["xformer_opt", "xformer_t5"])
+def test_stage2_reads_the_same_encode(arch):
+    from omegaconf import OmegaConf
+
+    from lavis.common.registry import registry
+
+    model_cls = registry.get_model_class(arch)
+    cfg = OmegaConf.load(model_cls.default_config_path("tiny")).model
+    model = model_cls.from_config(OmegaConf.merge(cfg, {"load_pretrained": False, "reconstruction_loss": True,
+                                                         "mask_ratio": 0.5})).train()
+    calls = spy_on_encode(model)
+    image, noise = batch()["image"], torch.rand(4, 16, generator=torch.Generator().manual_seed(2))
+    enriched, loss_rec = model.xformer_queries(image, noise)
+    assert len(calls) == 1 and calls[0][0] == 0.5 and calls[0][1] is noise and enriched is calls[0][2].enriched_queries
+    torch.testing.assert_close(loss_rec, model.reconstruction_loss_of(calls[0][2]), rtol=0, atol=0)
+    model.eval()
+    prefix, atts = model.llm_image_inputs(image)
+    assert len(calls) == 2 and calls[1][0] is None  # the mode's default: eval_mask_ratio
+    torch.testing.assert_close(prefix, model.project_to_llm(calls[1][2].enriched_queries), rtol=0, atol=0)
+    assert atts.shape == prefix.shape[:-1] and bool(atts.all())
+    # and stage 2's Z' is stage 1's: the same pathway on the same weights
+    stage1 = tiny().eval()
+    stage1.load_state_dict({k: v for k, v in model.state_dict().items() if k in stage1.state_dict()}, strict=False)
+    shared = [k for k in stage1.state_dict() if k in model.state_dict() and not k.startswith(("mae_decoder", "mae_out_proj"))]
+    assert any(k.startswith("dual_block.") for k in shared) and any(k.startswith("Qformer.") for k in shared)
+    torch.testing.assert_close(stage1.encode(image).enriched_queries, model.encode(image).enriched_queries,
+                               rtol=0, atol=1e-6)
