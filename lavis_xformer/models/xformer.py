@@ -13,7 +13,6 @@ LAVIS's BLIP-2 loss on the same weights (tests/test_xformer_stage1.py proves it)
 """
 
 import contextlib
-import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,8 +37,12 @@ from lavis_xformer.models.builders import (
 from lavis_xformer.models.config import XFormerConfig
 from lavis_xformer.models.fusion import FUSIONS, NO_FUSION, Fusion, build_fusion
 from lavis_xformer.models.precision import frozen_half_dtype, run_in_half_precision
-from lavis_xformer.models.sdpa import SharedContextProjections, reusing_projections, shared_context_projections
-from lavis_xformer.models.sdpa import use_sdpa_attention
+from lavis_xformer.models.sdpa import (
+    SharedContextProjections,
+    reusing_projections,
+    shared_context_projections,
+    use_sdpa_attention,
+)
 from lavis_xformer.paths import model_config_path
 
 # The processors normalise with CLIP's statistics (what the CLIP-ViT was trained on); MAE was trained on
