@@ -927,10 +927,9 @@ def reconstruct(model, image: torch.Tensor, mask_ratio: float = 0.5, seed: int =
     model.eval()
     num_patches = model.mae_encoder.embeddings.num_patches
     noise = torch.rand(image.shape[0], num_patches, generator=torch.Generator().manual_seed(seed)).to(image.device)
-    clip_features, mae = model.forward_encoders(image, mask_ratio, noise)
-    query_states = model.forward_queries(clip_features, mae_features=mae.features).last_hidden_state
-    _, enriched_mae = model.enrich(query_states, mae.features)
-    predicted = model.forward_decoder(enriched_mae, mae.ids_restore)  # [B, L, p*p*3], MAE-normalised pixels
+    path = model.encode(image, mask_ratio, noise)
+    mae = path.mae
+    predicted = model.forward_decoder(path.mae_enriched, mae.ids_restore)  # [B, L, p*p*3], MAE-normalised pixels
     target = model.patchify(mae.pixels)
     if model.config.norm_pix_loss:  # predictions are per-patch normalised: use the target's statistics to show them
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
