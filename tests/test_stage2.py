@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 import lavis_xformer
-from lavis_xformer.models.blip2_baseline_llm import split_captions
+from lavis_xformer.models.llm_head import split_captions
 from lavis_xformer.models.builders import no_hub
 from lavis_xformer.models.config_llm import XFormerOPTConfig, XFormerT5Config
 from lavis_xformer.models.llm_builders import build_opt_tokenizer, build_t5_tokenizer
