@@ -281,7 +281,8 @@ def test_prefix_lm_loss_is_the_weighted_cross_entropy_of_the_answer_tokens(eval_
         assert all(len(losses) >= 2 for losses in per_token)  # "2" + end token at least
         for weights in (None, [0.3, 1.0]):
             w = [1.0, 1.0] if weights is None else weights
-            reference = sum(wi * l.sum() for wi, l in zip(w, per_token)) / sum(wi * len(l) for wi, l in zip(w, per_token))
+            weighted_sum = sum(wi * losses.sum() for wi, losses in zip(w, per_token))
+            reference = weighted_sum / sum(wi * len(losses) for wi, losses in zip(w, per_token))
             loss = model.prefix_lm_loss(prefix, prefix_atts, PROMPTS, ANSWERS, weights)
             torch.testing.assert_close(loss, reference, rtol=0, atol=1e-5)
 

@@ -91,7 +91,9 @@ class GenerationSettings:
         if not is_int(self.max_length) or self.max_length < 1:
             raise ValueError(f"max_length (new tokens to generate) must be an integer >= 1, got {self.max_length!r}")
         if not is_int(self.min_length) or not 0 <= self.min_length <= self.max_length:
-            raise ValueError(f"min_length must be an integer in [0, max_length={self.max_length}], got {self.min_length!r}")
+            raise ValueError(
+                f"min_length must be an integer in [0, max_length={self.max_length}], got {self.min_length!r}"
+            )
 
     @classmethod
     def from_kwargs(cls, kwargs: dict) -> "GenerationSettings":
@@ -214,7 +216,9 @@ def weighted_token_mean(token_loss_sums, token_counts, weights=None) -> torch.Te
         return token_loss_sums.sum() / token_counts.sum()
     weights = torch.as_tensor(weights, dtype=token_loss_sums.dtype, device=token_loss_sums.device)
     if weights.shape != token_loss_sums.shape:
-        raise ValueError(f"weights must hold one number per sample ({token_loss_sums.numel()}), got {tuple(weights.shape)}")
+        raise ValueError(
+            f"weights must hold one number per sample ({token_loss_sums.numel()}), got {tuple(weights.shape)}"
+        )
     if not torch.isfinite(weights).all() or (weights < 0).any() or not weights.sum() > 0:
         raise ValueError(f"weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
     return (weights * token_loss_sums).sum() / (weights * token_counts).sum()
@@ -358,16 +362,16 @@ class OPTHead(LLMHead):
             target_texts, add_special_tokens=False, truncation=True, max_length=self.max_txt_len
         ).input_ids
         width = max(len(p) + len(t) for p, t in zip(prompt_ids, target_ids))
-        input_ids = torch.full((len(prompts), width), self.opt_tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        labels = torch.full_like(input_ids, -100)
+        shape, device = (len(prompts), width), prefix.device
+        input_ids = torch.full(shape, self.opt_tokenizer.pad_token_id, dtype=torch.long, device=device)
+        attention_mask = torch.zeros(shape, dtype=torch.long, device=device)
+        labels = torch.full(shape, -100, dtype=torch.long, device=device)
         for row, (prompt, target) in enumerate(zip(prompt_ids, target_ids)):
             end = len(prompt) + len(target)
             input_ids[row, :end] = torch.tensor(prompt + target)
             attention_mask[row, :end] = 1
             labels[row, len(prompt) : end] = torch.tensor(target)
-        device = prefix.device
-        return self.lm_loss(prefix, prefix_atts, input_ids.to(device), attention_mask.to(device), labels.to(device), weights)
+        return self.lm_loss(prefix, prefix_atts, input_ids, attention_mask, labels, weights)
 
     def lm_loss(self, prefix, prefix_atts, input_ids, attention_mask, labels, weights=None):
         """OPT on [prefix | input_ids]: the (weighted) mean cross-entropy of the tokens whose label is not -100."""
@@ -449,7 +453,8 @@ class T5Head(LLMHead):
                 ).to(device)
                 for texts in (prompts, targets)
             )
-            labels = output_tokens.input_ids.masked_fill(output_tokens.input_ids == self.t5_tokenizer.pad_token_id, -100)
+            target_ids = output_tokens.input_ids
+            labels = target_ids.masked_fill(target_ids == self.t5_tokenizer.pad_token_id, -100)
             outputs = self.t5_model(
                 inputs_embeds=torch.cat([prefix, self.t5_model.encoder.embed_tokens(input_tokens.input_ids)], dim=1),
                 attention_mask=torch.cat([prefix_atts, input_tokens.attention_mask], dim=1),
