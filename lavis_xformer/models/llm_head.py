@@ -40,7 +40,8 @@ Generation (``generate`` / ``predict_answers`` keep LAVIS's keyword arguments an
    plain sampling for both LLMs, as ``Blip2OPT`` and the docstring have it.
 4. ``Blip2T5.__init__`` casts T5 to bf16 unconditionally (fails on CPU): the builders keep the LLM in fp32 where
    CUDA is absent (``llm_precision``), and the bf16 autocast below is CUDA-only (``maybe_autocast``).
-The VQA prompt defaults to the paper's "Question: {} Short answer:" for both LLMs; the VQA length penalty to
+The VQA prompt defaults to the paper's "Question: {} Short answer:" for both LLMs (``Blip2T5``'s default is "", but
+LAVIS's tasks always pass their ``run.prompt``); the VQA length penalty to
 LAVIS's per-LLM default (OPT 0, as LAVIS's later ``Blip2OPT.predict_answers``; T5 -1, ``Blip2T5``'s), because
 LAVIS's own ``vqa`` task never passes one (the plugin's ``xformer_vqa`` task does).
 """
