@@ -9,14 +9,15 @@ import torch
 from lavis.common.registry import registry
 from lavis.models import load_model, load_model_and_preprocess
 from lavis.models.blip2_models.blip2_opt import Blip2OPT
+from lavis.models.blip2_models.blip2_t5 import Blip2T5
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 import lavis_xformer
-from lavis_xformer.models.blip2_baseline_llm import split_captions
 from lavis_xformer.models.builders import no_hub
 from lavis_xformer.models.config_llm import XFormerOPTConfig, XFormerT5Config
 from lavis_xformer.models.llm_builders import build_opt_tokenizer, build_t5_tokenizer
+from lavis_xformer.models.llm_head import VQA_PROMPT, GenerationSettings, split_captions
 
 CAPTIONS = ["a red circle", "two blue squares and a star", "a green triangle", "three yellow circles"]
 # Eight questions of different lengths: batching them pads every prompt but the longest.
@@ -181,25 +182,33 @@ def paired(arch, baseline_arch, **overrides):
 
 
 @pytest.mark.parametrize("prompt", ["", "a photo of"])
-def test_mae_off_opt_loss_equals_lavis_blip2_opt(prompt):
+def test_opt_head_caption_loss_equals_lavis_blip2_opt(prompt):
+    """The shared head's loss, for the baseline and for X-Former with the MAE branch off, is LAVIS's own."""
     baseline, xformer = paired("xformer_opt", "blip2_baseline_opt", prompt=prompt)
     captions = [prompt + " " + c if prompt else c for c in CAPTIONS]  # the caption processor prepends the prompt
     samples = {"image": images(), "text_input": captions}
     reference = Blip2OPT.forward(baseline, samples)["loss"]  # LAVIS's own code
+    torch.testing.assert_close(baseline(samples).loss, reference, rtol=0, atol=1e-5)
     torch.testing.assert_close(xformer(samples).loss, reference, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("with_text_output", [True, False])
-def test_mae_off_t5_loss_equals_lavis_blip2_t5(with_text_output):
+def test_t5_head_loss_equals_lavis_blip2_t5(with_text_output):
     baseline, xformer = paired("xformer_t5", "blip2_baseline_t5")
     samples = {"image": images(), "text_input": CAPTIONS}
     if with_text_output:  # LAVIS's form: encoder text in, target out
         samples["text_input"] = ["a", "two blue", "a green", ""]
         samples["text_output"] = ["red circle", "squares", "triangle", "three"]
-    torch.manual_seed(7)  # the same random prefix-LM split on both sides
-    reference = baseline(samples)["loss"]
-    torch.manual_seed(7)
-    torch.testing.assert_close(xformer(samples).loss, reference, rtol=0, atol=1e-5)
+        split = samples
+    else:  # caption batches: the random prefix-LM split, the same on every side
+        torch.manual_seed(7)
+        prefixes, suffixes = split_captions(CAPTIONS)
+        assert prefixes != [""] * 4 and suffixes != CAPTIONS  # the seed cuts at least one caption
+        split = {"image": samples["image"], "text_input": prefixes, "text_output": suffixes}
+    reference = Blip2T5.forward(baseline, split)["loss"]  # LAVIS's own code
+    for model in (baseline, xformer):
+        torch.manual_seed(7)
+        torch.testing.assert_close(model(samples).loss, reference, rtol=0, atol=1e-5)
 
 
 def test_mae_off_generation_equals_lavis():
@@ -208,16 +217,121 @@ def test_mae_off_generation_equals_lavis():
     options = dict(num_beams=3, max_length=6, min_length=0)
     captions = xformer.generate(samples, **options)
     assert captions == Blip2OPT.generate(baseline, samples, **options)  # LAVIS's own generate
+    assert baseline.generate(samples, **options) == captions
     assert len(set(captions)) > 1  # the answers depend on the image
+    # LAVIS 1.0.2's Blip2OPT has no predict_answers: it equals LAVIS's generate on each formatted question alone.
+    vqa = {"image": images(), "text_input": QUESTIONS[:4]}
+    answers = xformer.predict_answers(vqa, max_len=5, min_len=0)
+    lavis = [
+        Blip2OPT.generate(
+            baseline,
+            {"image": vqa["image"][i : i + 1], "prompt": VQA_PROMPT.format(question)},
+            num_beams=5, max_length=5, min_length=0, length_penalty=0,
+        )[0]
+        for i, question in enumerate(QUESTIONS[:4])
+    ]
+    assert answers == lavis and baseline.predict_answers(vqa, max_len=5, min_len=0) == answers
+    assert len(set(answers)) > 1
 
     baseline, xformer = paired("xformer_t5", "blip2_baseline_t5")
     samples = {"image": images(), "prompt": QUESTIONS[:4]}  # LAVIS's Blip2T5 takes one prompt per image
     captions = xformer.generate(samples, **options)
-    assert captions == baseline.generate(samples, **options) and len(set(captions)) > 1
+    assert captions == Blip2T5.generate(baseline, samples, **options) and len(set(captions)) > 1
+    assert baseline.generate(samples, **options) == captions
     vqa = {"image": images(), "text_input": CAPTIONS}
     answers = xformer.predict_answers(vqa, max_len=5)
-    assert answers == baseline.predict_answers(vqa, max_len=5, prompt="Question: {} Short answer:")
+    assert answers == Blip2T5.predict_answers(baseline, vqa, max_len=5, prompt=VQA_PROMPT)  # length penalty -1
+    assert baseline.predict_answers(vqa, max_len=5) == answers
     assert len(set(answers)) > 1
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The prefix-LM loss (VQA fine-tuning): prompt + target in, loss on the target tokens only
+# ------------------------------------------------------------------------------------------------------------------
+PROMPTS = [VQA_PROMPT.format(q) for q in ("how many?", "what color is the big star on the left of the image?")]
+ANSWERS = ["2", "blue"]
+
+
+def target_token_losses(model, prefix, prompt, answer):
+    """Cross-entropy of each answer token, computed by hand for one sample alone (no batch, no padding)."""
+    if hasattr(model, "opt_model"):
+        tokenizer, llm = model.opt_tokenizer, model.opt_model
+        prompt_ids = tokenizer(prompt).input_ids
+        ids = tokenizer(prompt + " " + answer + "\n").input_ids  # the answer as generation continues the prompt
+        assert ids[: len(prompt_ids)] == prompt_ids
+        embeds = torch.cat([prefix[None], llm.model.decoder.embed_tokens(torch.tensor([ids]))], dim=1)
+        logits = llm(inputs_embeds=embeds).logits[0]
+        first = prefix.shape[0] + len(prompt_ids)  # position of the first answer token
+        targets = torch.tensor(ids[len(prompt_ids) :])
+        return torch.nn.functional.cross_entropy(logits[first - 1 : -1], targets, reduction="none")
+    tokenizer, llm = model.t5_tokenizer, model.t5_model
+    prompt_ids = torch.tensor([tokenizer(prompt).input_ids])
+    targets = torch.tensor([tokenizer(answer).input_ids])  # the answer and T5's "</s>"
+    embeds = torch.cat([prefix[None], llm.encoder.embed_tokens(prompt_ids)], dim=1)
+    logits = llm(inputs_embeds=embeds, decoder_input_ids=llm._shift_right(targets)).logits[0]
+    return torch.nn.functional.cross_entropy(logits, targets[0], reduction="none")
+
+
+@pytest.mark.parametrize("arch", list(LLM_OF))
+def test_prefix_lm_loss_is_the_weighted_cross_entropy_of_the_answer_tokens(eval_models, arch):
+    model = eval_models[arch]
+    with torch.no_grad():
+        prefix, prefix_atts = model.llm_image_inputs(images(2))
+        per_token = [target_token_losses(model, prefix[i], PROMPTS[i], ANSWERS[i]) for i in range(2)]
+        assert all(len(losses) >= 2 for losses in per_token)  # "2" + end token at least
+        for weights in (None, [0.3, 1.0]):
+            w = [1.0, 1.0] if weights is None else weights
+            weighted_sum = sum(wi * losses.sum() for wi, losses in zip(w, per_token))
+            reference = weighted_sum / sum(wi * len(losses) for wi, losses in zip(w, per_token))
+            loss = model.prefix_lm_loss(prefix, prefix_atts, PROMPTS, ANSWERS, weights)
+            torch.testing.assert_close(loss, reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list(LLM_OF))
+def test_prefix_lm_loss_sees_answers_and_weights_but_not_padding(eval_models, arch):
+    model = eval_models[arch]
+    with torch.no_grad():
+        prefix, prefix_atts = model.llm_image_inputs(images(2))
+
+        def loss(answers, weights=None, rows=slice(None)):
+            prompts = PROMPTS[rows]
+            return model.prefix_lm_loss(prefix[rows], prefix_atts[rows], prompts, answers, weights)
+
+        base = loss(ANSWERS)
+        assert not torch.isclose(loss(["7", "blue"]), base)  # only an answer changed
+        assert not torch.isclose(loss(ANSWERS, [1.0, 3.0]), base)  # only the weights changed
+        torch.testing.assert_close(loss(ANSWERS, [2.0, 2.0]), base, rtol=0, atol=1e-6)  # only their scale
+        # Sample 0 alone vs padded to sample 1's longer prompt and answer (weight 0): only its padding changed.
+        alone = loss(ANSWERS[:1], rows=slice(0, 1))
+        padded = loss([ANSWERS[0], "a big blue star next to two red circles"], [1.0, 0.0])
+        torch.testing.assert_close(padded, alone, rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="weights must hold one number per sample"):
+            loss(ANSWERS, [1.0])
+        with pytest.raises(ValueError, match="not all 0"):
+            loss(ANSWERS, [0.0, 0.0])
+
+
+@pytest.mark.parametrize("arch", ["xformer_opt", "blip2_baseline_opt"])
+def test_opt_batch_with_text_output_trains_the_prefix_lm_loss(eval_models, arch):
+    """A batch with ``text_output`` (LAVIS's convention) is prompt -> target for OPT too; the answers matter."""
+    model = eval_models[arch]
+    samples = {"image": images(2), "text_input": PROMPTS, "text_output": ANSWERS}
+    with torch.no_grad():
+        expected = model.prefix_lm_loss(*model.llm_image_inputs(samples["image"]), PROMPTS, ANSWERS)
+        torch.testing.assert_close(model(samples).loss, expected, rtol=0, atol=1e-6)
+        assert not torch.isclose(model({**samples, "text_output": ["7", "red"]}).loss, expected)
+
+
+def test_generation_settings_are_one_frozen_checked_object():
+    settings = GenerationSettings(num_beams=3, max_length=6)
+    with pytest.raises(AttributeError):
+        settings.num_beams = 4  # frozen: nothing downstream can change how to decode
+    with pytest.raises(ValueError, match=r"unknown generation argument\(s\) \['beams'\]"):
+        GenerationSettings.from_kwargs({"beams": 3})
+    with pytest.raises(ValueError, match="min_length must be an integer in \\[0, max_length=6\\]"):
+        GenerationSettings(max_length=6, min_length=7)
+    sampled = GenerationSettings(use_nucleus_sampling=True, num_beams=5, num_captions=3).transformers_kwargs()
+    assert (sampled["do_sample"], sampled["num_beams"], sampled["num_return_sequences"]) == (True, 1, 3)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,482 @@
+"""The LLM side of stage 2, one for both models: a frozen OPT or FlanT5 fed with a visual prefix.
+
+    visual prefix [B, Q, D_llm]   BLIP-2: the Q-Former's query outputs, projected; X-Former: Z', projected
+    OPT (decoder only):  [prefix | text]                 -> causal LM, loss on the text's target tokens
+    T5 (encoder-decoder): [prefix | encoder text] -> encoder, the target text -> decoder labels
+
+The BLIP-2 baselines (``blip2_baseline_llm``) and X-Former (``xformer_llm``) both inherit their ``forward``,
+``generate`` and ``predict_answers`` from here, so the two sides of a comparison differ only in the visual prefix a
+model supplies: ``llm_image_inputs(image) -> (prefix, prefix_atts)`` at inference and
+``llm_training_inputs(image, samples) -> (prefix, prefix_atts, loss_rec)`` in training (by default the inference
+prefix and no reconstruction loss; X-Former's comes from ``xformer_queries``).
+
+The heads are mixins, not modules: LAVIS's ``Blip2OPT`` / ``Blip2T5`` methods, and LAVIS checkpoints, expect the LLM
+parts as attributes of the model itself (``opt_model``, ``opt_proj``, ``t5_model``, ``t5_proj``, ...), so a head that
+lived in a sub-module would rename every state-dict key. ``OPTHead`` / ``T5Head`` build those very attributes
+(``build_llm``) and compute on them.
+
+Losses (equal to LAVIS's ``Blip2OPT.forward`` / ``Blip2T5.forward`` on the same prefix, tests/test_stage2.py):
+* ``caption_loss``: BLIP-2's stage-2 objective. OPT: language modelling on ``caption + "\\n"`` after the prefix
+  (not on the first ``prompt_length`` tokens, the prompt the caption processor prepends). T5: the caption is cut at
+  a random word between its start and its middle (``split_captions``), the prefix-LM loss below.
+* ``prefix_lm_loss(prefix, prefix_atts, prompts, targets, weights=None)``: the LLM reads prompt + target, the loss
+  is on the target tokens only (prompt, prefix and padding are -100). OPT: one sequence [prompt | target + "\\n"],
+  the target after one space when the prompt does not end in one (the token generation emits after
+  "Short answer:"). T5: prompt -> encoder, target -> decoder labels (LAVIS's ``text_input`` / ``text_output``).
+  Prompt and target are each truncated to ``max_txt_len`` tokens, as LAVIS truncates its texts.
+  Reduction: the mean over target tokens, each token of sample i weighted by ``weights[i]`` (default 1, which is
+  LAVIS's token mean). A batch with ``text_output`` is trained with it, for OPT as for T5.
+
+Generation (``generate`` / ``predict_answers`` keep LAVIS's keyword arguments and turn them, once, into a frozen
+``GenerationSettings``). What LAVIS 1.0.2 gets wrong, fixed here for both models:
+1. ``Blip2OPT.generate`` builds ``[prompt] * batch`` whatever ``samples["prompt"]`` is and tokenises without padding:
+   per-image prompts of different lengths cannot share a batch. Here they are left-padded (OPT's positions follow
+   the attention mask, so the padding between the prefix and a prompt changes nothing), and ``min_length`` counts
+   new tokens (transformers' ``min_length`` counts the padded prompt: one image's answer would depend on its batch
+   neighbours). Beam search with a length penalty divides by the padded length, so prompts of different token
+   lengths then run in separate calls. A batch of 8 answers exactly as 8 batches of 1 (tested).
+2. ``Blip2OPT`` has no ``predict_answers`` (LAVIS added one after 1.0.2); zero-shot VQA needs it.
+3. ``Blip2T5.generate`` with ``use_nucleus_sampling`` keeps ``num_beams`` (beam sampling); here nucleus sampling is
+   plain sampling for both LLMs, as ``Blip2OPT`` and the docstring have it.
+4. ``Blip2T5.__init__`` casts T5 to bf16 unconditionally (fails on CPU): the builders keep the LLM in fp32 where
+   CUDA is absent (``llm_precision``), and the bf16 autocast below is CUDA-only (``maybe_autocast``).
+The VQA prompt defaults to the paper's "Question: {} Short answer:" for both LLMs (``Blip2T5``'s default is "", but
+LAVIS's tasks always pass their ``run.prompt``); the VQA length penalty to
+LAVIS's per-LLM default (OPT 0, as LAVIS's later ``Blip2OPT.predict_answers``; T5 -1, ``Blip2T5``'s), because
+LAVIS's own ``vqa`` task never passes one (the plugin's ``xformer_vqa`` task does).
+"""
+
+from dataclasses import dataclass, fields
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from transformers.modeling_outputs import ModelOutput
+
+from lavis_xformer.models.config_llm import Blip2OPTConfig, Blip2T5Config
+from lavis_xformer.models.llm_builders import build_opt, build_t5
+
+VQA_PROMPT = "Question: {} Short answer:"
+
+
+# ================================================================================================================
+# Settings and outputs
+# ================================================================================================================
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to decode, checked once. Field names and defaults are LAVIS's ``generate`` keyword arguments."""
+
+    use_nucleus_sampling: bool = False  #: sample from the top-p nucleus instead of beam search
+    num_beams: int = 5  #: beam width (1 = greedy search); unused when sampling
+    max_length: int = 30  #: new tokens at most
+    min_length: int = 1  #: new tokens at least before the end token (T5: LAVIS's count, with the start token)
+    top_p: float = 0.9  #: nucleus size when sampling
+    repetition_penalty: float = 1.0  #: 1.0 = none
+    length_penalty: float = 1.0  #: beam scores are divided by length ** length_penalty (0: none, < 0: short)
+    num_captions: int = 1  #: sequences returned per image
+    temperature: float = 1.0  #: softmax temperature when sampling
+
+    def __post_init__(self):
+        def is_int(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not is_int(self.num_beams) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be an integer >= 1 (1 = greedy search), got {self.num_beams!r}")
+        if not is_int(self.num_captions) or self.num_captions < 1:
+            raise ValueError(f"num_captions must be an integer >= 1, got {self.num_captions!r}")
+        if not self.use_nucleus_sampling and self.num_captions > self.num_beams:
+            raise ValueError(
+                f"num_captions={self.num_captions} > num_beams={self.num_beams}: beam search returns at most "
+                "num_beams sequences per image (raise num_beams, or use_nucleus_sampling=True)"
+            )
+        if not is_int(self.max_length) or self.max_length < 1:
+            raise ValueError(f"max_length (new tokens to generate) must be an integer >= 1, got {self.max_length!r}")
+        if not is_int(self.min_length) or not 0 <= self.min_length <= self.max_length:
+            raise ValueError(
+                f"min_length must be an integer in [0, max_length={self.max_length}], got {self.min_length!r}"
+            )
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict) -> "GenerationSettings":
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown generation argument(s) {unknown}; known: {[f.name for f in fields(cls)]}")
+        return cls(**kwargs)
+
+    @property
+    def sequences_per_image(self) -> int:
+        """Sequences transformers decodes per image: the beams, or one per sampled caption."""
+        return self.num_captions if self.use_nucleus_sampling else self.num_beams
+
+    @property
+    def length_penalty_sees_padding(self) -> bool:
+        """Whether beam scores depend on the padded prompt length (decoder-only LLMs, see the module docstring)."""
+        return not self.use_nucleus_sampling and self.num_beams > 1 and self.length_penalty != 0
+
+    def transformers_kwargs(self) -> dict:
+        """The shared arguments of ``generate`` in transformers; each head adds its minimum length and end token."""
+        return dict(
+            do_sample=self.use_nucleus_sampling,
+            top_p=self.top_p,
+            temperature=self.temperature,
+            num_beams=1 if self.use_nucleus_sampling else self.num_beams,
+            max_new_tokens=self.max_length,
+            repetition_penalty=self.repetition_penalty,
+            length_penalty=self.length_penalty,
+            num_return_sequences=self.num_captions,
+        )
+
+
+@dataclass
+class LLMOutput(ModelOutput):
+    """Stage-2 losses: the LLM's loss, the image side's reconstruction loss (X-Former ablation), their total."""
+
+    loss: torch.Tensor = None
+    loss_lm: torch.Tensor = None
+    loss_rec: Optional[torch.Tensor] = None
+
+
+# ================================================================================================================
+# Input checks and text preparation
+# ================================================================================================================
+def check_image_batch(samples) -> torch.Tensor:
+    image = samples.get("image") if isinstance(samples, dict) else None
+    if not isinstance(image, torch.Tensor) or image.dim() != 4:
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"samples['image'] must be a [batch, 3, height, width] tensor, got {got}")
+    return image
+
+
+def check_texts(texts, batch_size: int, key: str) -> List[str]:
+    """``texts`` as one string per image, or a ``ValueError`` naming ``samples[key]``."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"samples[{key!r}] must be a list of strings, got {texts!r:.80}")
+    if len(texts) == 0:
+        raise ValueError(f"samples[{key!r}] is an empty list; give one text per image")
+    if len(texts) != batch_size:
+        raise ValueError(f"batch size mismatch: {batch_size} images but {len(texts)} texts in samples[{key!r}]")
+    return list(texts)
+
+
+def prompts_for_batch(prompt, batch_size: int) -> List[str]:
+    """One prompt per image: a string is shared by the batch, a list gives each image its own."""
+    if isinstance(prompt, str):
+        return [prompt] * batch_size
+    if not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):
+        raise ValueError(f"samples['prompt'] must be a string or a list of strings, got {type(prompt).__name__}")
+    if len(prompt) != batch_size:
+        raise ValueError(f"batch size mismatch: {batch_size} images but {len(prompt)} prompts in samples['prompt']")
+    return list(prompt)
+
+
+def vqa_prompts(samples, prompt: str, batch_size: int, inference_method: str = "generate") -> List[str]:
+    """Each question in ``samples["text_input"]`` formatted into ``prompt``: the LLM input of ``predict_answers``,
+    and of VQA fine-tuning, which must see the same prompt."""
+    if inference_method != "generate":
+        raise ValueError(
+            f"inference_method={inference_method!r} is not supported: the stage-2 models answer by generation "
+            "(inference_method='generate'); answer_list and num_ans_candidates are not used"
+        )
+    questions = samples.get("text_input")
+    if isinstance(questions, str):
+        questions = [questions]
+    if not isinstance(questions, (list, tuple)) or not all(isinstance(q, str) for q in questions):
+        raise ValueError(f"samples['text_input'] must hold the questions as a list of strings, got {questions!r}")
+    if len(questions) == 0:
+        raise ValueError("samples['text_input'] is an empty list of questions; give one question per image")
+    if len(questions) != batch_size:
+        raise ValueError(f"batch size mismatch: {batch_size} images but {len(questions)} questions")
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string such as {VQA_PROMPT!r}, got {prompt!r}")
+    if not prompt:
+        return list(questions)  # LAVIS's convention: an empty prompt feeds the questions as they are
+    if prompt.count("{}") != 1:
+        raise ValueError(
+            f"prompt {prompt!r} must contain exactly one '{{}}' placeholder where the question goes, "
+            f"e.g. {VQA_PROMPT!r}"
+        )
+    return [prompt.format(question) for question in questions]
+
+
+def split_captions(captions: Sequence[str], generator: Optional[torch.Generator] = None) -> Tuple[List[str], List[str]]:
+    """BLIP-2's prefix-LM split for FlanT5 (supplement section 3): each caption is cut at a random word between its
+    start and its middle; the prefix goes to the encoder with the image, the rest is the decoder's target."""
+    prefixes, suffixes = [], []
+    for caption in captions:
+        words = caption.split()
+        cut = int(torch.randint(0, len(words) // 2 + 1, (1,), generator=generator))
+        prefixes.append(" ".join(words[:cut]))
+        suffixes.append(" ".join(words[cut:]))
+    return prefixes, suffixes
+
+
+def weighted_token_mean(token_loss_sums, token_counts, weights=None) -> torch.Tensor:
+    """sum_i w_i * (summed loss of sample i's target tokens) / sum_i w_i * (its number of target tokens): every
+    target token of sample i weighs ``w_i``; with no weights, transformers' mean over the batch's target tokens."""
+    if weights is None:
+        return token_loss_sums.sum() / token_counts.sum()
+    weights = torch.as_tensor(weights, dtype=token_loss_sums.dtype, device=token_loss_sums.device)
+    if weights.shape != token_loss_sums.shape:
+        raise ValueError(
+            f"weights must hold one number per sample ({token_loss_sums.numel()}), got {tuple(weights.shape)}"
+        )
+    if not torch.isfinite(weights).all() or (weights < 0).any() or not weights.sum() > 0:
+        raise ValueError(f"weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
+    return (weights * token_loss_sums).sum() / (weights * token_counts).sum()
+
+
+# ================================================================================================================
+# What both heads share: the training step and LAVIS's inference entry points
+# ================================================================================================================
+class LLMHead:
+    """``forward``, ``generate`` and ``predict_answers`` on a visual prefix; ``OPTHead`` / ``T5Head`` supply the
+    LLM-specific ``caption_loss``, ``prefix_lm_loss`` and ``generate_from_prefix``."""
+
+    llm_projection: str = None  # the trainable linear layer from the image queries to the LLM width
+    vqa_length_penalty: float = 0.0  # predict_answers' default (module docstring)
+
+    # ---- the visual prefix, supplied by the model ------------------------------------------------------------
+    def llm_image_inputs(self, image) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(prefix [B, Q, D_llm], attention mask [B, Q]) at inference."""
+        raise NotImplementedError
+
+    def llm_training_inputs(self, image, samples) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(prefix, attention mask, reconstruction loss or None) for the training objective."""
+        prefix, prefix_atts = self.llm_image_inputs(image)
+        return prefix, prefix_atts, None
+
+    def project_to_llm(self, queries) -> torch.Tensor:
+        return getattr(self, self.llm_projection)(queries)
+
+    # ---- training ----------------------------------------------------------------------------------------------
+    def forward(self, samples) -> LLMOutput:
+        """Caption batches (``text_input``): ``caption_loss``. Batches with ``text_output`` (LAVIS's convention for
+        instruction data): ``prefix_lm_loss`` with ``text_input`` as the prompts and ``text_output`` as targets."""
+        image = check_image_batch(samples)
+        texts = check_texts(samples.get("text_input"), image.shape[0], "text_input")
+        targets = samples.get("text_output")
+        if targets is not None:
+            targets = check_texts(targets, image.shape[0], "text_output")
+        prefix, prefix_atts, loss_rec = self.llm_training_inputs(image, samples)
+        if targets is None:
+            loss_lm = self.caption_loss(prefix, prefix_atts, texts)
+        else:
+            loss_lm = self.prefix_lm_loss(prefix, prefix_atts, texts, targets)
+        loss = loss_lm if loss_rec is None else loss_lm + self.config.loss_weight_rec * loss_rec
+        return LLMOutput(loss=loss, loss_lm=loss_lm, loss_rec=loss_rec)
+
+    # ---- inference ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, samples, **kwargs) -> List[str]:
+        """LAVIS's ``generate`` (keyword arguments: ``GenerationSettings``' fields); ``samples["prompt"]`` may be one
+        string or one per image. Returns ``num_captions`` texts per image, image by image."""
+        settings = GenerationSettings.from_kwargs(kwargs)
+        image = check_image_batch(samples)
+        prompts = prompts_for_batch(samples.get("prompt", self.prompt), image.shape[0])
+        return self.generate_from_prefix(*self.llm_image_inputs(image), prompts, settings)
+
+    @torch.no_grad()
+    def predict_answers(
+        self,
+        samples,
+        num_beams=5,
+        inference_method="generate",
+        max_len=10,
+        min_len=1,
+        num_ans_candidates=128,
+        answer_list=None,
+        prompt=VQA_PROMPT,
+        length_penalty=None,
+        **kwargs,
+    ) -> List[str]:
+        """LAVIS's ``predict_answers`` signature: each question in ``prompt``, answered by beam search (zero-shot VQA
+        as the paper evaluates it). ``answer_list``, ``num_ans_candidates`` and other keywords are ignored, as by
+        LAVIS's generative VQA; ``length_penalty=None`` is the LLM's default (module docstring)."""
+        length_penalty = self.vqa_length_penalty if length_penalty is None else length_penalty
+        settings = GenerationSettings(
+            num_beams=num_beams, max_length=max_len, min_length=min_len, length_penalty=length_penalty
+        )
+        image = check_image_batch(samples)
+        prompts = vqa_prompts(samples, prompt, image.shape[0], inference_method)
+        return self.postprocess_answers(self.generate_from_prefix(*self.llm_image_inputs(image), prompts, settings))
+
+    def postprocess_answers(self, answers: List[str]) -> List[str]:
+        return answers
+
+    # ---- per LLM -------------------------------------------------------------------------------------------------
+    def caption_loss(self, prefix, prefix_atts, captions: List[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prefix_lm_loss(self, prefix, prefix_atts, prompts, targets, weights=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def generate_from_prefix(self, prefix, prefix_atts, prompts, settings: GenerationSettings) -> List[str]:
+        raise NotImplementedError
+
+
+# ================================================================================================================
+# OPT: decoder-only
+# ================================================================================================================
+class OPTHead(LLMHead):
+    """The frozen OPT of LAVIS's ``Blip2OPT``, fed with a visual prefix."""
+
+    llm_projection = "opt_proj"
+    vqa_length_penalty = 0.0
+
+    def build_llm(self, config: Blip2OPTConfig, input_width: int):
+        """What ``Blip2OPT.__init__`` builds after the Q-Former, under its names, by the plugin's builders."""
+        self.opt_tokenizer, self.opt_model = build_opt(config)
+        # LAVIS ends answers at the first newline; its id is the generation's eos.
+        self.eos_token_id = self.opt_tokenizer("\n", add_special_tokens=False).input_ids[0]
+        self.opt_proj = nn.Linear(input_width, self.opt_model.config.hidden_size)
+        self.max_txt_len = config.max_txt_len
+        self.prompt = config.prompt
+        # LAVIS keeps a tensor; an int slices the same and does not live on a device (meta builds included).
+        self.prompt_length = len(self.opt_tokenizer(self.prompt).input_ids)
+
+    def caption_loss(self, prefix, prefix_atts, captions):
+        """``Blip2OPT.forward``'s text side: LM loss on ``caption + "\\n"``, none on the first ``prompt_length``
+        tokens (the prompt, which the caption text processor prepends)."""
+        self.opt_tokenizer.padding_side = "right"
+        tokens = self.opt_tokenizer(
+            [caption + "\n" for caption in captions],
+            return_tensors="pt",
+            padding="longest",
+            truncation=True,
+            max_length=self.max_txt_len,
+        ).to(prefix.device)
+        labels = tokens.input_ids.masked_fill(tokens.input_ids == self.opt_tokenizer.pad_token_id, -100)
+        if self.prompt:
+            labels[:, : self.prompt_length] = -100
+        return self.lm_loss(prefix, prefix_atts, tokens.input_ids, tokens.attention_mask, labels)
+
+    def prefix_lm_loss(self, prefix, prefix_atts, prompts, targets, weights=None):
+        """[prefix | prompt | target + "\\n" | padding], the loss on the target tokens only."""
+        if len(prompts) != len(targets):
+            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets; give one target per prompt")
+        prompt_ids = self.opt_tokenizer(list(prompts), truncation=True, max_length=self.max_txt_len).input_ids
+        target_texts = [
+            (" " if prompt and not prompt[-1].isspace() else "") + target + "\n"
+            for prompt, target in zip(prompts, targets)
+        ]
+        target_ids = self.opt_tokenizer(
+            target_texts, add_special_tokens=False, truncation=True, max_length=self.max_txt_len
+        ).input_ids
+        width = max(len(p) + len(t) for p, t in zip(prompt_ids, target_ids))
+        shape, device = (len(prompts), width), prefix.device
+        input_ids = torch.full(shape, self.opt_tokenizer.pad_token_id, dtype=torch.long, device=device)
+        attention_mask = torch.zeros(shape, dtype=torch.long, device=device)
+        labels = torch.full(shape, -100, dtype=torch.long, device=device)
+        for row, (prompt, target) in enumerate(zip(prompt_ids, target_ids)):
+            end = len(prompt) + len(target)
+            input_ids[row, :end] = torch.tensor(prompt + target)
+            attention_mask[row, :end] = 1
+            labels[row, len(prompt) : end] = torch.tensor(target)
+        return self.lm_loss(prefix, prefix_atts, input_ids, attention_mask, labels, weights)
+
+    def lm_loss(self, prefix, prefix_atts, input_ids, attention_mask, labels, weights=None):
+        """OPT on [prefix | input_ids]: the (weighted) mean cross-entropy of the tokens whose label is not -100."""
+        labels = torch.cat([torch.full_like(prefix_atts, -100), labels], dim=1)
+        text_embeds = self.opt_model.model.decoder.embed_tokens(input_ids)
+        with self.maybe_autocast():
+            outputs = self.opt_model(
+                inputs_embeds=torch.cat([prefix, text_embeds], dim=1),
+                attention_mask=torch.cat([prefix_atts, attention_mask], dim=1),
+                return_dict=True,
+                labels=labels,
+                reduction="none",  # per-sample sums: the weights apply per sample
+            )
+        return weighted_token_mean(outputs.loss, (labels[:, 1:] != -100).sum(1), weights)
+
+    def generate_from_prefix(self, prefix, prefix_atts, prompts, settings):
+        lengths = [len(ids) for ids in self.opt_tokenizer(prompts).input_ids]
+        if not settings.length_penalty_sees_padding or len(set(lengths)) == 1:
+            return self._generate_padded(prefix, prefix_atts, prompts, settings)
+        per_image = [None] * len(prompts)
+        for length in sorted(set(lengths)):
+            group = [i for i, n in enumerate(lengths) if n == length]
+            texts = self._generate_padded(prefix[group], prefix_atts[group], [prompts[i] for i in group], settings)
+            for position, i in enumerate(group):
+                per_image[i] = texts[position * settings.num_captions : (position + 1) * settings.num_captions]
+        return [text for texts in per_image for text in texts]
+
+    def _generate_padded(self, prefix, prefix_atts, prompts, settings) -> List[str]:
+        self.opt_tokenizer.padding_side = "left"  # [prefix | padding | prompt]: every answer starts flush
+        prompt_tokens = self.opt_tokenizer(prompts, padding="longest", return_tensors="pt").to(prefix.device)
+        with self.maybe_autocast():
+            outputs = self.opt_model.generate(
+                input_ids=prompt_tokens.input_ids,
+                # transformers expands input_ids and attention_mask per beam / sample, not this extra input.
+                query_embeds=prefix.repeat_interleave(settings.sequences_per_image, dim=0),
+                attention_mask=torch.cat([prefix_atts, prompt_tokens.attention_mask], dim=1),
+                min_new_tokens=settings.min_length,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.opt_tokenizer.pad_token_id,
+                **settings.transformers_kwargs(),
+            )
+        new_tokens = outputs[:, prompt_tokens.input_ids.shape[1] :]
+        return [text.strip() for text in self.opt_tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+# ================================================================================================================
+# FlanT5: encoder-decoder
+# ================================================================================================================
+class T5Head(LLMHead):
+    """The frozen FlanT5 of LAVIS's ``Blip2T5``, fed with a visual prefix. Prompts are right-padded in the encoder
+    input, where T5's relative positions and the attention mask make the padding invisible."""
+
+    llm_projection = "t5_proj"
+    vqa_length_penalty = -1.0
+
+    def build_llm(self, config: Blip2T5Config, input_width: int):
+        """What ``Blip2T5.__init__`` builds after the Q-Former, under its names, by the plugin's builders."""
+        self.t5_tokenizer, self.t5_model = build_t5(config)
+        self.t5_proj = nn.Linear(input_width, self.t5_model.config.hidden_size)
+        self.max_txt_len = config.max_txt_len
+        self.prompt = config.prompt
+        self._apply_lemmatizer = config.apply_lemmatizer
+        self._lemmatizer = None
+
+    def caption_loss(self, prefix, prefix_atts, captions):
+        """BLIP-2's prefix-LM objective on caption data: a random split (``split_captions``), then
+        ``prefix_lm_loss``."""
+        return self.prefix_lm_loss(prefix, prefix_atts, *split_captions(captions))
+
+    def prefix_lm_loss(self, prefix, prefix_atts, prompts, targets, weights=None):
+        """``Blip2T5.forward``'s text side: [prefix | prompt] into the encoder, the target decoded."""
+        if len(prompts) != len(targets):
+            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets; give one target per prompt")
+        device = prefix.device
+        with self.maybe_autocast(dtype=torch.bfloat16):
+            input_tokens, output_tokens = (
+                self.t5_tokenizer(
+                    list(texts), padding="longest", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
+                ).to(device)
+                for texts in (prompts, targets)
+            )
+            target_ids = output_tokens.input_ids
+            labels = target_ids.masked_fill(target_ids == self.t5_tokenizer.pad_token_id, -100)
+            outputs = self.t5_model(
+                inputs_embeds=torch.cat([prefix, self.t5_model.encoder.embed_tokens(input_tokens.input_ids)], dim=1),
+                attention_mask=torch.cat([prefix_atts, input_tokens.attention_mask], dim=1),
+                decoder_attention_mask=output_tokens.attention_mask,
+                return_dict=True,
+                labels=labels,
+                reduction="none",  # per-sample sums: the weights apply per sample
+            )
+        return weighted_token_mean(outputs.loss, (labels != -100).sum(1), weights)
+
+    def generate_from_prefix(self, prefix, prefix_atts, prompts, settings):
+        input_tokens = self.t5_tokenizer(prompts, padding="longest", return_tensors="pt").to(prefix.device)
+        with self.maybe_autocast(dtype=torch.bfloat16):
+            inputs_embeds = torch.cat([prefix, self.t5_model.encoder.embed_tokens(input_tokens.input_ids)], dim=1)
+            outputs = self.t5_model.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=torch.cat([prefix_atts, input_tokens.attention_mask], dim=1),
+                min_length=settings.min_length,  # the decoder's length: no prompt in it, as in LAVIS
+                **settings.transformers_kwargs(),
+            )
+        return self.t5_tokenizer.batch_decode(outputs, skip_special_tokens=True)
+
+    def postprocess_answers(self, answers):
+        return self._lemmatize(answers) if self._apply_lemmatizer else answers
