@@ -200,6 +200,7 @@ class DerivationRule:
 
 def _image_rng(rule: DerivationRule, task: str, image: ImageObjects) -> random.Random:
     # A string seed is hashed with SHA-512 by random.Random: stable across runs and PYTHONHASHSEED.
+    # It keeps the module's first name (lavis_xformer.finegrained), so the derived questions stay the same.
     return random.Random(f"lavis_xformer.finegrained:{rule.seed}:{task}:{image.image}")
 
 

@@ -6,8 +6,8 @@
 
 Setup: the shapes data is generated (once, before any run), and the frozen encoders get their stand-ins. The paper's
 are hub weights; the ``tiny`` types' are random, which leaves nothing for a frozen MAE decoder to reconstruct with
-or for a visual prefix to steer in a frozen LLM. So the demo pretrains the tiny MAE (``MaeStandIn``: MAE's own
-objective on the training images) and the tiny OPT (``LLMStandIn``: a text LM on the training captions and
+or for a visual prefix to steer in a frozen LLM. So the demo pretrains the tiny MAE (``standins.MAE_STANDIN``: MAE's own
+objective on the training images) and the tiny OPT (``standins.LLM_STANDIN``: a text LM on the training captions and
 question-answer pairs), saves them with ``save_pretrained`` and passes them to the runs as ``model.mae_weights``
 (X-Former) and ``model.opt_model`` (stage 2 and VQA, both models), frozen like hub weights (``--random-mae``,
 ``--random-llm``: keep the random ones). The CLIP-ViT stays random (both models share it).

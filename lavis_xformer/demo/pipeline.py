@@ -270,9 +270,9 @@ class DemoSettings:
     options: List[str] = field(default_factory=list)  #: applied to every run
     verbose: bool = False
     grid_images: int = 8
-    pretrain_mae: bool = True  #: pretrain X-Former's frozen MAE first (MaeStandIn); False: the random one
+    pretrain_mae: bool = True  #: pretrain X-Former's frozen MAE first (standins.MAE_STANDIN); False: the random one
     mae_weights: Optional[Path] = None  #: set once the MAE is pretrained: passed as model.mae_weights
-    pretrain_llm: bool = True  #: pretrain the frozen OPT first (LLMStandIn); False: the random one
+    pretrain_llm: bool = True  #: pretrain the frozen OPT first (standins.LLM_STANDIN); False: the random one
     opt_weights: Optional[Path] = None  #: set once the OPT is pretrained: passed as model.opt_model (stage 2, VQA)
 
     def dataset_names(self, yaml: Path) -> List[str]:

@@ -59,7 +59,7 @@ TABLE_GROUPS = (
 )
 STANDINS_NOTE = (
     "The frozen encoders are stand-ins for the paper's hub weights: the CLIP-ViT is random, the MAE (X-Former) and "
-    "the OPT (both models) are pretrained by the demo on the shapes training split (MaeStandIn, LLMStandIn). At "
+    "the OPT (both models) are pretrained by the demo on the shapes training split (demo/standins.py). At "
     "this size the OPT answers VQA from its language prior (e.g. 'yes', '0' for every image): the VQA rows show "
     "the pipeline, not a difference between the models. The tables measure these tiny models, not the paper."
 )

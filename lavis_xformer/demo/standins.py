@@ -5,34 +5,43 @@ question-answer pairs (both models' frozen LLM). Each is saved with ``save_pretr
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from lavis_xformer.demo.pipeline import MODELS, STAGES, Console, DemoError, DemoSettings, data_folder
 
+
 @dataclass(frozen=True)
-class MaeStandIn:
-    """How the demo pretrains the tiny frozen MAE before the runs.
+class StandInRecipe:
+    """How a stand-in is pretrained: AdamW, a linear warm-up, then a cosine decay to 0 over every step."""
 
-    X-Former's frozen MAE is a pretrained one (``facebook/vit-mae-huge`` at paper scale). The ``tiny`` types build a
-    random MAE instead, and a random frozen decoder reconstructs nothing, whatever M' it is given. So the demo first
-    trains the tiny MAE (encoder and decoder, transformers' ``ViTMAEForPreTraining`` and its own loss) on the shapes
-    training images, saves it with ``save_pretrained`` and passes that folder to every X-Former run as
-    ``model.mae_weights``, where it is frozen as the hub MAE would be. BLIP-2 has no MAE. A config that names real
-    MAE weights (``mae_weights``) is used as it is.
-    """
-
-    epochs: int = 30
+    epochs: int  #: passes over the training split
+    lr: float  #: peak learning rate
+    betas: Tuple[float, float]  #: AdamW's
+    warmup_epochs: float  #: length of the linear warm-up, in epochs (at least one step)
     batch_size: int = 64
-    lr: float = 2e-3
     weight_decay: float = 0.05
-    seed: int = 0
+    seed: int = 0  #: model initialisation, shuffling, flips and masks
+
+    def optimizer_and_schedule(self, parameters, num_samples: int):
+        optimizer = torch.optim.AdamW(parameters, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        steps_per_epoch = math.ceil(num_samples / self.batch_size)
+        total, warmup = self.epochs * steps_per_epoch, max(1, int(steps_per_epoch * self.warmup_epochs))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)),
+        )
+        return optimizer, schedule
 
 
-SMOKE_MAE = MaeStandIn(epochs=2)
+# ================================================================================================================
+# X-Former's frozen MAE
+# ================================================================================================================
+MAE_STANDIN = StandInRecipe(epochs=30, lr=2e-3, betas=(0.9, 0.95), warmup_epochs=1.0)
+SMOKE_MAE = replace(MAE_STANDIN, epochs=2)
 
 
 def mae_training_images(cfg, folder: Path) -> torch.Tensor:
@@ -57,8 +66,16 @@ def mae_training_images(cfg, folder: Path) -> torch.Tensor:
 
 
 def pretrain_mae(settings: DemoSettings, console: Console) -> Optional[dict]:
-    """Train the stand-in MAE (``MaeStandIn``) and point ``settings.mae_weights`` at it; None when the config
-    already names MAE weights or the model has no MAE to reconstruct with."""
+    """Train the stand-in MAE (``MAE_STANDIN``) and point ``settings.mae_weights`` at it; None when the config
+    already names MAE weights or the model has no MAE to reconstruct with.
+
+    X-Former's frozen MAE is a pretrained one (``facebook/vit-mae-huge`` at paper scale). The ``tiny`` types build a
+    random MAE instead, and a random frozen decoder reconstructs nothing, whatever M' it is given. So the demo first
+    trains the tiny MAE (encoder and decoder, transformers' ``ViTMAEForPreTraining`` and its own loss) on the shapes
+    training images, saves it with ``save_pretrained`` and passes that folder to every X-Former run as
+    ``model.mae_weights``, where it is frozen as the hub MAE would be. BLIP-2 has no MAE. A config that names real
+    MAE weights (``mae_weights``) is used as it is.
+    """
     import torch.nn.functional as F
     from omegaconf import OmegaConf
 
@@ -69,7 +86,7 @@ def pretrain_mae(settings: DemoSettings, console: Console) -> Optional[dict]:
     typed = XFormerConfig.from_lavis_cfg(OmegaConf.to_container(cfg.model_cfg, resolve=True))
     if typed.mae_weights or not typed.use_mae or typed.mae_source != "mae":
         return None
-    recipe = SMOKE_MAE if settings.smoke else MaeStandIn()
+    recipe = SMOKE_MAE if settings.smoke else MAE_STANDIN
     if typed.mae_image_size != typed.image_size:
         raise DemoError("the MAE stand-in is trained at the model's image size; set mae_image_size = image_size")
     start = time.time()
@@ -97,13 +114,8 @@ def pretrain_mae(settings: DemoSettings, console: Console) -> Optional[dict]:
             "folder": str(folder), "seconds": round(time.time() - start, 1)}
 
 
-def _train_mae(mae, pixels, recipe: MaeStandIn, generator, device, console) -> List[float]:
-    optimizer = torch.optim.AdamW(mae.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay)
-    steps_per_epoch = math.ceil(len(pixels) / recipe.batch_size)
-    total, warmup = recipe.epochs * steps_per_epoch, max(1, steps_per_epoch)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-    )
+def _train_mae(mae, pixels, recipe: StandInRecipe, generator, device, console) -> List[float]:
+    optimizer, schedule = recipe.optimizer_and_schedule(mae.parameters(), len(pixels))
     losses = []
     for epoch in range(recipe.epochs):
         order, epoch_loss = torch.randperm(len(pixels), generator=generator), 0.0
@@ -124,27 +136,11 @@ def _train_mae(mae, pixels, recipe: MaeStandIn, generator, device, console) -> L
     return losses
 
 
-@dataclass(frozen=True)
-class LLMStandIn:
-    """How the demo pretrains the tiny frozen OPT before stage 2.
-
-    A random frozen OPT (the ``tiny`` types') gives a near-flat next-token distribution that no visual prefix can
-    steer: stage 2 cannot lower its loss and zero-shot VQA answers nothing. The paper's frozen LLMs know language;
-    here the tiny OPT first learns the shapes domain's language as a plain text LM (no image): the training
-    split's captions, and its questions answered from the caption in the evaluation's format
-    (``caption\nQuestion: q Short answer: a``, and without the caption). It is saved with ``save_pretrained``
-    and handed to both models' stage-2 and VQA runs as ``model.opt_model``, where it stays frozen. What it cannot
-    know is the test image: answering from the image is left to each model's visual prefix.
-    """
-
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 0.05
-    seed: int = 0
-
-
-SMOKE_LLM = LLMStandIn(epochs=1)
+# ================================================================================================================
+# The frozen OPT (both models)
+# ================================================================================================================
+LLM_STANDIN = StandInRecipe(epochs=3, lr=3e-3, betas=(0.9, 0.98), warmup_epochs=0.5)
+SMOKE_LLM = replace(LLM_STANDIN, epochs=1)
 
 
 def llm_training_texts(cfg, folder: Path) -> List[str]:
@@ -165,8 +161,17 @@ def llm_training_texts(cfg, folder: Path) -> List[str]:
 
 
 def pretrain_llm(settings: DemoSettings, console: Console) -> Optional[dict]:
-    """Train the stand-in OPT (``LLMStandIn``) and point ``settings.opt_weights`` at it; None when the stage-2
-    config already names an OPT checkpoint (``opt_model``)."""
+    """Train the stand-in OPT (``LLM_STANDIN``) and point ``settings.opt_weights`` at it; None when the stage-2
+    config already names an OPT checkpoint (``opt_model``).
+
+    A random frozen OPT (the ``tiny`` types') gives a near-flat next-token distribution that no visual prefix can
+    steer: stage 2 cannot lower its loss and zero-shot VQA answers nothing. The paper's frozen LLMs know language;
+    here the tiny OPT first learns the shapes domain's language as a plain text LM (no image): the training
+    split's captions, and its questions answered from the caption in the evaluation's format
+    (``caption\nQuestion: q Short answer: a``, and without the caption). It is saved with ``save_pretrained``
+    and handed to both models' stage-2 and VQA runs as ``model.opt_model``, where it stays frozen. What it cannot
+    know is the test image: answering from the image is left to each model's visual prefix.
+    """
     from omegaconf import OmegaConf
 
     from lavis_xformer.models.config_llm import XFormerOPTConfig
@@ -176,7 +181,7 @@ def pretrain_llm(settings: DemoSettings, console: Console) -> Optional[dict]:
     typed = XFormerOPTConfig.from_lavis_cfg(OmegaConf.to_container(cfg.model_cfg, resolve=True))
     if typed.opt_model is not None:
         return None
-    recipe = SMOKE_LLM if settings.smoke else LLMStandIn()
+    recipe = SMOKE_LLM if settings.smoke else LLM_STANDIN
     start = time.time()
     texts = llm_training_texts(cfg, data_folder(cfg))
     torch.manual_seed(recipe.seed)
@@ -204,13 +209,8 @@ def pretrain_llm(settings: DemoSettings, console: Console) -> Optional[dict]:
             "seconds": round(time.time() - start, 1)}
 
 
-def _train_llm(opt, tokenizer, texts, recipe: LLMStandIn, generator, device, console, max_length: int) -> List[float]:
-    optimizer = torch.optim.AdamW(opt.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=recipe.weight_decay)
-    steps_per_epoch = math.ceil(len(texts) / recipe.batch_size)
-    total, warmup = recipe.epochs * steps_per_epoch, max(1, steps_per_epoch // 2)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-    )
+def _train_llm(opt, tokenizer, texts, recipe: StandInRecipe, generator, device, console, max_length: int) -> List[float]:
+    optimizer, schedule = recipe.optimizer_and_schedule(opt.parameters(), len(texts))
     tokenizer.padding_side = "right"
     losses = []
     for epoch in range(recipe.epochs):
