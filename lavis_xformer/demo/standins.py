@@ -2,6 +2,7 @@
 training images (X-Former's frozen MAE) and a tiny OPT pretrained as a text LM on the training captions and
 question-answer pairs (both models' frozen LLM). Each is saved with ``save_pretrained`` and handed to the runs."""
 
+import contextlib
 import math
 import shutil
 import time
@@ -35,6 +36,27 @@ class StandInRecipe:
             lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)),
         )
         return optimizer, schedule
+
+
+@contextlib.contextmanager
+def one_thread_on_cpu(device: torch.device):
+    """A stand-in this small trains fastest on one CPU thread (and a busy machine ruins two)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def save_standin(model, settings: DemoSettings, name: str) -> Path:
+    """``<out>/pretrained/<name>`` with ``save_pretrained`` (a previous demo's folder replaced): what the runs load."""
+    folder = settings.out_dir / "pretrained" / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    model.eval().to("cpu").save_pretrained(str(folder))
+    return folder
 
 
 # ================================================================================================================
@@ -94,19 +116,10 @@ def pretrain_mae(settings: DemoSettings, console: Console) -> Optional[dict]:
     generator = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     device = torch.device(settings.run_device)
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # a model this small runs fastest on one thread (and a busy machine ruins two)
-    mae = build_mae(typed).to(device).train()  # the random stand-in of this config, trained from here
-    try:
+    with one_thread_on_cpu(device):
+        mae = build_mae(typed).to(device).train()  # the random stand-in of this config, trained from here
         losses = _train_mae(mae, pixels, recipe, generator, device, console)
-    finally:
-        torch.set_num_threads(threads)
-    folder = settings.out_dir / "pretrained" / "mae"
-    if folder.exists():
-        shutil.rmtree(folder)
-    mae.eval().to("cpu").save_pretrained(str(folder))
-    settings.mae_weights = folder
+    settings.mae_weights = folder = save_standin(mae, settings, "mae")
     baseline = F.mse_loss(pixels, pixels.mean(dim=(0, 2, 3), keepdim=True).expand_as(pixels)).item()
     console.say(f"MAE stand-in saved to {folder} ({time.time() - start:.0f}s; the dataset's mean colour everywhere "
                 f"would score {baseline:.4f}); X-Former runs get model.mae_weights={folder}")
@@ -191,18 +204,9 @@ def pretrain_llm(settings: DemoSettings, console: Console) -> Optional[dict]:
     opt = opt.to(device).train()
     for param in opt.parameters():
         param.requires_grad_(True)
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
+    with one_thread_on_cpu(device):
         losses = _train_llm(opt, tokenizer, texts, recipe, generator, device, console, typed.max_txt_len * 2)
-    finally:
-        torch.set_num_threads(threads)
-    folder = settings.out_dir / "pretrained" / "opt"
-    if folder.exists():
-        shutil.rmtree(folder)
-    opt.eval().to("cpu").save_pretrained(str(folder))
-    settings.opt_weights = folder
+    settings.opt_weights = folder = save_standin(opt, settings, "opt")
     console.say(f"OPT stand-in saved to {folder} ({len(texts)} texts, {time.time() - start:.0f}s); stage 2 and VQA "
                 f"runs get model.opt_model={folder}")
     return {"recipe": asdict(recipe), "epoch_losses": losses, "num_texts": len(texts), "folder": str(folder),
