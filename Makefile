@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(PY) -m lavis_xformer.demo
 
 bench: $(STAMP)
-	$(PY) -m lavis_xformer.bench
+	$(PY) -m lavis_xformer.analysis.bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info output

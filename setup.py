@@ -32,7 +32,7 @@ setup(
         "console_scripts": [
             "lavis-xformer-train = lavis_xformer.train:main",
             "lavis-xformer-evaluate = lavis_xformer.evaluate:main",
-            "lavis-xformer-compare = lavis_xformer.compare:cli",
+            "lavis-xformer-compare = lavis_xformer.analysis.compare:cli",
         ]
     },
 )

@@ -30,4 +30,3 @@ def _model_zoo():
 model_zoo = _model_zoo()
 
 __version__ = "0.1.0"
-from lavis_xformer import finegrained  # noqa: F401,E402  (OC/MCI builders and the xformer_finegrained task)

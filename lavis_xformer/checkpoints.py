@@ -130,17 +130,14 @@ def trainable_parameter_names(model_config: dict) -> set:
     """Names of the trainable parameters of the model a checkpoint's ``config["model"]`` describes, found by
     building it on the meta device without the hub (no memory, no download, no weights read)."""
     from lavis.common.registry import registry
-    from omegaconf import OmegaConf
 
-    from lavis_xformer.models.builders import no_hub
+    from lavis_xformer.models.meta import build_on_meta
 
     arch = (model_config or {}).get("arch")
     model_cls = registry.get_model_class(str(arch)) if arch else None
     if model_cls is None:
         raise CheckpointError(f"the checkpoint's model config names no registered architecture (arch={arch!r})")
-    cfg = OmegaConf.merge(OmegaConf.create(dict(model_config)), {"load_pretrained": False, "load_finetuned": False})
-    with torch.device("meta"), no_hub():
-        model = model_cls.from_config(cfg)
+    model = build_on_meta(**dict(model_config))
     return {name for name, param in model.named_parameters() if param.requires_grad}
 
 

@@ -101,3 +101,33 @@ class XFormerVQATask(LengthPenaltyMixin, VQATask):
 @registry.register_task("xformer_gqa")
 class XFormerGQATask(LengthPenaltyMixin, GQATask):
     """LAVIS's ``gqa`` (exact-match accuracy) with ``run.length_penalty``."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# xformer_finegrained: the OC / MCI benchmark (datasets/finegrained.py derives its questions)
+# ---------------------------------------------------------------------------------------------------------------
+# The paper's protocol (section 3.1 and Table 3): the defaults of the ``xformer_finegrained`` task.
+FINEGRAINED_PROTOCOL = {
+    "prompt": "Question: {} Short answer:",
+    "num_beams": 5,
+    "length_penalty": 0.0,
+    "inference_method": "generate",
+    "max_len": 10,
+    "min_len": 1,
+}
+
+
+@registry.register_task("xformer_finegrained")
+class FinegrainedVQATask(XFormerVQATask):
+    """LAVIS's ``vqa`` task (official VQA accuracy, per answer type) with the paper's OC/MCI protocol as defaults:
+    prompt "Question: {} Short answer:", beam search with 5 beams, length penalty 0, generated answers. Keys set
+    in ``run:`` win."""
+
+    @classmethod
+    def setup_task(cls, cfg):
+        from types import SimpleNamespace
+
+        from omegaconf import OmegaConf
+
+        run_cfg = OmegaConf.merge(OmegaConf.create(FINEGRAINED_PROTOCOL), cfg.run_cfg)
+        return super().setup_task(SimpleNamespace(run_cfg=run_cfg))

@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    command = [sys.executable, "-m", "lavis_xformer.bench", "--size", "tiny", "--repeats", "2", "--warmup", "1", "--json", str(out)]
+    command = [sys.executable, "-m", "lavis_xformer.analysis.bench", "--size", "tiny", "--repeats", "2", "--warmup", "1", "--json", str(out)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(out.read_text()), completed.stdout

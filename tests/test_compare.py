@@ -1,4 +1,4 @@
-"""The head-to-head comparison (``python -m lavis_xformer.compare``), its statistics and the query-diversity analysis.
+"""The head-to-head comparison (``python -m lavis_xformer.analysis.compare``), its statistics and the query-diversity analysis.
 
 * two tiny models on the embedded shapes data: both rows, delta = difference of the rows, statistics equal to a
   direct computation from the per-question file, cache reuse on rerun;
@@ -22,7 +22,7 @@ from lavis.models.base_model import BaseModel
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 from PIL import Image
 
-from lavis_xformer import compare, query_diversity, stats
+from lavis_xformer.analysis import compare, figures, query_diversity, stats
 from lavis_xformer.paths import model_config_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -536,7 +536,7 @@ def test_output_queries_are_each_models_query_outputs(tmp_path, process_group):
     assert result.num_images == 4 and result.mean_similarity.shape == (8, 8)
     single = query_diversity.cosine_similarity_matrices(xformer.encode_image(image)).mean(0).double().numpy()
     assert np.allclose(result.mean_similarity, single, atol=1e-6)
-    path = query_diversity.heatmap_png([result, query_diversity.measure(blip2, [image], "blip2")], tmp_path / "q.png")
+    path = figures.heatmap_png([result, query_diversity.measure(blip2, [image], "blip2")], tmp_path / "q.png")
     with Image.open(path) as png:
         assert png.size[0] > png.size[1] > 100
 
@@ -578,7 +578,7 @@ def test_torchrun_shards_and_gathers_like_one_process(tmp_path, shapes_overrides
         "--nproc_per_node",
         "2",
         "-m",
-        "lavis_xformer.compare",
+        "lavis_xformer.analysis.compare",
         *common,
         "--out",
         str(tmp_path / "torchrun"),

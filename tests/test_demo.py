@@ -15,7 +15,8 @@ from lavis.models import load_model
 from omegaconf import OmegaConf
 from PIL import Image
 
-from lavis_xformer import demo
+from lavis_xformer.demo import pipeline
+from lavis_xformer.demo import report as demo_report
 from lavis_xformer.datasets import shapes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -23,7 +24,7 @@ DEMO_YAMLS = sorted((REPO / "projects" / "xformer" / "demo").glob("*.yaml"))
 
 
 def subprocess_env():
-    env = demo.child_env(threads=None)
+    env = pipeline.child_env(threads=None)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return env
 
@@ -45,10 +46,10 @@ def test_smoke_demo_table_has_both_models_with_every_metric(smoke_demo):
     rows = {row["key"]: row for row in report["rows"]}
     assert [row["model"] for row in report["rows"]] == ["X-Former", "BLIP-2"]
     for key, row in rows.items():
-        for metric, _, kind in demo.METRICS:
+        for metric, _, kind in demo_report.METRICS:
             assert metric in row, (key, metric)
             value = row[metric]
-            if (key, metric) in demo.NOT_APPLICABLE:
+            if (key, metric) in demo_report.NOT_APPLICABLE:
                 assert value is None, (key, metric)
                 continue
             assert isinstance(value, (int, float)) and math.isfinite(value), (key, metric, value)
@@ -69,16 +70,16 @@ def test_smoke_demo_table_has_both_models_with_every_metric(smoke_demo):
 
     # the printed table: both models side by side, every metric a line
     assert re.search(r"metric +X-Former +BLIP-2", output)
-    for _, label, _ in demo.METRICS:
+    for _, label, _ in demo_report.METRICS:
         assert label.strip() in output
 
 
 def test_smoke_demo_markdown_has_both_rows_in_every_table(smoke_demo):
     out, _ = smoke_demo
     markdown = (out / "demo_results.md").read_text()
-    assert markdown.count("\n| X-Former | ") == len(demo.TABLE_GROUPS)
-    assert markdown.count("\n| BLIP-2 | ") == len(demo.TABLE_GROUPS)
-    for title, _ in demo.TABLE_GROUPS:
+    assert markdown.count("\n| X-Former | ") == len(demo_report.TABLE_GROUPS)
+    assert markdown.count("\n| BLIP-2 | ") == len(demo_report.TABLE_GROUPS)
+    for title, _ in demo_report.TABLE_GROUPS:
         assert f"## {title}" in markdown
 
 
@@ -100,11 +101,11 @@ def test_smoke_demo_runs_through_lavis_entry_points(smoke_demo):
     for model in ("X-Former", "BLIP-2"):
         assert f"[{model}]" in output
     assert "Train: data epoch" in output and "Evaluation" in output  # LAVIS's MetricLogger, streamed
-    for model in demo.MODELS:
-        for stage in demo.STAGES:
+    for model in pipeline.MODELS:
+        for stage in pipeline.STAGES:
             (job,) = [p for p in (out / "runs" / model.key / stage.key).iterdir() if p.is_dir()]
             if stage.key.startswith("stage"):
-                assert demo.last_checkpoint(job).name == "checkpoint_1.pth"
+                assert pipeline.last_checkpoint(job).name == "checkpoint_1.pth"
             else:
                 assert (job / "evaluate.txt").is_file()
         assert (out / "logs" / f"{model.key}_vqa.log").is_file()
@@ -119,27 +120,27 @@ def test_unpatchify_inverts_patchify():
     pixels = torch.randn(3, 3, 32, 32)
     patches = model.patchify(pixels)
     assert patches.shape == (3, 16, 8 * 8 * 3)
-    assert torch.equal(demo.unpatchify(patches, 8), pixels)
-    assert torch.equal(model.patchify(demo.unpatchify(patches, 8)), patches)
+    assert torch.equal(demo_report.unpatchify(patches, 8), pixels)
+    assert torch.equal(model.patchify(demo_report.unpatchify(patches, 8)), patches)
     # a patch is a p x p block of the image: patch 1 is rows 0-7, columns 8-15
     block = pixels[0, :, 0:8, 8:16].permute(1, 2, 0).reshape(-1)
     assert torch.equal(patches[0, 1], block)
     with pytest.raises(ValueError, match="cannot unpatchify"):
-        demo.unpatchify(torch.zeros(1, 15, 192), 8)
+        demo_report.unpatchify(torch.zeros(1, 15, 192), 8)
 
 
 def test_reconstruction_views_mask_exactly_the_masked_patches():
     torch.manual_seed(0)
     model = load_model("xformer", "tiny").eval()
     image = torch.randn(4, 3, 32, 32)
-    views = demo.reconstruct(model, image, mask_ratio=0.5, seed=0)
+    views = demo_report.reconstruct(model, image, mask_ratio=0.5, seed=0)
     assert {k for k in views if k != "loss"} == {"original", "masked", "reconstruction", "reconstruction_visible"}
     for key in ("original", "masked", "reconstruction", "reconstruction_visible"):
         assert views[key].shape == (4, 3, 32, 32) and 0.0 <= views[key].min() and views[key].max() <= 1.0
     # the same fixed draw as forward_mae with that noise: half the 16 patches hidden, shown grey
     noise = torch.rand(4, 16, generator=torch.Generator().manual_seed(0))
     mask = model.forward_mae(image, 0.5, noise).mask  # [4, 16], 1 = masked
-    pixel_mask = demo.unpatchify(mask.unsqueeze(-1).expand(-1, -1, 192), 8).bool()
+    pixel_mask = demo_report.unpatchify(mask.unsqueeze(-1).expand(-1, -1, 192), 8).bool()
     assert (mask.sum(1) == 8).all()
     assert torch.all(views["masked"][pixel_mask] == 0.5)
     torch.testing.assert_close(views["masked"][~pixel_mask], views["original"][~pixel_mask])
@@ -170,8 +171,8 @@ def test_stage2_meets_the_frozen_encoders_stage1_trained_with():
 # ------------------------------------------------------------------------------------------------------------------
 def test_demo_has_every_stage_for_both_models():
     names = {p.name for p in DEMO_YAMLS}
-    for stage in demo.STAGES:
-        for model in demo.MODELS:
+    for stage in pipeline.STAGES:
+        for model in pipeline.MODELS:
             assert f"{stage.yaml}{model.suffix}.yaml" in names
 
 

@@ -11,8 +11,9 @@ from lavis.datasets.builders.base_dataset_builder import load_dataset_config
 from omegaconf import OmegaConf
 from PIL import Image
 
-from lavis_xformer import compare, finegrained
-from lavis_xformer.finegrained import DerivationRule
+from lavis_xformer.analysis import compare
+from lavis_xformer.datasets import finegrained
+from lavis_xformer.datasets.finegrained import DerivationRule
 
 CATEGORIES = ["person", "wine glass", "bus", "knife", "dog", "sheep"]
 

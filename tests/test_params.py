@@ -1,4 +1,4 @@
-"""`python -m lavis_xformer.params`: every paper-scale model type counted on the meta device, beside the paper."""
+"""`python -m lavis_xformer.analysis.params`: every paper-scale model type counted on the meta device, beside the paper."""
 
 import json
 
@@ -6,10 +6,11 @@ import pytest
 import torch
 from lavis.common.registry import registry
 
-from lavis_xformer import params
+from lavis_xformer.analysis import params
 from lavis_xformer.models.blip2_baseline import Blip2Baseline
 from lavis_xformer.models.builders import no_hub
 from lavis_xformer.models.config import BackboneConfig
+from lavis_xformer.models.meta import build_on_meta, count_parameters
 from lavis_xformer.models.variants import VARIANTS, variant_type_name
 
 # The paper's trainable-parameter figures (millions): Table 1 and supplement Table 3.
@@ -140,8 +141,8 @@ def test_stage2_rule_agrees_with_the_stage2_classes():
     ]
     pairs.append(("pretrain", "stage2_recon_opt2.7b", {}))
     for stage1_type, stage2_type, stage2_fields in pairs:
-        stage2 = params.build_model_type("xformer_opt", stage2_type)
-        stage1 = params.build_model_type("xformer", stage1_type, **stage2_fields)
+        stage2 = build_on_meta("xformer_opt", stage2_type)
+        stage1 = build_on_meta("xformer", stage1_type, **stage2_fields)
         llm_parameters = sum(p.numel() for p in stage2.opt_model.parameters())
         expected = params.stage2_equivalent_counts(stage1, stage2.opt_model.config.hidden_size, llm_parameters)
-        assert params.count(stage2) == expected, (stage1_type, stage2_type)
+        assert count_parameters(stage2) == expected, (stage1_type, stage2_type)

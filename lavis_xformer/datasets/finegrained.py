@@ -57,7 +57,6 @@ import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Dict, FrozenSet, List, Optional
 
 from lavis.common.registry import registry
@@ -66,7 +65,6 @@ from lavis.datasets.datasets.coco_vqa_datasets import COCOVQADataset, COCOVQAEva
 from omegaconf import OmegaConf
 
 from lavis_xformer.paths import dataset_config_path
-from lavis_xformer.tasks import XFormerVQATask
 
 # Bump when the derivation's output changes: the folder name carries it, so older files are never reused silently.
 FORMAT_VERSION = 1
@@ -78,16 +76,6 @@ OC_TEMPLATE = "How many {objects} are there in the image?"
 MCI_TEMPLATE = "Does {object} exist in the image?"
 ANSWERS_PER_QUESTION = 10  # as VQAv2's ten annotators: the official VQA accuracy then is exact match
 QUESTION_ID_STRIDE = 100  # question_id = image_id * 100 + slot
-
-# The paper's protocol (section 3.1 and Table 3): the defaults of the ``xformer_finegrained`` task.
-PAPER_PROTOCOL = {
-    "prompt": "Question: {} Short answer:",
-    "num_beams": 5,
-    "length_penalty": 0.0,
-    "inference_method": "generate",
-    "max_len": 10,
-    "min_len": 1,
-}
 
 # English plurals of COCO's category names that the suffix rule below gets wrong.
 IRREGULAR_PLURALS = {
@@ -212,6 +200,7 @@ class DerivationRule:
 
 def _image_rng(rule: DerivationRule, task: str, image: ImageObjects) -> random.Random:
     # A string seed is hashed with SHA-512 by random.Random: stable across runs and PYTHONHASHSEED.
+    # It keeps the module's first name (lavis_xformer.finegrained), so the derived questions stay the same.
     return random.Random(f"lavis_xformer.finegrained:{rule.seed}:{task}:{image.image}")
 
 
@@ -471,7 +460,7 @@ def ensure_derived(spec: FinegrainedSpec, annotations_path: Path, folder: Path) 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# LAVIS builders and task
+# LAVIS builders (the task that scores them is ``tasks.FinegrainedVQATask``, ``xformer_finegrained``)
 # ---------------------------------------------------------------------------------------------------------------
 class FinegrainedBuilder(BaseDatasetBuilder):
     """Derives the questions (``_download_data``, run by rank 0 while the others wait, as LAVIS downloads) and
@@ -537,18 +526,6 @@ class MCIVCRBuilder(FinegrainedBuilder):
     """Multi-Class Identification on VCR's objects (GVT's MCI@VCR)."""
 
     DATASET_CONFIG_DICT = {"default": dataset_config_path("xformer_finegrained/mci_vcr.yaml")}
-
-
-@registry.register_task("xformer_finegrained")
-class FinegrainedVQATask(XFormerVQATask):
-    """LAVIS's ``vqa`` task (official VQA accuracy, per answer type) with the paper's OC/MCI protocol as defaults:
-    prompt "Question: {} Short answer:", beam search with 5 beams, length penalty 0, generated answers. Keys set
-    in ``run:`` win."""
-
-    @classmethod
-    def setup_task(cls, cfg):
-        run_cfg = OmegaConf.merge(OmegaConf.create(PAPER_PROTOCOL), cfg.run_cfg)
-        return super().setup_task(SimpleNamespace(run_cfg=run_cfg))
 
 
 def derive_from_files(

@@ -1,10 +1,10 @@
 """Trainable and frozen parameters of every architecture and variant at paper scale, beside the paper's figures.
 
-    python -m lavis_xformer.params           # Markdown tables
-    python -m lavis_xformer.params --json    # the same numbers as JSON
+    python -m lavis_xformer.analysis.params           # Markdown tables
+    python -m lavis_xformer.analysis.params --json    # the same numbers as JSON
 
 Every registered paper-scale model type (all but the ``tiny`` ones) of the plugin's architectures is built from
-its yaml on the ``meta`` device inside ``no_hub()``: full size, no weights, no download, about a second each.
+its yaml by ``models.meta.build_on_meta``: full size, no weights, no download, about a second each.
 That includes the baselines and ablations of ``lavis_xformer.models.variants`` (stage 1 ``xformer/<variant>``,
 stage 2 ``xformer_opt/<variant>_opt2.7b`` and ``_opt6.7b``).
 
@@ -23,9 +23,9 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import List, Optional, Tuple
 
-import torch
 import torch.nn as nn
-from omegaconf import OmegaConf
+
+from lavis_xformer.models.meta import build_on_meta, count_parameters
 
 # The plugin's architectures, in table order: (arch, stage).
 ARCHS = (
@@ -72,15 +72,8 @@ class Row:
 
 
 # ================================================================================================================
-# Counting
+# The stage-2 counting rule
 # ================================================================================================================
-def count(model: nn.Module) -> Tuple[int, int]:
-    """(trainable, frozen): ``numel`` summed over parameters with and without ``requires_grad`` (tied ones once)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return trainable, frozen
-
-
 # What LAVIS's Blip2OPT.__init__ sets to None on its Q-Former (the text-only parts stage 2 never runs), and the
 # stage-1 heads Blip2OPT (a Blip2Base, not a Blip2Qformer) does not have.
 _STAGE2_REMOVED_PREFIXES = (
@@ -128,25 +121,13 @@ def stage2_equivalent_counts(stage1_model: nn.Module, llm_width: int, llm_parame
 
 
 # ================================================================================================================
-# Building on the meta device
+# The table
 # ================================================================================================================
 def _registry():
     import lavis_xformer  # noqa: F401  (registers the plugin's models)
     from lavis.common.registry import registry
 
     return registry
-
-
-def build_model_type(arch: str, model_type: str, **overrides) -> nn.Module:
-    """A registered model type at full size on ``meta``: its yaml's ``model:`` section (plus ``overrides``), built
-    by the class from its typed config; no checkpoint is loaded."""
-    from lavis_xformer.models.builders import no_hub
-
-    cls = _registry().get_model_class(arch)
-    cfg = OmegaConf.to_container(OmegaConf.load(cls.default_config_path(model_type)).model, resolve=True)
-    config = cls.config_class.from_lavis_cfg({**cfg, **overrides})
-    with torch.device("meta"), no_hub():
-        return cls(config)
 
 
 def paper_scale_types(arch: str) -> List[str]:
@@ -163,7 +144,7 @@ def collect(archs=ARCHS) -> List[Row]:
         if _registry().get_model_class(arch) is None:
             continue
         for model_type in paper_scale_types(arch):
-            trainable, frozen = count(build_model_type(arch, model_type))
+            trainable, frozen = count_parameters(build_on_meta(arch, model_type))
             rows.append(Row(stage, arch, model_type, trainable, frozen, figures.get((arch, model_type))))
     return rows
 
@@ -206,7 +187,7 @@ def to_json(rows: List[Row]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lavis_xformer.params",
+        prog="python -m lavis_xformer.analysis.params",
         description="Trainable and frozen parameters of every model type at paper scale, beside the paper's figures.",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")

@@ -10,11 +10,10 @@ similarities (32 x 32 at paper scale). The matrices are averaged over images; a 
 the paper reports X-Former's queries as 7% more diverse than BLIP-2's. Both kinds of model are read where their
 queries leave the query transformer, before any projection into an LLM, so stage-1 and stage-2 models compare alike.
 
-``heatmap_png`` draws the averaged matrices side by side (PIL only: no plotting library is needed).
+``analysis.figures.heatmap_png`` draws the averaged matrices side by side.
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -131,77 +130,6 @@ def measure(model, images: Iterable[torch.Tensor], label: str, device="cpu") -> 
         num_queries = int(model.query_tokens.shape[1])
     accumulator.all_reduce(num_queries)
     return accumulator.result(label)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Heatmap (PIL)
-# ---------------------------------------------------------------------------------------------------------------
-# Viridis at five stops; values between stops are interpolated linearly.
-_VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
-
-
-def colormap(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """uint8 RGB for ``values`` scaled from [low, high] onto viridis."""
-    t = np.clip((np.asarray(values, dtype=np.float64) - low) / max(high - low, 1e-12), 0.0, 1.0)
-    position = t * (len(_VIRIDIS) - 1)
-    lower = np.minimum(position.astype(int), len(_VIRIDIS) - 2)
-    fraction = (position - lower)[..., None]
-    return (_VIRIDIS[lower] * (1 - fraction) + _VIRIDIS[lower + 1] * fraction).round().astype(np.uint8)
-
-
-def pil_font(size: int):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one fixed-size default font
-        return ImageFont.load_default()
-
-
-def heatmap_png(results: Sequence[QueryDiversity], path, cell: Optional[int] = None) -> Path:
-    """The models' averaged similarity matrices side by side on one colour scale, with a colour bar."""
-    from PIL import Image, ImageDraw
-
-    if not results:
-        raise ValueError("no query-diversity result to draw")
-    num_queries = max(r.mean_similarity.shape[0] for r in results)
-    cell = cell or max(4, 320 // num_queries)
-    side = cell * num_queries
-    low = min(float(r.mean_similarity.min()) for r in results)
-    high = max(float(r.mean_similarity.max()) for r in results)
-    margin, title_height, bar_width = 24, 44, 16
-    width = margin + len(results) * (side + margin) + bar_width + 60
-    height = title_height + side + 2 * margin
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    title_font, label_font = pil_font(14), pil_font(11)
-    for index, result in enumerate(results):
-        left = margin + index * (side + margin)
-        pixels = colormap(result.mean_similarity, low, high)
-        tile = Image.fromarray(pixels, "RGB").resize((cell * pixels.shape[1], cell * pixels.shape[0]), Image.NEAREST)
-        canvas.paste(tile, (left, title_height))
-        draw.text((left, 6), result.label, fill=(0, 0, 0), font=title_font)
-        draw.text(
-            (left, 24),
-            f"diversity {result.diversity:.4f} ({result.num_images} images)",
-            fill=(60, 60, 60),
-            font=label_font,
-        )
-    bar_left = margin + len(results) * (side + margin)
-    gradient = colormap(np.linspace(high, low, side)[:, None].repeat(bar_width, axis=1), low, high)
-    canvas.paste(Image.fromarray(gradient, "RGB"), (bar_left, title_height))
-    draw.text((bar_left + bar_width + 4, title_height - 6), f"{high:.2f}", fill=(0, 0, 0), font=label_font)
-    draw.text((bar_left + bar_width + 4, title_height + side - 8), f"{low:.2f}", fill=(0, 0, 0), font=label_font)
-    draw.text(
-        (margin, title_height + side + 6),
-        "cosine similarity between output queries, averaged over images",
-        fill=(60, 60, 60),
-        font=label_font,
-    )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, format="PNG")
-    return path
 
 
 def relative_difference(results: Sequence[QueryDiversity]) -> List[dict]:

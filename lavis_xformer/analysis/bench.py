@@ -1,11 +1,11 @@
 """Side-by-side cost of X-Former and LAVIS's BLIP-2, measured in one process, on the same inputs and threads.
 
-    python -m lavis_xformer.bench [--size bench|tiny] [--device cpu|cuda] [--json PATH] [--repeats N]
+    python -m lavis_xformer.analysis.bench [--size bench|tiny] [--device cpu|cuda] [--json PATH] [--repeats N]
 
 What it measures, for stage 1 (``xformer`` vs LAVIS ``Blip2Qformer``) and stage 2 (``xformer_opt`` vs LAVIS
 ``Blip2OPT``):
 - trainable and frozen parameters and forward FLOPs per sample at paper scale: built on the ``meta`` device
-  from the published configs (``no_hub``), FLOPs by ``torch.utils.flop_counter.FlopCounterMode``;
+  from the published model types (``models.meta.build_on_meta``), FLOPs by ``torch.utils.flop_counter.FlopCounterMode``;
 - training-step time (forward + backward + AdamW step), median and interquartile range over repeated steps
   after warm-up, the models interleaved step by step so that machine noise hits both; and peak memory;
 - inference latency of feature extraction (Z' / Z_q) and of ``predict_answers`` with beam 5;
@@ -26,7 +26,6 @@ Every ratio is X-Former / BLIP-2. Rows:
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import resource
@@ -35,9 +34,11 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from lavis_xformer.models.meta import build_on_meta, count_parameters, on_meta
 
 # The paper's supplement, Table 1 (OPT-6.7B): the figures the benchmark is read against.
 PAPER = {
@@ -184,12 +185,6 @@ def _meta_scalars_on_cpu():
         torch.multinomial, torch.tensor = multinomial, tensor
 
 
-def count_parameters(model: torch.nn.Module) -> Dict[str, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return {"trainable": trainable, "frozen": frozen}
-
-
 def forward_flops(model: torch.nn.Module, samples: dict, batch_size: int) -> float:
     """Forward FLOPs per sample of the training objective (no gradient is taken)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -200,40 +195,31 @@ def forward_flops(model: torch.nn.Module, samples: dict, batch_size: int) -> flo
     return counter.get_total_flops() / batch_size
 
 
-def paper_scale_rows(builds: Dict[str, Callable[[], torch.nn.Module]]) -> Dict[str, dict]:
-    """Parameter counts and forward FLOPs per sample of each model, built on the ``meta`` device (no weights)."""
-    from lavis_xformer.models.builders import no_hub
-
+def paper_scale_rows(model_types: Dict[str, Tuple[str, str]]) -> Dict[str, dict]:
+    """Parameter counts and forward FLOPs per sample of each (architecture, model type), built on the ``meta``
+    device (no weights)."""
     batch = 2  # ITC needs more than one sample; FLOPs are reported per sample
     rows = {}
-    for name, build in builds.items():
-        with torch.device("meta"), no_hub():
-            model = build().train()
+    for name, (arch, model_type) in model_types.items():
+        model = build_on_meta(arch, model_type).train()
+        with on_meta():
             samples = {"image": torch.zeros(batch, 3, 224, 224), "text_input": [CAPTION] * batch}
-            rows[name] = {**count_parameters(model), "forward_flops_per_sample": forward_flops(model, samples, batch)}
+            rows[name] = {
+                **count_parameters(model)._asdict(),
+                "forward_flops_per_sample": forward_flops(model, samples, batch),
+            }
         del model
     return rows
 
 
 def paper_scale_stage2() -> Dict[str, dict]:
     """Stage 2 with OPT-6.7B, the LLM of the paper's cost table."""
-    from lavis.models import load_model  # noqa: F401  (registry)
-    from lavis_xformer.models.blip2_baseline_llm import Blip2BaselineOPT
-    from lavis_xformer.models.config_llm import Blip2OPTConfig, XFormerOPTConfig
-    from lavis_xformer.models.xformer_llm import XFormerOPT
-
-    return paper_scale_rows({
-        "blip2": lambda: Blip2BaselineOPT(Blip2OPTConfig(opt_model="facebook/opt-6.7b")),
-        "xformer": lambda: XFormerOPT(XFormerOPTConfig(opt_model="facebook/opt-6.7b")),
-    })
+    return paper_scale_rows({"blip2": ("blip2_baseline_opt", "pretrain_opt6.7b"),
+                             "xformer": ("xformer_opt", "pretrain_opt6.7b")})
 
 
 def paper_scale_stage1() -> Dict[str, dict]:
-    from lavis_xformer.models.blip2_baseline import Blip2Baseline
-    from lavis_xformer.models.config import BackboneConfig, XFormerConfig
-    from lavis_xformer.models.xformer import XFormer
-
-    return paper_scale_rows({"blip2": lambda: Blip2Baseline(BackboneConfig()), "xformer": lambda: XFormer(XFormerConfig())})
+    return paper_scale_rows({"blip2": ("blip2_baseline", "pretrain"), "xformer": ("xformer", "pretrain")})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -363,7 +349,7 @@ def build_rows(size: BenchSize, stage: int) -> Dict[str, Callable[[], torch.nn.M
 def measure_memory(rows: List[str], size: BenchSize, stage: int) -> Dict[str, dict]:
     results = {}
     for row in rows:
-        command = [sys.executable, "-m", "lavis_xformer.bench", "--memory-probe", row, "--stage", str(stage), "--size", size.name]
+        command = [sys.executable, "-m", "lavis_xformer.analysis.bench", "--memory-probe", row, "--stage", str(stage), "--size", size.name]
         out = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
         results[row] = json.loads(out.stdout.strip().splitlines()[-1])
     return results
@@ -389,7 +375,7 @@ def bench_stage(stage: int, size: BenchSize, device: torch.device, warmup: int, 
     for name, model in models.items():
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         steps[name] = train_step_fn(model, samples, optimizer, device)
-    result = {"parameters": {name: count_parameters(m) for name, m in models.items()}}
+    result = {"parameters": {name: count_parameters(m)._asdict() for name, m in models.items()}}
     result["train_step"] = interleaved(steps, timer, warmup, repeats)
 
     for model in models.values():
@@ -473,7 +459,7 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lavis_xformer.analysis.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=["bench", "tiny"], default="bench")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=7)

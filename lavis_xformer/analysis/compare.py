@@ -1,11 +1,11 @@
 """Head-to-head comparison of models on zero-shot VQA benchmarks, through LAVIS's tasks and evaluators.
 
-    python -m lavis_xformer.compare \\
+    python -m lavis_xformer.analysis.compare \\
         --models blip2_opt:pretrain_opt2.7b xformer_opt:pretrain_opt2.7b \\
         --checkpoint xformer_opt:pretrain_opt2.7b=/ckpt/xformer_stage2.pth \\
         --benchmarks vqav2 gqa okvqa oc mci --out results/compare
-    torchrun --nproc_per_node 8 -m lavis_xformer.compare ...          # the same, questions shared by the ranks
-    python -m lavis_xformer.compare --models blip2_baseline_opt:tiny xformer_opt:tiny \\
+    torchrun --nproc_per_node 8 -m lavis_xformer.analysis.compare ... # the same, questions shared by the ranks
+    python -m lavis_xformer.analysis.compare --models blip2_baseline_opt:tiny xformer_opt:tiny \\
         --benchmarks shapes --limit 48 --out /tmp/cmp                  # offline, on the embedded shapes data
 
 Models are ``[label=]arch:model_type`` (the label defaults to ``arch:model_type``; give one to compare the same
@@ -40,11 +40,11 @@ punctuation and digit/article normalisation of the prediction, then exact match)
 Output in ``--out``:
 
 * ``comparison.md`` / ``comparison.json`` -- per benchmark: accuracy per model, delta, for VQA-style benchmarks the
-  accuracy per answer type (VQAv2: yes/no, number, other), and the paired statistics of ``lavis_xformer.stats``
+  accuracy per answer type (VQAv2: yes/no, number, other), and the paired statistics of ``analysis.stats``
   (bootstrap 95% interval of the delta, McNemar's exact test);
 * ``per_question/<benchmark>.jsonl`` -- every question with its ground truth and each model's prediction and score;
 * ``accuracy.png`` -- the accuracies as grouped bars;
-* ``query_diversity.json`` / ``query_diversity.png`` -- ``lavis_xformer.query_diversity`` per model;
+* ``query_diversity.json`` / ``query_diversity.png`` -- ``analysis.query_diversity`` per model;
 * ``cache/<model>/<benchmark>.json`` -- one file per finished (model, benchmark): the predictions and what produced
   them. A rerun with the same settings reads them instead of recomputing, so an interrupted comparison resumes
   with the first unfinished benchmark (``--recompute`` ignores them); files are written atomically.
@@ -79,10 +79,11 @@ from lavis.models import load_model_and_preprocess
 from lavis.tasks.vqa import GQATask
 from torch.utils.data import DataLoader, Subset
 
-from lavis_xformer import checkpoints, query_diversity, stats
+from lavis_xformer import checkpoints
+from lavis_xformer.analysis import figures, query_diversity, stats
 from lavis_xformer.common import distributed
 from lavis_xformer.common.dist import get_rank, get_world_size
-from lavis_xformer.finegrained import resolve_path
+from lavis_xformer.datasets.finegrained import resolve_path
 
 CACHE_FORMAT = 1
 DIVERSITY = "query_diversity"  # the cache entry of the query-diversity analysis
@@ -612,66 +613,14 @@ def markdown_table(report: dict) -> str:
     return "\n".join(["# Model comparison", "", *lines, *notes]) + "\n"
 
 
-# Distinguishable colours for up to eight models (Okabe-Ito).
-_PALETTE = [
-    (0, 114, 178),
-    (230, 159, 0),
-    (0, 158, 115),
-    (204, 121, 167),
-    (86, 180, 233),
-    (213, 94, 0),
-    (240, 228, 66),
-    (0, 0, 0),
-]
-
-
-def bar_chart_png(report: dict, path) -> Path:
-    """Accuracy per benchmark (and VQA answer type), one bar per model (PIL only)."""
-    from PIL import Image, ImageDraw
-
-    labels = [m["label"] for m in report["models"]]
-    groups = []  # (first label line, second label line, one value per model)
+def accuracy_groups(report: dict, labels: Sequence[str]) -> List[tuple]:
+    """The bars of ``accuracy.png``: (benchmark, "all" or answer type, one accuracy per model of ``labels``)."""
+    groups = []
     for b in report["benchmarks"].values():
         groups.append((b["title"], "all", [b["accuracy"][l] for l in labels]))
         for answer_type in answer_type_rows(b, labels[0]):
             groups.append((b["title"], answer_type, [b["per_answer_type"][l].get(answer_type, 0.0) for l in labels]))
-    font, small = query_diversity.pil_font(13), query_diversity.pil_font(11)
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    bar = 20
-    group_widths = [
-        max(bar * len(labels), measure.textlength(first, font=small), measure.textlength(second, font=small)) + 18
-        for first, second, _ in groups
-    ]
-    legend_height = 18 * len(labels)
-    left, top, plot_height, bottom = 44, 40 + legend_height, 280, 48
-    width = int(max(left + sum(group_widths) + 16, left + 40 + max(measure.textlength(l, font=small) for l in labels)))
-    height = top + plot_height + bottom
-    image = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    draw.text((left, 8), "Accuracy (%)", fill=(0, 0, 0), font=font)
-    for m, label in enumerate(labels):  # legend, one model per line
-        y = 30 + 18 * m
-        draw.rectangle([left, y + 2, left + 11, y + 13], fill=_PALETTE[m % len(_PALETTE)])
-        draw.text((left + 17, y), label, fill=(0, 0, 0), font=small)
-    for tick in range(0, 101, 20):  # horizontal grid and y labels
-        y = top + plot_height - tick * plot_height / 100
-        draw.line([(left, y), (width - 8, y)], fill=(225, 225, 225))
-        draw.text((left - 30, y - 7), f"{tick:>3}", fill=(80, 80, 80), font=small)
-    x0 = left + 8
-    for (first, second, values), group_width in zip(groups, group_widths):
-        bars_left = x0 + (group_width - 18 - bar * len(values)) / 2
-        for m, value in enumerate(values):
-            x = bars_left + m * bar
-            y = top + plot_height - max(0.0, min(100.0, value)) * plot_height / 100
-            draw.rectangle([x, y, x + bar - 3, top + plot_height], fill=_PALETTE[m % len(_PALETTE)])
-            draw.text((x, y - 13), f"{value:.0f}", fill=(40, 40, 40), font=small)
-        draw.text((x0, top + plot_height + 6), first, fill=(0, 0, 0), font=small)
-        draw.text((x0, top + plot_height + 21), second, fill=(90, 90, 90), font=small)
-        x0 += group_width
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
-    return path
+    return groups
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -890,11 +839,12 @@ def write_report(specs, prepared, with_diversity: bool, settings: ComparisonSett
             "models": [{**r.to_dict(), **relative[r.label]} for r in results],
             "reference": specs[0].label,
         }
-        query_diversity.heatmap_png(results, out_dir / "query_diversity.png")
+        figures.heatmap_png(results, out_dir / "query_diversity.png")
         atomic_write_json(out_dir / "query_diversity.json", report["query_diversity"])
     atomic_write_json(out_dir / "comparison.json", report)
     atomic_write_text(out_dir / "comparison.md", markdown_table(report))
-    bar_chart_png(report, out_dir / "accuracy.png")
+    labels = [m["label"] for m in report["models"]]
+    figures.accuracy_bars_png(labels, accuracy_groups(report, labels), out_dir / "accuracy.png")
     logging.info("comparison written to %s", out_dir / "comparison.md")
     return report
 
@@ -904,7 +854,7 @@ def write_report(specs, prepared, with_diversity: bool, settings: ComparisonSett
 # ---------------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m lavis_xformer.compare",
+        prog="python -m lavis_xformer.analysis.compare",
         description="Compare models head to head on zero-shot VQA benchmarks (see the module docstring).",
     )
     parser.add_argument(

@@ -1,0 +1,387 @@
+"""Running the demo's pipelines: which stages run for which model, the settings, and the runner that starts the
+plugin's LAVIS entry points as subprocesses (both models side by side) and reads their output folders."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Dict, List, Optional
+
+# ================================================================================================================
+# What runs
+# ================================================================================================================
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # lavis_xformer/
+DEFAULT_CONFIG_DIR = PACKAGE_ROOT.parent / "projects" / "xformer" / "demo"
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    key: str  #: folder name
+    label: str  #: table and log label
+    suffix: str  #: yaml name suffix of its twin ("" for X-Former)
+
+
+MODELS = (DemoModel("xformer", "X-Former", ""), DemoModel("blip2", "BLIP-2", "_blip2"))
+
+
+@dataclass(frozen=True)
+class Stage:
+    key: str
+    title: str
+    yaml: str  #: file name stem in the config folder (the model's suffix is appended)
+    entry: str  #: lavis_xformer.train or lavis_xformer.evaluate
+    weights_key: Optional[str]  #: model config key that receives the previous stage's checkpoint
+
+
+STAGES = (
+    Stage("stage1", "stage 1: pre-training (ITC, ITM, ITG; X-Former: + reconstruction)", "pretrain_stage1_shapes",
+          "lavis_xformer.train", None),
+    Stage("retrieval", "zero-shot image-text retrieval (stage-1 checkpoint)", "ret_shapes_eval",
+          "lavis_xformer.evaluate", "finetuned"),
+    Stage("stage2", "stage 2: alignment with a frozen OPT (LM loss)", "pretrain_stage2_shapes",
+          "lavis_xformer.train", "pretrained"),
+    Stage("vqa", "zero-shot VQA (stage-2 checkpoint)", "vqa_shapes_eval", "lavis_xformer.evaluate", "pretrained"),
+)
+WEIGHTS_FROM = {"retrieval": "stage1", "stage2": "stage1", "vqa": "stage2"}  # which run's last checkpoint
+
+# --smoke: the same pipeline on a few images and epochs (applied on top of the yamls).
+SMOKE_SHAPES = {"num_train": 48, "num_val": 4, "num_test": 12}
+SMOKE_OPTIONS = {
+    "stage1": ["run.max_epoch=2", "run.batch_size_train=16", "run.warmup_steps=2", "run.log_freq=1"],
+    "retrieval": ["run.k_test=8", "run.batch_size_eval=12"],
+    "stage2": ["run.max_epoch=2", "run.batch_size_train=16", "run.warmup_steps=2", "run.log_freq=1"],
+    "vqa": ["run.batch_size_eval=12", "run.num_beams=2", "run.max_len=4"],
+}
+# shapes VQA answer types (the official files' answer_type) -> the question types they are
+ANSWER_TYPE_OF = {"vqa_counting": "number", "vqa_identification": "yes/no"}
+
+
+# ================================================================================================================
+# Running the entry points
+# ================================================================================================================
+class Console:
+    """Thread-safe printing with a per-model prefix; ``verbose`` shows every line of the runs' output."""
+
+    def __init__(self, verbose: bool = False):
+        self.lock = threading.Lock()
+        self.verbose = verbose
+        self.width = max(len(m.label) for m in MODELS) + 2
+
+    def say(self, message: str = "", prefix: str = "") -> None:
+        with self.lock:
+            for line in message.splitlines() or [""]:
+                print(f"{prefix:<{self.width + 1}}{line}" if prefix else line, flush=True)
+
+    def header(self, title: str) -> None:
+        self.say(f"\n{'=' * 100}\n{title}\n{'=' * 100}")
+
+
+# LAVIS's progress lines (MetricLogger) and anything that looks like trouble; --verbose shows everything.
+PROGRESS = re.compile(r"^(Train: |Evaluation|Averaged loss terms)|Error|Traceback|WARNING|ERROR|Exception")
+
+
+@dataclass
+class RunResult:
+    model: str
+    stage: str
+    run_dir: Path
+    job_dir: Path
+    seconds: float
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+def child_env(threads: Optional[int]) -> Dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("PYTHONWARNINGS", "ignore")  # torch / fairscale deprecation notices would drown the progress
+    env["PYTHONUNBUFFERED"] = "1"  # progress lines as they come, not in pipe-buffer chunks
+    # the children import this very copy of the plugin
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT.parent), env.get("PYTHONPATH")]))
+    for launcher_variable in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(launcher_variable, None)  # one process per run, whatever launched the demo
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+class Runner:
+    """Runs one model's stages one after the other; ``stop()`` ends the current one (another pipeline failed)."""
+
+    def __init__(self, settings: "DemoSettings", model: DemoModel, console: Console, threads: Optional[int]):
+        self.settings, self.model, self.console, self.threads = settings, model, console, threads
+        self.process: Optional[subprocess.Popen] = None
+        self.stopped = threading.Event()
+        self.results: Dict[str, RunResult] = {}
+        self.error: Optional[BaseException] = None
+
+    def stop(self) -> None:
+        self.stopped.set()
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.terminate()
+
+    def run_all(self) -> None:
+        try:
+            for stage in STAGES:
+                if self.stopped.is_set():
+                    return
+                self.results[stage.key] = self.run_stage(stage)
+                self.console.say(summary_line(stage.key, self.results[stage.key]), prefix=f"[{self.model.label}]")
+        except BaseException as error:  # reported by the main thread
+            self.error = error
+
+    def command(self, stage: Stage) -> List[str]:
+        settings = self.settings
+        yaml = settings.config_dir / f"{stage.yaml}{self.model.suffix}.yaml"
+        options = [f"run.output_dir={self.run_dir(stage.key)}"]
+        options += settings.stage_options(stage.key, yaml, self.model)
+        if stage.weights_key is not None:
+            source = self.results[WEIGHTS_FROM[stage.key]]
+            options.append(f"model.{stage.weights_key}={last_checkpoint(source.job_dir)}")
+        return [sys.executable, "-m", stage.entry, "--cfg-path", str(yaml), "--options", *options]
+
+    def run_dir(self, stage_key: str) -> Path:
+        return self.settings.out_dir / "runs" / self.model.key / stage_key
+
+    def run_stage(self, stage: Stage) -> RunResult:
+        prefix = f"[{self.model.label}]"
+        command = self.command(stage)
+        run_dir = self.run_dir(stage.key)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # a previous demo's run: LAVIS would add a second job folder next to it
+        log_path = self.settings.out_dir / "logs" / f"{self.model.key}_{stage.key}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.console.say(f"--- {stage.title}\n    {' '.join(_short(c) for c in command)}", prefix=prefix)
+        start = time.time()
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                env=child_env(self.threads),
+            )
+            if self.stopped.is_set():  # stop() came between two runs
+                self.process.terminate()
+            tail: List[str] = []
+            for line in self.process.stdout:
+                log.write(line)
+                line = line.rstrip("\n")
+                tail = (tail + [line])[-40:]
+                if self.console.verbose or PROGRESS.search(line):
+                    self.console.say(line, prefix=prefix)
+            returncode = self.process.wait()
+        self.process = None
+        if returncode != 0:
+            if self.stopped.is_set():
+                raise DemoError(f"{self.model.label} {stage.key}: stopped")
+            raise DemoError(
+                f"{self.model.label} {stage.key} failed (exit {returncode}); full output in {log_path}\n"
+                + "\n".join(tail)
+            )
+        return RunResult(self.model.key, stage.key, run_dir, job_folder(run_dir), time.time() - start)
+
+
+def _short(argument: str) -> str:
+    """Paths under the working directory, relative (for readable command lines)."""
+    try:
+        return str(Path(argument).relative_to(Path.cwd())) if argument.startswith("/") else argument
+    except ValueError:
+        return argument
+
+
+# ================================================================================================================
+# LAVIS's output layout
+# ================================================================================================================
+def job_folder(run_dir: Path) -> Path:
+    """``<run.output_dir>/<job id>``: the newest job folder (LAVIS names them by the minute they started)."""
+    jobs = sorted((p for p in Path(run_dir).iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    if not jobs:
+        raise DemoError(f"no LAVIS job folder in {run_dir}")
+    return jobs[-1]
+
+
+def last_checkpoint(job_dir: Path) -> Path:
+    """``checkpoint_<last epoch>.pth``."""
+    found = []
+    for path in Path(job_dir).glob("checkpoint_*.pth"):
+        match = re.fullmatch(r"checkpoint_(\d+)\.pth", path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    if not found:
+        raise DemoError(f"no checkpoint_<epoch>.pth in {job_dir}")
+    return max(found)[1]
+
+
+def epoch_stats(job_dir: Path) -> List[Dict[str, float]]:
+    """The per-epoch training averages LAVIS appends to log.txt (``{"train_loss": ..., "epoch": ...}``)."""
+    epochs = []
+    for line in (Path(job_dir) / "log.txt").read_text().splitlines():
+        if line.startswith('{"train'):
+            stats = json.loads(line)
+            epochs.append({key: float(value) for key, value in stats.items()})
+    if not epochs:
+        raise DemoError(f"{job_dir}/log.txt has no training statistics")
+    return epochs
+
+
+def eval_metrics(job_dir: Path) -> Dict[str, float]:
+    """The last metrics line of ``evaluate.txt`` (LAVIS's retrieval and VQA tasks append one per evaluation)."""
+    path = Path(job_dir) / "evaluate.txt"
+    if not path.is_file():
+        raise DemoError(f"{path} is missing: the evaluation wrote no metrics")
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1])
+
+
+def summary_line(stage_key: str, result: RunResult) -> str:
+    took = f"({result.seconds:.0f}s)"
+    if stage_key in ("stage1", "stage2"):
+        epochs = epoch_stats(result.job_dir)
+        terms = "  ".join(f"{k[len('train_'):]} {v:.3f}" for k, v in epochs[-1].items() if k.startswith("train_loss"))
+        return f"    done {took}: {len(epochs)} epochs; last epoch's averages: {terms}"
+    metrics = eval_metrics(result.job_dir)
+    if stage_key == "retrieval":
+        return (f"    done {took}: image->text R@1 {metrics['txt_r1']:.1f}  text->image R@1 {metrics['img_r1']:.1f}  "
+                f"mean recall {metrics['r_mean']:.1f}")
+    parts = [f"overall {metrics['agg_metrics']:.2f}"]
+    parts += [f"{key[len('vqa_'):]} {metrics[t]:.2f}" for key, t in ANSWER_TYPE_OF.items() if t in metrics]
+    return f"    done {took}: VQA accuracy " + "  ".join(parts)
+
+
+# ================================================================================================================
+# Settings
+# ================================================================================================================
+@dataclass
+class DemoSettings:
+    out_dir: Path
+    config_dir: Path = DEFAULT_CONFIG_DIR
+    smoke: bool = False
+    device: Optional[str] = None
+    jobs: int = 2
+    data_root: Optional[str] = None
+    options: List[str] = field(default_factory=list)  #: applied to every run
+    verbose: bool = False
+    grid_images: int = 8
+    pretrain_mae: bool = True  #: pretrain X-Former's frozen MAE first (standins.MAE_STANDIN); False: the random one
+    mae_weights: Optional[Path] = None  #: set once the MAE is pretrained: passed as model.mae_weights
+    pretrain_llm: bool = True  #: pretrain the frozen OPT first (standins.LLM_STANDIN); False: the random one
+    opt_weights: Optional[Path] = None  #: set once the OPT is pretrained: passed as model.opt_model (stage 2, VQA)
+
+    def dataset_names(self, yaml: Path) -> List[str]:
+        from omegaconf import OmegaConf
+
+        return list(OmegaConf.load(yaml).datasets)
+
+    def stage_options(self, stage_key: str, yaml: Path, model: Optional[DemoModel] = None) -> List[str]:
+        """``--options`` for a run: smoke sizes, data root, device, the frozen MAE (X-Former), then the user's."""
+        options = []
+        for name in self.dataset_names(yaml):
+            if self.smoke:
+                options += [f"datasets.{name}.shapes.{k}={v}" for k, v in SMOKE_SHAPES.items()]
+            if self.data_root:
+                options.append(f"datasets.{name}.shapes.root={self.data_root}")
+        if self.smoke:
+            options += SMOKE_OPTIONS[stage_key]
+        if self.device:
+            options.append(f"run.device={self.device}")
+        if self.mae_weights is not None and model is not None and model.key == "xformer":
+            options.append(f"model.mae_weights={self.mae_weights}")
+        if self.opt_weights is not None and model is not None and stage_key in ("stage2", "vqa"):
+            options.append(f"model.opt_model={self.opt_weights}")
+        return options + list(self.options)
+
+    def lavis_config(self, stage: Stage, model: DemoModel, standins: bool = True):
+        """LAVIS's ``Config`` of a stage's yaml with the run's options (model defaults and dataset defaults merged);
+        ``standins=False``: without the pretrained frozen MAE and OPT (the random ones of the same sizes)."""
+        from lavis.common.config import Config
+
+        yaml = self.config_dir / f"{stage.yaml}{model.suffix}.yaml"
+        options = self.stage_options(stage.key, yaml, model if standins else None)
+        return Config(SimpleNamespace(cfg_path=str(yaml), options=options))
+
+    @property
+    def run_device(self) -> str:
+        return self.device or "cpu"
+
+
+def threads_per_job(settings: DemoSettings) -> Optional[int]:
+    """On the CPU the two pipelines share the cores; elsewhere each child keeps torch's default."""
+    if settings.run_device != "cpu" or settings.jobs < 2:
+        return None
+    return max(1, (os.cpu_count() or 2) // settings.jobs)
+
+
+# ================================================================================================================
+# Data
+# ================================================================================================================
+def prepare_data(settings: DemoSettings, console: Console) -> List[Path]:
+    """Generate the shapes data every run reads, once, before the runs start (they would otherwise race to it)."""
+    from lavis_xformer.datasets import shapes
+
+    folders = {}
+    for stage in STAGES:
+        for model in MODELS:
+            cfg = settings.lavis_config(stage, model, standins=False)
+            for dataset_cfg in cfg.datasets_cfg.values():
+                node = dataset_cfg.get("shapes", None)
+                if node is None:
+                    continue
+                spec = shapes.ShapesSpec.from_config(node)
+                root = shapes.resolve_root(node.get("root", None))
+                folders[(spec, str(root))] = (spec, root)
+    made = []
+    for spec, root in folders.values():
+        start = time.time()
+        folder = shapes.ensure_generated(spec, root)
+        console.say(f"shapes data: {folder} ({spec.num_train}/{spec.num_val}/{spec.num_test} images, "
+                    f"{time.time() - start:.1f}s)")
+        made.append(folder)
+    return made
+
+
+def data_folder(cfg) -> Path:
+    """The generated shapes folder a LAVIS config's (first) dataset reads."""
+    from lavis_xformer.datasets import shapes
+
+    node = next(iter(cfg.datasets_cfg.values())).shapes
+    return shapes.resolve_root(node.get("root", None)) / shapes.ShapesSpec.from_config(node).folder_name()
+
+
+# ================================================================================================================
+# Both models' pipelines
+# ================================================================================================================
+def run_pipelines(settings: DemoSettings, console: Console) -> Dict[str, Dict[str, RunResult]]:
+    threads = threads_per_job(settings)
+    runners = [Runner(settings, model, console, threads) for model in MODELS]
+    if settings.jobs >= 2:
+        workers = [threading.Thread(target=r.run_all, name=r.model.key, daemon=True) for r in runners]
+        for worker in workers:
+            worker.start()
+        try:
+            while any(w.is_alive() for w in workers):
+                for worker in workers:
+                    worker.join(timeout=0.5)
+                if any(r.error is not None for r in runners):  # one failed: end the other
+                    for runner in runners:
+                        runner.stop()
+        except KeyboardInterrupt:
+            for runner in runners:
+                runner.stop()
+            raise
+    else:
+        for runner in runners:
+            runner.run_all()
+            if runner.error is not None:
+                break
+    errors = [r.error for r in runners if r.error is not None]
+    if errors:  # the one that failed first, not the one it stopped
+        raise sorted(errors, key=lambda e: str(e).endswith(": stopped"))[0]
+    return {runner.model.key: runner.results for runner in runners}
