@@ -371,10 +371,9 @@ def measure_memory(rows: List[str], size: BenchSize, stage: int) -> Dict[str, di
 
 def _init_single_process_group():
     # LAVIS's BLIP-2 forward calls dist.get_rank(); give it a one-process group.
-    import torch.distributed as dist
+    from lavis_xformer.common.distributed import init_single_process_group
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    init_single_process_group("gloo")
 
 
 QUESTIONS = ["how many circles are there in the image?", "is there a red square in the image?"]

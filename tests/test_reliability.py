@@ -20,17 +20,13 @@ import torch
 from omegaconf import OmegaConf
 
 from lavis_xformer import launch
-from lavis_xformer.checkpoints import CheckpointError, main as checkpoints_main, read_checkpoint
+from lavis_xformer.checkpoints import CheckpointError, checkpoint_progress, find_resume_checkpoint, read_checkpoint
+from lavis_xformer.checkpoints import main as checkpoints_main
 from lavis_xformer.datasets import shapes
 from lavis_xformer.datasets.robust import RobustDataset
 from lavis_xformer.runners import reliability
 from lavis_xformer.runners.reliability import NonFiniteLossError, StepGuard
-from lavis_xformer.runners.runner_xformer import (
-    RunnerXFormer,
-    checkpoint_progress,
-    find_resume_checkpoint,
-    make_train_datasets_robust,
-)
+from lavis_xformer.runners.runner_xformer import RunnerXFormer, make_train_datasets_robust
 from test_pipeline import DEMO_TRAIN, shapes_options, subprocess_env
 from test_robust_data import BAD_KINDS, GOOD_KINDS, write_dataset
 
@@ -337,7 +333,7 @@ def _run_inner_loop(model, guard, scaler=None, steps=4, optimizer=None, x_scale=
 
     runner = object.__new__(RunnerXFormer)
     runner.config = SimpleNamespace(run_cfg=OmegaConf.create({"distributed": False}))
-    runner.step_guard, runner.checkpoint_every_iters, runner._epoch_start_iter = guard, 0, 0
+    runner.step_guard, runner.checkpoint_every_iters, runner.task = guard, 0, BaseTask()
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=0.1)
     seen = []
 
@@ -348,11 +344,8 @@ def _run_inner_loop(model, guard, scaler=None, steps=4, optimizer=None, x_scale=
 
     torch.manual_seed(0)
     data = iter([{"x": x_scale * torch.randn(8, 4)} for _ in range(steps)])
-    watch = reliability.OutputWatch(model, guard)
-    stats = runner._reliable_inner_loop(BaseTask(), watch, epoch=0, iters_per_epoch=steps, model=model,
-                                        data_loader=data, optimizer=optimizer, lr_scheduler=Schedule(),
-                                        scaler=scaler, log_freq=100)
-    watch.remove()
+    stats = runner.train_inner_loop(epoch=0, iters_per_epoch=steps, model=model, data_loader=data,
+                                    optimizer=optimizer, lr_scheduler=Schedule(), scaler=scaler, log_freq=100)
     seen.append(({k: v.clone() for k, v in model.state_dict().items()}, scaler.state_dict() if scaler else None))
     return seen, stats
 
