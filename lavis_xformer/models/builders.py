@@ -10,7 +10,6 @@ same classes from config with random weights and reach no network.
 import contextlib
 import functools
 import logging
-import os
 import tempfile
 import zlib
 from pathlib import Path

@@ -14,6 +14,10 @@ what breaks off-GPU in LAVIS 1.0.2, each citing the line it replaces:
   loaders are built inside ``compat.host_prefetch_loader()``.
 * ``eval_epoch`` -- runner_base.py:469 calls ``task.evaluation(model, data_loader)``, whose ``cuda_enabled``
   defaults to True (base_task.py:79) and moves every batch to the GPU; here the run's device decides.
+* ``train_epoch`` -- runner_base.py:427 hands the epoch to ``task.train_epoch`` and the task's
+  ``_train_inner_loop`` (base_task.py:151); here the runner runs its own loop, ``train_inner_loop``: LAVIS's steps
+  over the task's ``train_step``, plus the step guard, the resume position and the mid-epoch checkpoints. The task
+  only names the model-output loss terms to average next to the total (``logged_loss_terms``).
 * ``scaler`` -- runner_base.py:137 makes a CUDA ``GradScaler`` for ``amp: True`` on any device; off-GPU amp is
   switched off (with a log line) instead.
 * ``device`` -- ``device: cuda`` on a machine without CUDA fails with an actionable message, not deep in LAVIS.
