@@ -45,6 +45,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used: unsafe, corrupt, or not matching the model."""
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Reading, and loading into a model
+# ---------------------------------------------------------------------------------------------------------------
 def _is_url(path: str) -> bool:
     return path.startswith(("http://", "https://"))
 

@@ -174,14 +174,14 @@ class _TrainEpoch:
     start_iters: Optional[int]  # None for epoch-based runs; the iteration count so far for iteration-based ones
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scaler: Optional[torch.cuda.amp.GradScaler]
+    scaler: Optional[torch.amp.GradScaler]
     accum_grad_iters: int
     cuda_enabled: bool
     trainable: list  # (name, parameter) of the trainable parameters, for the gradient check
     watch: OutputWatch
     window_bad: List[str] = field(default_factory=list)  # non-finite terms met in the current accumulation window
-    metric_logger: MetricLogger = None
-    loss_terms: MetricLogger = None
+    metric_logger: MetricLogger = field(init=False)  # LAVIS's: lr and the total loss, printed every log_freq steps
+    loss_terms: MetricLogger = field(init=False)  # the task's logged_loss_terms
 
     def __post_init__(self):
         self.metric_logger = MetricLogger(delimiter="  ")
