@@ -329,7 +329,8 @@ class StepGuard:
 
 class OutputWatch:
     """A forward hook on the (unwrapped) model that keeps the last training output, so the step guard can name the
-    loss term that broke, and applies the NaN test hook. Inactive outside ``watching()`` (evaluation passes)."""
+    loss term that broke and the runner can log the task's loss terms, and applies the NaN test hook. Inactive
+    outside ``watching()`` (evaluation passes)."""
 
     def __init__(self, module: torch.nn.Module, guard: StepGuard):
         self.guard = guard
