@@ -1,8 +1,18 @@
-"""Safe checkpoint loading for the plugin's models.
+"""Checkpoints, in one place: reading them safely, writing them atomically, finding where to resume, and
+selecting a model's trainable weights (what a checkpoint holds: frozen encoders are not saved, as in LAVIS).
 
-Checkpoints are read with ``torch.load(weights_only=True)``: a file that carries pickled code is refused, never run.
-Truncated files and shape mismatches raise errors naming the file and the keys. Every load logs one summary line
-of missing and unexpected keys, grouped by module.
+* Reading -- ``torch.load(weights_only=True)``: a file that carries pickled code is refused, never run. Truncated
+  files and shape mismatches raise errors naming the file and the keys. Every load logs one summary line of
+  missing and unexpected keys, grouped by module.
+* Writing -- ``save_checkpoint_atomically``: temporary file, fsync, ``os.replace``; a process killed mid-save
+  leaves the previous file intact.
+* Resuming -- ``find_resume_checkpoint``: the furthest-progressed readable training checkpoint under a folder
+  (``checkpoint_{epoch}.pth``, ``checkpoint_{epoch}_iter{k}.pth``); ``remove_interrupted_saves`` clears the
+  temporary files of killed saves.
+* Trainable weights -- ``trainable_state_dict`` of a model, ``trainable_parameter_names`` of a model config.
+
+This module imports nothing of the plugin's models (they import it to load their weights); a model is found by
+its registered ``arch`` name.
 
 Command line (weights for sharing, and a check of a file before trusting it)::
 
@@ -10,22 +20,33 @@ Command line (weights for sharing, and a check of a file before trusting it)::
     python -m lavis_xformer.checkpoints inspect IN.pth
 """
 
+import io
 import logging
 import os
 import pickle
+import re
+import time
 import zipfile
 from collections import Counter
-from typing import Dict, Iterable, Optional
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+
 logger = logging.getLogger(__name__)
+
+TEST_SAVE_DELAY_ENV = "LAVIS_XFORMER_TEST_SAVE_DELAY"
+_CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)(?:_iter(\d+))?\.pth$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used: unsafe, corrupt, or not matching the model."""
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Reading, and loading into a model
+# ---------------------------------------------------------------------------------------------------------------
 def _is_url(path: str) -> bool:
     return path.startswith(("http://", "https://"))
 
@@ -107,6 +128,106 @@ def load_model_weights(model, path: str, strict_unexpected: bool = False):
     return load_state_dict_checked(model, state_dict, path, strict_unexpected)
 
 
+def load_trainable_state_dict(model, state_dict, source: str) -> None:
+    """Load a training checkpoint's (trainable-only) state dict: unknown keys and missing trainable weights are
+    errors; frozen parameters may be absent (LAVIS does not save them, and its strict load then fails on its own
+    files)."""
+    result = load_state_dict_checked(model, state_dict, source, strict_unexpected=True)
+    frozen = _parameter_names(model, trainable=False)
+    missing = [key for key in result.missing_keys if key not in frozen]
+    if missing:
+        raise CheckpointError(f"checkpoint {source!r} lacks trainable weights of the model: {missing[:10]}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trainable weights
+# ---------------------------------------------------------------------------------------------------------------
+def _parameter_names(model: torch.nn.Module, trainable: bool) -> set:
+    return {name for name, param in model.named_parameters() if param.requires_grad == trainable}
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict:
+    """The model's state dict without its frozen parameters (what LAVIS saves: frozen encoders are not copied;
+    buffers are kept)."""
+    frozen = _parameter_names(model, trainable=False)
+    return {key: value for key, value in model.state_dict().items() if key not in frozen}
+
+
+def trainable_parameter_names(model_config: dict) -> set:
+    """Names of the trainable parameters of the model a checkpoint's ``config["model"]`` describes, found by
+    building it on the meta device without the hub (no memory, no download, no weights read). The architecture is
+    looked up in LAVIS's registry (``import lavis_xformer`` registers the plugin's)."""
+    from lavis.common.registry import registry
+
+    from lavis_xformer.common.meta import build_on_meta
+
+    arch = (model_config or {}).get("arch")
+    if not arch or registry.get_model_class(str(arch)) is None:
+        raise CheckpointError(f"the checkpoint's model config names no registered architecture (arch={arch!r})")
+    return _parameter_names(build_on_meta(**dict(model_config)), trainable=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+def _test_save_delay(path: str) -> float:
+    """``LAVIS_XFORMER_TEST_SAVE_DELAY=SECONDS[@NAME]``: seconds to stall in the middle of writing ``path`` (only
+    when its file name contains NAME). A test hook for killing a process mid-save; unset in real runs."""
+    value = os.environ.get(TEST_SAVE_DELAY_ENV, "")
+    if not value:
+        return 0.0
+    seconds, _, name = value.partition("@")
+    if name and name not in os.path.basename(path):
+        return 0.0
+    return float(seconds)
+
+
+def save_checkpoint_atomically(obj, path) -> str:
+    """``torch.save`` to ``path`` so that a reader sees the old file or the complete new one, never a torn one.
+
+    The bytes go to a temporary file in the same folder, are flushed and fsync'ed, then ``os.replace`` swaps the
+    file in (atomic on POSIX and Windows); the folder is fsync'ed so that the rename survives a power cut.
+    """
+    path = os.fspath(path)
+    tmp_path = f"{path}.tmp-{os.getpid()}"
+    delay = _test_save_delay(path)
+    try:
+        with open(tmp_path, "wb") as handle:
+            if delay:
+                buffer = io.BytesIO()
+                torch.save(obj, buffer)
+                data = buffer.getvalue()
+                handle.write(data[: len(data) // 2])
+                handle.flush()
+                os.fsync(handle.fileno())
+                time.sleep(delay)
+                handle.write(data[len(data) // 2 :])
+            else:
+                torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+    return path
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows, where folders cannot be opened; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not support fsync on folders
+    finally:
+        os.close(fd)
+
+
 def export_safetensors(model_or_state_dict, path: str, trainable_only: bool = False,
                        metadata: Optional[Dict[str, str]] = None) -> str:
     """Write model weights as safetensors (shared tensors copied apart); returns the path. ``metadata`` (strings)
@@ -116,8 +237,8 @@ def export_safetensors(model_or_state_dict, path: str, trainable_only: bool = Fa
     if isinstance(model_or_state_dict, torch.nn.Module):
         module = model_or_state_dict
         state_dict = module.state_dict()
-        if trainable_only:
-            trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+        if trainable_only:  # trainable parameters only (no buffers), as ``export_checkpoint --trainable-only``
+            trainable = _parameter_names(module, trainable=True)
             state_dict = {k: v for k, v in state_dict.items() if k in trainable}
     else:
         state_dict = model_or_state_dict
@@ -126,21 +247,58 @@ def export_safetensors(model_or_state_dict, path: str, trainable_only: bool = Fa
     return path
 
 
-def trainable_parameter_names(model_config: dict) -> set:
-    """Names of the trainable parameters of the model a checkpoint's ``config["model"]`` describes, found by
-    building it on the meta device without the hub (no memory, no download, no weights read)."""
-    from lavis.common.registry import registry
-
-    from lavis_xformer.models.meta import build_on_meta
-
-    arch = (model_config or {}).get("arch")
-    model_cls = registry.get_model_class(str(arch)) if arch else None
-    if model_cls is None:
-        raise CheckpointError(f"the checkpoint's model config names no registered architecture (arch={arch!r})")
-    model = build_on_meta(**dict(model_config))
-    return {name for name, param in model.named_parameters() if param.requires_grad}
+# ---------------------------------------------------------------------------------------------------------------
+# Finding the checkpoint to resume from
+# ---------------------------------------------------------------------------------------------------------------
+def checkpoint_progress(path) -> Optional[Tuple[int, int]]:
+    """(epoch, next iteration) a checkpoint file resumes at, from its name; None for ``checkpoint_best.pth`` and
+    other files. ``checkpoint_3.pth`` -> (4, 0); ``checkpoint_3_iter200.pth`` -> (3, 200)."""
+    match = _CHECKPOINT_NAME.match(os.path.basename(os.fspath(path)))
+    if match is None:
+        return None
+    epoch = int(match.group(1))
+    return (epoch + 1, 0) if match.group(2) is None else (epoch, int(match.group(2)))
 
 
+def _checkpoint_candidates(folder: Path) -> List[Path]:
+    found = [p for pattern in ("checkpoint_*.pth", "*/checkpoint_*.pth") for p in folder.glob(pattern)]
+    found = [p for p in found if p.is_file() and checkpoint_progress(p) is not None]
+    return sorted(found, key=lambda p: (checkpoint_progress(p), p.stat().st_mtime), reverse=True)
+
+
+def remove_interrupted_saves(folder) -> List[str]:
+    """Delete ``checkpoint_*.pth.tmp-PID`` files (in ``folder`` and its job folders): the leftovers of saves that
+    were killed before their rename, which is a save's commit point, so they can never be valid checkpoints."""
+    folder = Path(folder)
+    removed = []
+    for pattern in ("checkpoint_*.pth.tmp-*", "*/checkpoint_*.pth.tmp-*"):
+        for path in folder.glob(pattern):
+            logger.warning("removing %s: the temporary file of a save that was interrupted", path)
+            path.unlink(missing_ok=True)
+            removed.append(str(path))
+    return removed
+
+
+def find_resume_checkpoint(folder) -> Tuple[Optional[str], Optional[dict]]:
+    """The furthest-progressed checkpoint under ``folder`` (itself and its job folders) that reads back (safely) and
+    holds weights and optimizer: ``(path, checkpoint)``; ``(None, None)`` when there is none. Unreadable files
+    (truncated, corrupt, unsafe) are skipped with a warning naming them."""
+    for path in _checkpoint_candidates(Path(folder)):
+        try:
+            checkpoint = read_checkpoint(str(path))
+        except CheckpointError as err:
+            logger.warning("resume: skipping %s: %s", path, err)
+            continue
+        if not isinstance(checkpoint, dict) or "model" not in checkpoint or "optimizer" not in checkpoint:
+            logger.warning("resume: skipping %s: not a training checkpoint (no 'model' and 'optimizer')", path)
+            continue
+        return str(path), checkpoint
+    return None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export and inspection (the command line)
+# ---------------------------------------------------------------------------------------------------------------
 def export_checkpoint(src: str, dst: str, trainable_only: bool = False) -> dict:
     """``src`` (a training checkpoint, a state dict, or safetensors) -> ``dst`` (safetensors). The model's weights
     only: no optimizer, no RNG, nothing executable. Returns a summary."""
@@ -201,8 +359,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
-            if args.trainable_only:
-                import lavis_xformer  # noqa: F401  (registers the plugin's models)
+            # (``python -m lavis_xformer.checkpoints`` has imported the package first, which registers its models)
             summary = export_checkpoint(args.src, args.dst, trainable_only=args.trainable_only)
         else:
             summary = describe_checkpoint(args.src)

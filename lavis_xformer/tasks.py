@@ -1,18 +1,16 @@
 """The plugin's tasks: LAVIS's own, each extended by what the paper's protocol needs; registered on import.
 
 * ``xformer_pretrain`` -- LAVIS's ``image_text_pretrain`` that also logs every stage-1 loss (``loss_itc``,
-  ``loss_itm``, ``loss_lm`` = ITG, ``loss_rec``) next to the total: their epoch averages, over all ranks, go to
-  the log and to ``log.txt`` as ``train_loss_itc`` etc. (LAVIS itself only records the total). Steps that
-  ``runner_xformer`` skips for a non-finite loss are left out of the averages.
+  ``loss_itm``, ``loss_lm`` = ITG, ``loss_rec``) next to the total: it names them (``logged_loss_terms``), and
+  ``runner_xformer``'s loop puts their epoch averages, over all ranks, into the log and ``log.txt`` as
+  ``train_loss_itc`` etc. (LAVIS itself only records the total). Steps skipped for a non-finite loss are left out
+  of the averages.
 * ``xformer_vqa`` / ``xformer_gqa`` -- LAVIS's ``vqa`` / ``gqa`` plus ``run.length_penalty``. LAVIS's VQA tasks
   read ``num_beams``, ``max_len``, ``min_len``, ``inference_method``, ``num_ans_candidates`` and ``prompt``
   (lavis/tasks/vqa.py:48-69) but not the length penalty, which the paper sets to 0 for short answers; without
   the key each model's own ``predict_answers`` default applies (LAVIS's Blip2T5: -1).
 """
 
-import logging
-
-from lavis.common.logger import MetricLogger
 from lavis.common.registry import registry
 from lavis.tasks.image_text_pretrain import ImageTextPretrainTask
 from lavis.tasks.vqa import GQATask, VQATask
@@ -22,42 +20,12 @@ STAGE1_LOSSES = ("loss_itc", "loss_itm", "loss_lm", "loss_rec")
 
 @registry.register_task("xformer_pretrain")
 class XFormerPretrainTask(ImageTextPretrainTask):
-    """Stage-1 pre-training (LAVIS's ``image_text_pretrain``) with every loss term logged."""
+    """Stage-1 pre-training (LAVIS's ``image_text_pretrain``) with every loss term logged.
 
-    def __init__(self):
-        super().__init__()
-        self._loss_meters = None  # a MetricLogger while an epoch runs
-        self._pending_terms = None  # this step's loss terms, until the runner accepts or skips the step
-        # Set by runner_xformer's loop, which calls ``commit_train_step`` once it knows whether the step is kept
-        # (a step skipped for a non-finite loss must not enter the averages); without it terms count at once.
-        self.defer_train_step_stats = False
+    ``runner_xformer`` runs the training loop; it averages the model output's ``logged_loss_terms`` over the steps
+    it keeps, next to the total."""
 
-    def train_step(self, model, samples):
-        output = model(samples)
-        if self._loss_meters is not None:
-            terms = {key: output.get(key) for key in STAGE1_LOSSES}
-            self._pending_terms = {key: value.detach() for key, value in terms.items() if value is not None}
-            if not self.defer_train_step_stats:
-                self.commit_train_step(accepted=True)
-        return output["loss"]
-
-    def commit_train_step(self, accepted: bool) -> None:
-        """Add the last step's loss terms to the epoch averages if the step was ``accepted`` (every DDP rank gets
-        the same verdict, so every rank's meters stay the same set)."""
-        pending, self._pending_terms = self._pending_terms, None
-        if accepted and pending and self._loss_meters is not None:
-            self._loss_meters.update(**{key: value.item() for key, value in pending.items()})
-
-    def train_epoch(self, **kwargs):
-        self._loss_meters = MetricLogger(delimiter="  ")
-        try:
-            stats = super().train_epoch(**kwargs)
-            self._loss_meters.synchronize_between_processes()
-            logging.info("Averaged loss terms: %s", self._loss_meters.global_avg())
-            stats.update({key: "{:.3f}".format(meter.global_avg) for key, meter in self._loss_meters.meters.items()})
-        finally:
-            self._loss_meters = None
-        return stats
+    logged_loss_terms = STAGE1_LOSSES
 
 
 class _PredictAnswersWith:

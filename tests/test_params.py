@@ -10,7 +10,7 @@ from lavis_xformer.analysis import params
 from lavis_xformer.models.blip2_baseline import Blip2Baseline
 from lavis_xformer.models.builders import no_hub
 from lavis_xformer.models.config import BackboneConfig
-from lavis_xformer.models.meta import build_on_meta, count_parameters
+from lavis_xformer.common.meta import build_on_meta, count_parameters
 from lavis_xformer.models.variants import VARIANTS, variant_type_name
 
 # The paper's trainable-parameter figures (millions): Table 1 and supplement Table 3.

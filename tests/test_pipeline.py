@@ -27,7 +27,8 @@ from lavis_xformer import compat
 from lavis_xformer.datasets import shapes
 from lavis_xformer.datasets.robust import RobustDataset
 from lavis_xformer.models.builders import no_hub
-from lavis_xformer.runners.runner_xformer import RunnerXFormer, save_checkpoint_atomically
+from lavis_xformer.checkpoints import save_checkpoint_atomically
+from lavis_xformer.runners.runner_xformer import RunnerXFormer
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECTS = REPO / "projects" / "xformer"
@@ -621,7 +622,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-import lavis_xformer.common.dist as model_dist
+import lavis_xformer.common.distributed as model_dist
 from lavis_xformer import launch
 
 out_dir, argv = sys.argv[1], sys.argv[2:]

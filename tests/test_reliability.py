@@ -20,17 +20,13 @@ import torch
 from omegaconf import OmegaConf
 
 from lavis_xformer import launch
-from lavis_xformer.checkpoints import CheckpointError, main as checkpoints_main, read_checkpoint
+from lavis_xformer.checkpoints import CheckpointError, checkpoint_progress, find_resume_checkpoint, read_checkpoint
+from lavis_xformer.checkpoints import main as checkpoints_main
 from lavis_xformer.datasets import shapes
 from lavis_xformer.datasets.robust import RobustDataset
 from lavis_xformer.runners import reliability
 from lavis_xformer.runners.reliability import NonFiniteLossError, StepGuard
-from lavis_xformer.runners.runner_xformer import (
-    RunnerXFormer,
-    checkpoint_progress,
-    find_resume_checkpoint,
-    make_train_datasets_robust,
-)
+from lavis_xformer.runners.runner_xformer import RunnerXFormer, make_train_datasets_robust
 from test_pipeline import DEMO_TRAIN, shapes_options, subprocess_env
 from test_robust_data import BAD_KINDS, GOOD_KINDS, write_dataset
 
@@ -331,13 +327,13 @@ class _SqrtModel(_ToyModel):
         return {"loss": out}
 
 
-def _run_inner_loop(model, guard, scaler=None, steps=4, optimizer=None, x_scale=1.0):
+def _run_inner_loop(model, guard, scaler=None, steps=4, optimizer=None, x_scale=1.0, task=None):
     """runner_xformer's inner loop on a toy model: returns (weights before each step, scaler states, stats)."""
     from lavis.tasks.base_task import BaseTask
 
     runner = object.__new__(RunnerXFormer)
     runner.config = SimpleNamespace(run_cfg=OmegaConf.create({"distributed": False}))
-    runner.step_guard, runner.checkpoint_every_iters, runner._epoch_start_iter = guard, 0, 0
+    runner.step_guard, runner.checkpoint_every_iters, runner.task = guard, 0, task or BaseTask()
     optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=0.1)
     seen = []
 
@@ -348,11 +344,8 @@ def _run_inner_loop(model, guard, scaler=None, steps=4, optimizer=None, x_scale=
 
     torch.manual_seed(0)
     data = iter([{"x": x_scale * torch.randn(8, 4)} for _ in range(steps)])
-    watch = reliability.OutputWatch(model, guard)
-    stats = runner._reliable_inner_loop(BaseTask(), watch, epoch=0, iters_per_epoch=steps, model=model,
-                                        data_loader=data, optimizer=optimizer, lr_scheduler=Schedule(),
-                                        scaler=scaler, log_freq=100)
-    watch.remove()
+    stats = runner.train_inner_loop(epoch=0, iters_per_epoch=steps, model=model, data_loader=data,
+                                    optimizer=optimizer, lr_scheduler=Schedule(), scaler=scaler, log_freq=100)
     seen.append(({k: v.clone() for k, v in model.state_dict().items()}, scaler.state_dict() if scaler else None))
     return seen, stats
 
@@ -379,6 +372,30 @@ def test_skipped_step_leaves_weights_optimizer_and_scaler_untouched(amp, caplog)
         assert scalers[1] == scalers[2]
         assert scalers[2]["scale"] * 2 == scalers[3]["scale"]  # growth resumes after the skipped step
     assert float(stats["loss"]) > 0
+
+
+def test_task_loss_terms_are_averaged_over_kept_steps_and_the_task_is_not_patched():
+    """The runner owns the loop: the task only names its loss terms (``logged_loss_terms``); a skipped step enters
+    neither the total's nor the terms' averages, a named term the model does not output is not logged, and the
+    task object is left as it was (no swapped methods, no flags)."""
+    from lavis.tasks.base_task import BaseTask
+
+    class Task(BaseTask):
+        logged_loss_terms = ("loss_a", "loss_not_in_output")
+
+    torch.manual_seed(0)
+    model = _ToyModel()
+    values = []
+    model.register_forward_hook(lambda module, inputs, output: values.append(output["loss_a"].item()))
+    task = Task()
+    before = dict(vars(task))
+    _, stats = _run_inner_loop(model, StepGuard(debug_nan_steps=[1], debug_nan_loss="loss_a"), task=task)
+    kept = [values[0], values[2], values[3]]  # step 1 was NaN (injected after the recording hook) and skipped
+    assert stats["loss_a"] == "{:.3f}".format(sum(kept) / 3) == stats["loss"]
+    assert "loss_not_in_output" not in stats
+    assert vars(task) == before
+    _, stats = _run_inner_loop(_ToyModel(), StepGuard())
+    assert "loss_a" not in stats  # LAVIS's tasks name no terms: only the total is logged
 
 
 def test_overflowing_scaled_gradients_are_the_scalers_business():

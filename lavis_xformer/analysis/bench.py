@@ -5,7 +5,7 @@
 What it measures, for stage 1 (``xformer`` vs LAVIS ``Blip2Qformer``) and stage 2 (``xformer_opt`` vs LAVIS
 ``Blip2OPT``):
 - trainable and frozen parameters and forward FLOPs per sample at paper scale: built on the ``meta`` device
-  from the published model types (``models.meta.build_on_meta``), FLOPs by ``torch.utils.flop_counter.FlopCounterMode``;
+  from the published model types (``common.meta.build_on_meta``), FLOPs by ``torch.utils.flop_counter.FlopCounterMode``;
 - training-step time (forward + backward + AdamW step), median and interquartile range over repeated steps
   after warm-up, the models interleaved step by step so that machine noise hits both; and peak memory;
 - inference latency of feature extraction (Z' / Z_q) and of ``predict_answers`` with beam 5;
@@ -38,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from lavis_xformer.models.meta import build_on_meta, count_parameters, on_meta
+from lavis_xformer.common.meta import build_on_meta, count_parameters, on_meta
 
 # The paper's supplement, Table 1 (OPT-6.7B): the figures the benchmark is read against.
 PAPER = {
@@ -357,10 +357,9 @@ def measure_memory(rows: List[str], size: BenchSize, stage: int) -> Dict[str, di
 
 def _init_single_process_group():
     # LAVIS's BLIP-2 forward calls dist.get_rank(); give it a one-process group.
-    import torch.distributed as dist
+    from lavis_xformer.common.distributed import init_single_process_group
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    init_single_process_group("gloo")
 
 
 QUESTIONS = ["how many circles are there in the image?", "is there a red square in the image?"]

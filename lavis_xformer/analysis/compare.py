@@ -82,7 +82,7 @@ from torch.utils.data import DataLoader, Subset
 from lavis_xformer import checkpoints
 from lavis_xformer.analysis import figures, query_diversity, stats
 from lavis_xformer.common import distributed
-from lavis_xformer.common.dist import get_rank, get_world_size
+from lavis_xformer.common.distributed import get_rank, get_world_size
 from lavis_xformer.datasets.finegrained import resolve_path
 
 CACHE_FORMAT = 1
@@ -363,10 +363,7 @@ def read_cache(path: Path, fingerprint: dict) -> Optional[dict]:
 # ---------------------------------------------------------------------------------------------------------------
 def gather_to_main(items: list) -> Optional[list]:
     """Concatenate every rank's list on rank 0 (None elsewhere); the list itself in one process."""
-    if get_world_size() == 1:
-        return list(items)
-    gathered = [None] * get_world_size()
-    dist.all_gather_object(gathered, items)
+    gathered = distributed.gather_objects(list(items))
     return [item for part in gathered for item in part] if get_rank() == 0 else None
 
 

@@ -4,7 +4,7 @@
     python -m lavis_xformer.analysis.params --json    # the same numbers as JSON
 
 Every registered paper-scale model type (all but the ``tiny`` ones) of the plugin's architectures is built from
-its yaml by ``models.meta.build_on_meta``: full size, no weights, no download, about a second each.
+its yaml by ``common.meta.build_on_meta``: full size, no weights, no download, about a second each.
 That includes the baselines and ablations of ``lavis_xformer.models.variants`` (stage 1 ``xformer/<variant>``,
 stage 2 ``xformer_opt/<variant>_opt2.7b`` and ``_opt6.7b``).
 
@@ -25,7 +25,7 @@ from typing import List, Optional, Tuple
 
 import torch.nn as nn
 
-from lavis_xformer.models.meta import build_on_meta, count_parameters
+from lavis_xformer.common.meta import build_on_meta, count_parameters
 
 # The plugin's architectures, in table order: (arch, stage).
 ARCHS = (

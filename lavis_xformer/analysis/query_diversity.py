@@ -98,17 +98,13 @@ class SimilarityAccumulator:
         self.count += similarities.shape[0]
 
     def all_reduce(self, num_queries: int) -> None:
-        import torch.distributed as dist
+        from lavis_xformer.common import distributed
 
-        from lavis_xformer.common.distributed import collective_device
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if distributed.get_world_size() == 1:
             return
-        device = collective_device()
         total = self.total if self.total is not None else torch.zeros(num_queries, num_queries, dtype=torch.float64)
-        packed = torch.cat([total.flatten(), torch.tensor([float(self.count)], dtype=torch.float64)]).to(device)
-        dist.all_reduce(packed)
-        packed = packed.cpu()
+        packed = torch.cat([total.flatten(), torch.tensor([float(self.count)], dtype=torch.float64)])
+        packed = distributed.sum_over_ranks(packed.to(distributed.collective_device())).cpu()
         self.total = packed[:-1].view(num_queries, num_queries)
         self.count = int(packed[-1].item())
 

@@ -1,4 +1,12 @@
-"""Process-group setup for training and evaluation, on GPUs and on CPUs.
+"""Everything distributed, in one place: process-group setup on GPUs and CPUs, and the rank / world size /
+gather / broadcast helpers, which also work in one process with no process group.
+
+Helpers: LAVIS's BLIP-2 calls ``torch.distributed.get_rank()`` and ``get_world_size()`` unconditionally; the
+plugin's models, losses, runner and analysis tools use ``get_rank``, ``get_world_size``, ``gather_objects``,
+``broadcast_from_main``, ``concat_all_gather`` and ``all_gather_with_grad`` here instead, so that they run on one
+CPU process without ``init_process_group``.
+
+Process groups:
 
 LAVIS's ``init_distributed_mode`` (lavis/common/dist_utils.py:57-90) reads the launcher's environment, then pins a
 GPU (``torch.cuda.set_device``, line 72) and always uses nccl (line 73): under ``torchrun`` on a CPU machine it dies.
@@ -17,10 +25,12 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
+from lavis.models.base_model import all_gather_with_grad as _lavis_all_gather_with_grad
+from lavis.models.base_model import concat_all_gather as _lavis_concat_all_gather
 
 # LAVIS waits this long at its barriers so that rank 0 can download (here: generate) data while the others wait.
 DEFAULT_TIMEOUT = datetime.timedelta(days=365)
@@ -126,10 +136,38 @@ def init_distributed_mode(run_cfg) -> None:
     setup_for_distributed(launch.rank == 0)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Rank, world size and collectives (the identity in a single process)
+# ---------------------------------------------------------------------------------------------------------------
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def gather_objects(value: Any) -> List[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank; ``[value]`` in one process."""
+    if get_world_size() == 1:
+        return [value]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def broadcast_from_main(value):
     """``value`` as rank 0 has it, on every rank (e.g. the job id, which each rank would otherwise compute from
     its own clock); the value itself in a single process."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if get_world_size() == 1:
         return value
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
@@ -138,6 +176,25 @@ def broadcast_from_main(value):
 
 def collective_device() -> torch.device:
     """The device collective tensors must live on for the current backend (nccl: the current GPU; gloo: CPU)."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
+    if is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over every rank, in place (the tensor must be on ``collective_device()``)."""
+    if get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0, without gradient (the identity in one process)."""
+    return _lavis_concat_all_gather(tensor)
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0, keeping the graph (the identity in one process)."""
+    if get_world_size() == 1:
+        return tensor
+    return _lavis_all_gather_with_grad(tensor)

@@ -23,7 +23,7 @@ from lavis_xformer.demo.pipeline import (
     eval_metrics,
     last_checkpoint,
 )
-from lavis_xformer.models.meta import build_on_meta, build_without_checkpoints, count_parameters
+from lavis_xformer.common.meta import build_on_meta, build_without_checkpoints, count_parameters
 
 # The table: (key, label, format). Formats: "params", "loss", "recall", "acc".
 METRICS = (

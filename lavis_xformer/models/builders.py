@@ -8,10 +8,8 @@ same classes from config with random weights and reach no network.
 """
 
 import contextlib
-import contextvars
 import functools
 import logging
-import os
 import tempfile
 import zlib
 from pathlib import Path
@@ -23,30 +21,12 @@ from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
 from lavis.models.eva_vit import VisionTransformer, create_eva_vit_g
 from transformers import BertTokenizer, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 
+from lavis_xformer.checkpoints import load_model_weights
+from lavis_xformer.common.hub import hub_allowed, no_hub  # noqa: F401  (no_hub: re-exported for the builders' users)
 from lavis_xformer.models import published
 from lavis_xformer.models.precision import frozen_half_dtype, run_in_half_precision
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-
-_HUB_ALLOWED = contextvars.ContextVar("lavis_xformer_hub_allowed", default=True)
-
-
-@contextlib.contextmanager
-def no_hub():
-    """Build every part from its config with random weights and a size-only vocabulary; nothing is downloaded.
-
-    Used for ``meta``-device builds of the paper-scale architectures (parameter and FLOP counts).
-    """
-    token = _HUB_ALLOWED.set(False)
-    try:
-        yield
-    finally:
-        _HUB_ALLOWED.reset(token)
-
-
-def hub_allowed() -> bool:
-    return _HUB_ALLOWED.get()
-
 
 @contextlib.contextmanager
 def standin_weights(name: str):
@@ -300,8 +280,6 @@ class ConfigBuildersMixin:
     # LAVIS's loader ignores `load_pretrained: False` and unpickles arbitrary objects; this one honours the flag,
     # reads weights only, and says in one line what did not match.
     def load_checkpoint_from_config(self, cfg, **kwargs):
-        from lavis_xformer.checkpoints import load_model_weights
-
         if cfg.get("load_finetuned", False):
             path = cfg.get("finetuned")
             if not path:
@@ -313,13 +291,9 @@ class ConfigBuildersMixin:
         return None
 
     def load_from_pretrained(self, url_or_filename):
-        from lavis_xformer.checkpoints import load_model_weights
-
         return load_model_weights(self, url_or_filename, strict_unexpected=False)
 
     def load_checkpoint(self, url_or_filename):
-        from lavis_xformer.checkpoints import load_model_weights
-
         return load_model_weights(self, url_or_filename, strict_unexpected=True)
 
 

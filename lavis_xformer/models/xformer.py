@@ -24,7 +24,7 @@ from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 from lavis.models.blip_models.blip_outputs import BlipOutputFeatures
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput
 
-from lavis_xformer.common import dist
+from lavis_xformer.common import distributed as dist
 from lavis_xformer.models import variants
 from lavis_xformer.models.builders import (
     ConfigBuildersMixin,

@@ -273,7 +273,7 @@ class StepGuard:
         """``run.debug_nan_steps``: turn ``debug_nan_loss`` (and the total) into NaN at those global steps."""
         if global_step not in self.debug_nan_steps:
             return output
-        if self.debug_nan_ranks is not None and distributed_rank() not in self.debug_nan_ranks:
+        if self.debug_nan_ranks is not None and distributed.get_rank() not in self.debug_nan_ranks:
             return output
         if not isinstance(output, Mapping) or "loss" not in output:
             return output
@@ -292,14 +292,13 @@ class StepGuard:
     @staticmethod
     def agree(local_bad: List[str]) -> List[str]:
         """Under DDP: one flag all-reduced (MAX) per step; the names are gathered only when some rank is bad."""
-        if not dist.is_initialized() or dist.get_world_size() == 1:
+        if distributed.get_world_size() == 1:
             return local_bad
         flag = torch.tensor([1 if local_bad else 0], dtype=torch.int32, device=distributed.collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if int(flag.item()) == 0:
             return []
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local_bad)
+        gathered = distributed.gather_objects(local_bad)
         return [f"{name} (rank {rank})" for rank, names in enumerate(gathered) for name in (names or [])]
 
     def skipped(self, bad: List[str], epoch, iteration: int, global_step: int) -> None:
@@ -328,13 +327,10 @@ class StepGuard:
                     scale_before, scale_after)
 
 
-def distributed_rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 class OutputWatch:
     """A forward hook on the (unwrapped) model that keeps the last training output, so the step guard can name the
-    loss term that broke, and applies the NaN test hook. Inactive outside ``watching()`` (evaluation passes)."""
+    loss term that broke and the runner can log the task's loss terms, and applies the NaN test hook. Inactive
+    outside ``watching()`` (evaluation passes)."""
 
     def __init__(self, module: torch.nn.Module, guard: StepGuard):
         self.guard = guard

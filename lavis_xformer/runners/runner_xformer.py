@@ -14,6 +14,10 @@ what breaks off-GPU in LAVIS 1.0.2, each citing the line it replaces:
   loaders are built inside ``compat.host_prefetch_loader()``.
 * ``eval_epoch`` -- runner_base.py:469 calls ``task.evaluation(model, data_loader)``, whose ``cuda_enabled``
   defaults to True (base_task.py:79) and moves every batch to the GPU; here the run's device decides.
+* ``train_epoch`` -- runner_base.py:427 hands the epoch to ``task.train_epoch`` and the task's
+  ``_train_inner_loop`` (base_task.py:151); here the runner runs its own loop, ``train_inner_loop``: LAVIS's steps
+  over the task's ``train_step``, plus the step guard, the resume position and the mid-epoch checkpoints. The task
+  only names the model-output loss terms to average next to the total (``logged_loss_terms``).
 * ``scaler`` -- runner_base.py:137 makes a CUDA ``GradScaler`` for ``amp: True`` on any device; off-GPU amp is
   switched off (with a log line) instead.
 * ``device`` -- ``device: cuda`` on a machine without CUDA fails with an actionable message, not deep in LAVIS.
@@ -51,18 +55,15 @@ Reliability (run-config keys, all optional):
 """
 
 import contextlib
-import functools
-import io
 import logging
 import os
-import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
-from lavis.common.dist_utils import get_rank, get_world_size, is_main_process, main_process
 from lavis.common.logger import MetricLogger, SmoothedValue
 from lavis.common.registry import registry
 from lavis.datasets.data_utils import prepare_sample
@@ -72,8 +73,17 @@ from lavis.tasks.base_task import BaseTask
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lavis_xformer import compat
-from lavis_xformer.checkpoints import CheckpointError, extract_state_dict, load_state_dict_checked, read_checkpoint
+from lavis_xformer.checkpoints import (
+    extract_state_dict,
+    find_resume_checkpoint,
+    load_trainable_state_dict,
+    read_checkpoint,
+    remove_interrupted_saves,
+    save_checkpoint_atomically,
+    trainable_state_dict,
+)
 from lavis_xformer.common import distributed
+from lavis_xformer.common.distributed import get_rank, get_world_size, is_main_process
 from lavis_xformer.datasets.robust import RobustDataset
 from lavis_xformer.runners.reliability import (
     EpochLoader,
@@ -84,125 +94,10 @@ from lavis_xformer.runners.reliability import (
     restore_rng_state,
 )
 
-TEST_SAVE_DELAY_ENV = "LAVIS_XFORMER_TEST_SAVE_DELAY"
 TRAINER_STATE_FORMAT = 1
-_CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)(?:_iter(\d+))?\.pth$")
 # Run settings that change what an exact resume computes: a difference from the checkpoint's config is reported.
 _EXACTNESS_KEYS = ("seed", "batch_size_train", "accum_grad_iters", "world_size", "amp", "lr_sched", "init_lr",
                    "min_lr", "warmup_lr", "warmup_steps", "weight_decay", "beta2")
-
-
-def _test_save_delay(path: str) -> float:
-    """``LAVIS_XFORMER_TEST_SAVE_DELAY=SECONDS[@NAME]``: seconds to stall in the middle of writing ``path`` (only
-    when its file name contains NAME). A test hook for killing a process mid-save; unset in real runs."""
-    value = os.environ.get(TEST_SAVE_DELAY_ENV, "")
-    if not value:
-        return 0.0
-    seconds, _, name = value.partition("@")
-    if name and name not in os.path.basename(path):
-        return 0.0
-    return float(seconds)
-
-
-def save_checkpoint_atomically(obj, path) -> str:
-    """``torch.save`` to ``path`` so that a reader sees the old file or the complete new one, never a torn one.
-
-    The bytes go to a temporary file in the same folder, are flushed and fsync'ed, then ``os.replace`` swaps the
-    file in (atomic on POSIX and Windows); the folder is fsync'ed so that the rename survives a power cut.
-    """
-    path = os.fspath(path)
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    delay = _test_save_delay(path)
-    try:
-        with open(tmp_path, "wb") as handle:
-            if delay:
-                buffer = io.BytesIO()
-                torch.save(obj, buffer)
-                data = buffer.getvalue()
-                handle.write(data[: len(data) // 2])
-                handle.flush()
-                os.fsync(handle.fileno())
-                time.sleep(delay)
-                handle.write(data[len(data) // 2 :])
-            else:
-                torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    _fsync_directory(os.path.dirname(os.path.abspath(path)))
-    return path
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows, where folders cannot be opened; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not support fsync on folders
-    finally:
-        os.close(fd)
-
-
-def trainable_state_dict(model: torch.nn.Module) -> dict:
-    """The model's state dict without its frozen parameters (what LAVIS saves: frozen encoders are not copied)."""
-    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
-    return {key: value for key, value in model.state_dict().items() if key not in frozen}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Finding the checkpoint to resume from
-# ---------------------------------------------------------------------------------------------------------------
-def checkpoint_progress(path) -> Optional[Tuple[int, int]]:
-    """(epoch, next iteration) a checkpoint file resumes at, from its name; None for ``checkpoint_best.pth`` and
-    other files. ``checkpoint_3.pth`` -> (4, 0); ``checkpoint_3_iter200.pth`` -> (3, 200)."""
-    match = _CHECKPOINT_NAME.match(os.path.basename(os.fspath(path)))
-    if match is None:
-        return None
-    epoch = int(match.group(1))
-    return (epoch + 1, 0) if match.group(2) is None else (epoch, int(match.group(2)))
-
-
-def _checkpoint_candidates(folder: Path) -> List[Path]:
-    found = [p for pattern in ("checkpoint_*.pth", "*/checkpoint_*.pth") for p in folder.glob(pattern)]
-    found = [p for p in found if p.is_file() and checkpoint_progress(p) is not None]
-    return sorted(found, key=lambda p: (checkpoint_progress(p), p.stat().st_mtime), reverse=True)
-
-
-def remove_interrupted_saves(folder) -> List[str]:
-    """Delete ``checkpoint_*.pth.tmp-PID`` files (in ``folder`` and its job folders): the leftovers of saves that
-    were killed before their rename, which is a save's commit point, so they can never be valid checkpoints."""
-    folder = Path(folder)
-    removed = []
-    for pattern in ("checkpoint_*.pth.tmp-*", "*/checkpoint_*.pth.tmp-*"):
-        for path in folder.glob(pattern):
-            logging.warning("removing %s: the temporary file of a save that was interrupted", path)
-            path.unlink(missing_ok=True)
-            removed.append(str(path))
-    return removed
-
-
-def find_resume_checkpoint(folder) -> Tuple[Optional[str], Optional[dict]]:
-    """The furthest-progressed checkpoint under ``folder`` (itself and its job folders) that reads back (safely) and
-    holds weights and optimizer: ``(path, checkpoint)``; ``(None, None)`` when there is none. Unreadable files
-    (truncated, corrupt, unsafe) are skipped with a warning naming them."""
-    for path in _checkpoint_candidates(Path(folder)):
-        try:
-            checkpoint = read_checkpoint(str(path))
-        except CheckpointError as err:
-            logging.warning("resume: skipping %s: %s", path, err)
-            continue
-        if not isinstance(checkpoint, dict) or "model" not in checkpoint or "optimizer" not in checkpoint:
-            logging.warning("resume: skipping %s: not a training checkpoint (no 'model' and 'optimizer')", path)
-            continue
-        return str(path), checkpoint
-    return None, None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -270,11 +165,56 @@ def _format_meter(meter) -> str:
     return "{:.3f}".format(meter.global_avg) if meter.count else "nan"
 
 
+@dataclass
+class _TrainEpoch:
+    """What the steps of one training epoch share (``RunnerXFormer.train_inner_loop``)."""
+
+    epoch: int
+    iters_per_epoch: int
+    start_iters: Optional[int]  # None for epoch-based runs; the iteration count so far for iteration-based ones
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    accum_grad_iters: int
+    cuda_enabled: bool
+    trainable: list  # (name, parameter) of the trainable parameters, for the gradient check
+    watch: OutputWatch
+    window_bad: List[str] = field(default_factory=list)  # non-finite terms met in the current accumulation window
+    metric_logger: MetricLogger = field(init=False)  # LAVIS's: lr and the total loss, printed every log_freq steps
+    loss_terms: MetricLogger = field(init=False)  # the task's logged_loss_terms
+
+    def __post_init__(self):
+        self.metric_logger = MetricLogger(delimiter="  ")
+        self.metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+        self.loss_terms = MetricLogger(delimiter="  ")
+
+    @property
+    def inner_epoch(self) -> int:
+        """The epoch the LR schedule sees: the epoch, or for iteration-based runs the inner epoch (LAVIS's rule)."""
+        return self.epoch if self.start_iters is None else self.start_iters // self.iters_per_epoch
+
+    @property
+    def header(self) -> str:
+        header = "Train: data epoch: [{}]".format(self.epoch)
+        return header if self.start_iters is None else header + "; inner epoch [{}]".format(self.inner_epoch)
+
+    @property
+    def use_amp(self) -> bool:
+        return self.scaler is not None and self.cuda_enabled
+
+    @property
+    def autocast_device(self) -> str:
+        return "cuda" if self.cuda_enabled else "cpu"
+
+    def global_step(self, iteration: int) -> int:
+        return (self.epoch * self.iters_per_epoch if self.start_iters is None else self.start_iters) + iteration
+
+
 @registry.register_runner("runner_xformer")
 class RunnerXFormer(RunnerBase):
     def __init__(self, cfg, task, model, datasets, job_id):
         run_cfg = cfg.run_cfg
-        if not dist.is_initialized():
+        if not distributed.is_initialized():
             device = distributed.check_device(run_cfg.get("device", "cuda"))
             distributed.init_single_process_group(distributed.backend_for(device))
         job_id = distributed.broadcast_from_main(job_id)
@@ -295,7 +235,6 @@ class RunnerXFormer(RunnerBase):
             raise ValueError(f"run.checkpoint_every_iters={every} must be >= 0")
         self.best_agg_metric, self.best_epoch = 0, 0
         self._start_iter = 0  # the iteration the first (resumed) epoch starts at
-        self._epoch_start_iter = 0
         self._iters_per_epoch = None
         self._pending_rng = None  # this rank's RNG states from the checkpoint, restored just before training
 
@@ -421,9 +360,30 @@ class RunnerXFormer(RunnerBase):
         logging.info("Training time {}".format(time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time))))
 
     def train_epoch(self, epoch):
-        """LAVIS's ``train_epoch`` (the task's ``train_epoch`` drives it, so task-side logging is kept) with the
-        task's inner loop replaced, for this epoch, by ``_reliable_inner_loop``."""
+        """One epoch of LAVIS's training (the task's ``train_step``, LAVIS's schedule, accumulation, amp and logs)
+        through this runner's guarded loop, ``train_inner_loop``; a resumed epoch starts at its saved iteration.
+
+        A task that brings its own ``train_epoch`` or ``_train_inner_loop`` keeps it (LAVIS's behaviour), without
+        the step guard or mid-epoch checkpoints."""
         self.model.train()
+        first_iter = self._start_epoch_data(epoch)
+        train_args = dict(epoch=epoch, model=self.model, data_loader=self.train_loader, optimizer=self.optimizer,
+                          scaler=self.scaler, lr_scheduler=self.lr_scheduler, cuda_enabled=self.cuda_enabled,
+                          log_freq=self.log_freq, accum_grad_iters=self.accum_grad_iters)
+        task_class = type(self.task)
+        if (task_class.train_epoch is not BaseTask.train_epoch
+                or task_class._train_inner_loop is not BaseTask._train_inner_loop):
+            logging.warning("%s has its own training loop: non-finite losses are not guarded and no mid-epoch "
+                            "checkpoints are written", task_class.__name__)
+            stats = self.task.train_epoch(**train_args)
+        else:
+            stats = self.train_inner_loop(iters_per_epoch=len(self.train_loader), first_iter=first_iter, **train_args)
+        stats.update(self._reliability_stats(epoch))
+        return stats
+
+    def _start_epoch_data(self, epoch) -> int:
+        """Put the data order at ``epoch`` (and at the resumed iteration, once) and reset the epoch's counters;
+        returns the iteration the epoch starts at."""
         loader = self.train_loader
         start_iter, self._start_iter = self._start_iter, 0
         if isinstance(loader, EpochLoader):
@@ -432,136 +392,138 @@ class RunnerXFormer(RunnerBase):
             logging.warning("this training loader cannot start inside an epoch: epoch %d restarts at iteration 0",
                             epoch)
             start_iter = 0
-        self._epoch_start_iter = start_iter
         if start_iter == 0:  # a run resumed inside an epoch keeps that epoch's counts (restored with the checkpoint)
             self.step_guard.start_epoch()
             for dataset in self.robust_datasets:
                 dataset.start_epoch()
+        return start_iter
 
-        custom_loop = type(self.task)._train_inner_loop is not BaseTask._train_inner_loop
-        if custom_loop:
-            logging.warning("%s has its own _train_inner_loop: non-finite losses are not guarded",
-                            type(self.task).__name__)
-        watch = OutputWatch(self.unwrap_dist_model(self.model), self.step_guard)
-        if not custom_loop:
-            self.task._train_inner_loop = functools.partial(self._reliable_inner_loop, self.task, watch)
-        try:
-            stats = self.task.train_epoch(
-                epoch=epoch,
-                model=self.model,
-                data_loader=loader,
-                optimizer=self.optimizer,
-                scaler=self.scaler,
-                lr_scheduler=self.lr_scheduler,
-                cuda_enabled=self.cuda_enabled,
-                log_freq=self.log_freq,
-                accum_grad_iters=self.accum_grad_iters,
-            )
-        finally:
-            self.task.__dict__.pop("_train_inner_loop", None)
-            watch.remove()
-        stats.update(self._reliability_stats(epoch))
-        return stats
-
-    def _reliable_inner_loop(self, task, watch, epoch, iters_per_epoch, model, data_loader, optimizer, lr_scheduler,
-                             scaler=None, start_iters=None, log_freq=50, cuda_enabled=False, accum_grad_iters=1):
-        """LAVIS's ``BaseTask._train_inner_loop`` (base_task.py:164-246: same samples, schedule, accumulation, amp and
-        logs), with each step checked by the step guard: a non-finite loss on any rank skips the optimiser step
-        everywhere (without DDP its backward is skipped too; under DDP every rank still runs backward, so DDP's
-        reducer stays in step, and the gradients are dropped). Starts at the resumed iteration and writes the
-        mid-epoch checkpoints."""
-        use_amp = scaler is not None
+    def train_inner_loop(self, epoch, iters_per_epoch, model, data_loader, optimizer, lr_scheduler, scaler=None,
+                         start_iters=None, log_freq=50, cuda_enabled=False, accum_grad_iters=1, first_iter=0):
+        """LAVIS's ``BaseTask._train_inner_loop`` (base_task.py:164-246, same arguments: same samples, schedule,
+        accumulation, amp and logs) over ``task.train_step``, each step guarded: a non-finite loss on any rank skips
+        the optimiser step everywhere. Starts at ``first_iter`` (a resumed epoch), writes the mid-epoch checkpoints
+        and averages the task's ``logged_loss_terms`` over the steps kept."""
         if not hasattr(data_loader, "__next__"):
             data_loader = iter(data_loader)
         self._iters_per_epoch = iters_per_epoch
-        metric_logger = MetricLogger(delimiter="  ")
-        metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+        run = _TrainEpoch(
+            epoch=epoch, iters_per_epoch=iters_per_epoch, start_iters=start_iters, model=model, optimizer=optimizer,
+            scaler=scaler, accum_grad_iters=accum_grad_iters, cuda_enabled=cuda_enabled,
+            trainable=[(n, p) for n, p in self.unwrap_dist_model(model).named_parameters() if p.requires_grad],
+            watch=OutputWatch(self.unwrap_dist_model(model), self.step_guard),
+        )
+        first = first_iter if start_iters is None else 0
         logging.info("Start training epoch {}, {} iters per inner epoch.".format(epoch, iters_per_epoch))
-        header = "Train: data epoch: [{}]".format(epoch)
-        if start_iters is None:
-            inner_epoch, first = epoch, self._epoch_start_iter
-        else:  # iter-based runners
-            inner_epoch, first = start_iters // iters_per_epoch, 0
-            header = header + "; inner epoch [{}]".format(inner_epoch)
         if first:
             logging.info("resuming epoch %s at iteration %d", epoch, first)
-
-        guard = self.step_guard
-        trainable = [(n, p) for n, p in self.unwrap_dist_model(model).named_parameters() if p.requires_grad]
-        defer_stats = hasattr(task, "commit_train_step")
-        if defer_stats:
-            task.defer_train_step_stats = True
-        autocast_device = "cuda" if cuda_enabled else "cpu"
-        step_bad: List[str] = []
         try:
-            for i in metric_logger.log_every(range(first, iters_per_epoch), log_freq, header):
-                samples = next(data_loader)
-                samples = prepare_sample(samples, cuda_enabled=cuda_enabled)
-                samples.update({"epoch": inner_epoch, "num_iters_per_epoch": iters_per_epoch, "iters": i})
-                lr_scheduler.step(cur_epoch=inner_epoch, cur_step=i)
-                global_step = (epoch * iters_per_epoch if start_iters is None else start_iters) + i
-
-                with watch.watching(global_step), torch.autocast(autocast_device, enabled=use_amp and cuda_enabled):
-                    loss = task.train_step(model=model, samples=samples)
-                bad = guard.check(loss, watch.output)
-                if defer_stats:
-                    task.commit_train_step(accepted=not bad)
-                if bad:
-                    step_bad = step_bad or bad
-                    if self.use_distributed:
-                        loss.backward()  # every rank runs backward, as DDP expects; the gradients are dropped below
-                elif use_amp:
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-
+            for i in run.metric_logger.log_every(range(first, iters_per_epoch), log_freq, run.header):
+                samples = prepare_sample(next(data_loader), cuda_enabled=cuda_enabled)
+                samples.update({"epoch": run.inner_epoch, "num_iters_per_epoch": iters_per_epoch, "iters": i})
+                lr_scheduler.step(cur_epoch=run.inner_epoch, cur_step=i)
+                loss, bad = self._guarded_forward(run, samples, i)
+                self._backward(run, loss, bad)
                 if (i + 1) % accum_grad_iters == 0:
-                    self._optimizer_step(optimizer, scaler, trainable, step_bad, epoch, i, global_step)
-                    step_bad = []
-
-                if not bad:
-                    if "loss" not in metric_logger.meters:
-                        metric_logger.add_meter("loss", SmoothedValue(window_size=1, fmt="{value:.4f}"))
-                    metric_logger.update(loss=loss.item())
-                metric_logger.update(lr=optimizer.param_groups[0]["lr"])
-
-                done = i + 1
-                if (start_iters is None and self.checkpoint_every_iters and done < iters_per_epoch
-                        and done % self.checkpoint_every_iters == 0 and done % accum_grad_iters == 0):
-                    self.save_progress(epoch, done, complete=False)
+                    self._optimizer_step(run, i)
+                self._log_step(run, loss, bad)
+                self._checkpoint_inside_epoch(run, done=i + 1)
         finally:
-            if defer_stats:
-                task.defer_train_step_stats = False
+            run.watch.remove()
+        return self._epoch_stats(run)
 
-        metric_logger.synchronize_between_processes()
-        stats = {k: _format_meter(meter) for k, meter in metric_logger.meters.items()}
+    # -- the steps of the loop -----------------------------------------------------------------------------------
+    def _guarded_forward(self, run, samples, iteration):
+        """The task's ``train_step`` (under autocast with amp), then the step guard's verdict: the loss and its
+        non-finite terms, agreed between ranks (empty: the step is usable)."""
+        with run.watch.watching(run.global_step(iteration)), torch.autocast(run.autocast_device, enabled=run.use_amp):
+            loss = self.task.train_step(model=run.model, samples=samples)
+        bad = self.step_guard.check(loss, run.watch.output)
+        run.window_bad = run.window_bad or bad
+        return loss, bad
+
+    def _backward(self, run, loss, bad) -> None:
+        """Backward of a usable step (scaled under amp). A bad step has none without DDP; under DDP every rank still
+        runs backward, so DDP's reducer stays in step, and the optimiser step drops the gradients."""
+        if bad:
+            if self.use_distributed:
+                loss.backward()
+        elif run.scaler is not None:
+            run.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _optimizer_step(self, run, iteration) -> None:
+        """The end of an accumulation window: skipped when one of its micro-batches had a non-finite loss, else an
+        amp step or a plain step whose gradients are checked first."""
+        bad, run.window_bad = run.window_bad, []
+        if bad:
+            self._skip_step(run, bad, iteration)
+        elif run.scaler is not None:
+            self._amp_step(run)
+        else:
+            name = first_nonfinite_gradient(run.trainable)  # DDP: gradients are already averaged, so ranks agree
+            if name is not None:
+                self._skip_step(run, [f"gradient of {name}"], iteration)
+                return
+            run.optimizer.step()
+            self.step_guard.stepped()
+            run.optimizer.zero_grad()
+
+    def _skip_step(self, run, bad, iteration) -> None:
+        run.optimizer.zero_grad()
+        self.step_guard.skipped(bad, run.epoch, iteration, run.global_step(iteration))  # raises after too many
+
+    def _amp_step(self, run) -> None:
+        """``GradScaler`` step and update: the scaler itself skips a step whose unscaled gradients overflowed (and
+        backs off its scale), which is counted, not treated as a bad step."""
+        scale_before = run.scaler.get_scale()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        scale_after = run.scaler.get_scale()
+        if scale_after < scale_before:
+            self.step_guard.amp_overflow(scale_before, scale_after)
+        else:
+            self.step_guard.stepped()
+        run.optimizer.zero_grad()
+
+    def _log_step(self, run, loss, bad) -> None:
+        """The step's total loss and the task's ``logged_loss_terms`` (from the model's output) enter the epoch's
+        averages only if the step was usable; the learning rate always."""
+        if not bad:
+            if "loss" not in run.metric_logger.meters:
+                run.metric_logger.add_meter("loss", SmoothedValue(window_size=1, fmt="{value:.4f}"))
+            run.metric_logger.update(loss=loss.item())
+            output = run.watch.output if isinstance(run.watch.output, dict) else {}
+            terms = {key: output[key] for key in self.logged_loss_terms if output.get(key) is not None}
+            run.loss_terms.update(**{key: value.detach().item() for key, value in terms.items()})
+        run.metric_logger.update(lr=run.optimizer.param_groups[0]["lr"])
+
+    def _checkpoint_inside_epoch(self, run, done) -> None:
+        """``run.checkpoint_every_iters``: a resumable checkpoint after every N iterations of an epoch-based run, at
+        the end of an accumulation window (the epoch's last iteration gets the epoch's own checkpoint instead)."""
+        every = self.checkpoint_every_iters
+        if (run.start_iters is None and every and done < run.iters_per_epoch and done % every == 0
+                and done % run.accum_grad_iters == 0):
+            self.save_progress(run.epoch, done, complete=False)
+
+    def _epoch_stats(self, run) -> dict:
+        """The epoch's averages over all ranks: LAVIS's ``lr`` and ``loss``, then the task's loss terms."""
+        run.metric_logger.synchronize_between_processes()
+        stats = {k: _format_meter(meter) for k, meter in run.metric_logger.meters.items()}
         stats.setdefault("loss", "nan")  # every step of the epoch was skipped
         logging.info("Averaged stats: " + "  ".join(f"{k}: {v}" for k, v in stats.items()))
+        if self.logged_loss_terms:
+            run.loss_terms.synchronize_between_processes()
+            logging.info("Averaged loss terms: %s", run.loss_terms.global_avg())
+            stats.update({k: _format_meter(meter) for k, meter in run.loss_terms.meters.items()})
         return stats
 
-    def _optimizer_step(self, optimizer, scaler, trainable, step_bad, epoch, iteration, global_step):
-        if step_bad:
-            optimizer.zero_grad()
-            self.step_guard.skipped(step_bad, epoch, iteration, global_step)  # raises after too many in a row
-            return
-        if scaler is not None:
-            scale_before = scaler.get_scale()
-            scaler.step(optimizer)  # skips the step itself when the (unscaled) gradients overflowed
-            scaler.update()
-            scale_after = scaler.get_scale()
-            if scale_after < scale_before:
-                self.step_guard.amp_overflow(scale_before, scale_after)
-            else:
-                self.step_guard.stepped()
-        else:
-            name = first_nonfinite_gradient(trainable)  # DDP: gradients are already averaged, so ranks agree
-            if name is not None:
-                optimizer.zero_grad()
-                self.step_guard.skipped([f"gradient of {name}"], epoch, iteration, global_step)
-                return
-            optimizer.step()
-            self.step_guard.stepped()
-        optimizer.zero_grad()
+    @property
+    def logged_loss_terms(self):
+        """The model output's loss terms the task asks to average and log next to the total (e.g. stage 1's
+        ``loss_itc``, ``loss_itm``, ``loss_lm``, ``loss_rec``); none for LAVIS's tasks."""
+        return tuple(getattr(self.task, "logged_loss_terms", ()))
 
     def _reliability_stats(self, epoch) -> dict:
         stats = {"skipped_steps": self.step_guard.skipped_epoch}
@@ -570,8 +532,7 @@ class RunnerXFormer(RunnerBase):
         if self.robust_datasets:
             counts = [[d.stats()["bad"], d.stats()["attempted"]] for d in self.robust_datasets]
             totals = torch.tensor(counts, dtype=torch.float64, device=distributed.collective_device()).sum(0)
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(totals)
+            distributed.sum_over_ranks(totals)
             bad, loaded = (int(x) for x in totals.tolist())
             stats.update(bad_samples=bad, loaded_samples=loaded)
             if bad:
@@ -616,12 +577,9 @@ class RunnerXFormer(RunnerBase):
 
     def _gather_rank_states(self) -> list:
         """Every rank's RNG states and bad-data counts, in rank order (a collective)."""
-        state = {"rng": capture_rng_state(), "robust": [d.stats() for d in self.robust_datasets]}
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return [state]
-        states = [None] * dist.get_world_size()
-        dist.all_gather_object(states, state)
-        return states
+        return distributed.gather_objects(
+            {"rng": capture_rng_state(), "robust": [d.stats() for d in self.robust_datasets]}
+        )
 
     def save_progress(self, epoch, next_iter, complete):
         """Write a resumable checkpoint: ``checkpoint_{epoch}.pth`` at the end of an epoch, else
@@ -670,7 +628,7 @@ class RunnerXFormer(RunnerBase):
     def restore_checkpoint_state(self, checkpoint: dict, source: str) -> None:
         """Load weights, optimizer and scaler; with a ``trainer`` state also the position (epoch, iteration), this
         rank's RNG states and counters. Older/LAVIS checkpoints continue after their epoch, not bit-exactly."""
-        self.load_model_state(self.unwrap_dist_model(self.model), extract_state_dict(checkpoint), source)
+        load_trainable_state_dict(self.unwrap_dist_model(self.model), extract_state_dict(checkpoint), source)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler is not None and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
@@ -719,19 +677,10 @@ class RunnerXFormer(RunnerBase):
             logging.warning("resuming %s with settings that differ from the checkpoint's (the current ones apply, "
                             "so the run is not a bit-identical continuation): %s", source, "; ".join(changed))
 
-    @staticmethod
-    def load_model_state(model, state_dict, source: str) -> None:
-        """Load a (trainable-only) state dict: unknown keys and missing trainable weights are errors; frozen
-        parameters may be absent (LAVIS does not save them, and its strict load then fails on its own files)."""
-        result = load_state_dict_checked(model, state_dict, source, strict_unexpected=True)
-        frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
-        missing = [key for key in result.missing_keys if key not in frozen]
-        if missing:
-            raise CheckpointError(f"checkpoint {source!r} lacks trainable weights of the model: {missing[:10]}")
-
-    @main_process
     def _save_checkpoint(self, cur_epoch, is_best=False):
-        """LAVIS's save (used for ``checkpoint_best.pth``), atomic."""
+        """LAVIS's save (used for ``checkpoint_best.pth``), atomic; rank 0 writes."""
+        if not is_main_process():
+            return
         path = self.checkpoint_path("best" if is_best else cur_epoch)
         logging.info("Saving checkpoint at epoch %s to %s.", cur_epoch, path)
         save_checkpoint_atomically(self.checkpoint_state(cur_epoch), path)
@@ -743,5 +692,5 @@ class RunnerXFormer(RunnerBase):
     def _reload_best_model(self, model):
         path = self.checkpoint_path("best")
         logging.info("Loading checkpoint from %s.", path)
-        self.load_model_state(model, extract_state_dict(read_checkpoint(path)), path)
+        load_trainable_state_dict(model, extract_state_dict(read_checkpoint(path)), path)
         return model

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from lavis_xformer.models.builders import no_hub
+from lavis_xformer.common.hub import no_hub
 
 
 @contextlib.contextmanager
@@ -29,8 +29,7 @@ def build_without_checkpoints(arch: str, model_type=None, **overrides) -> nn.Mod
     ``load_finetuned`` off, so no checkpoint is read. Built on the current default device."""
     from lavis.common.registry import registry
 
-    import lavis_xformer  # noqa: F401  (registers the plugin's models)
-
+    # (importing this module ran lavis_xformer/__init__, which registers the plugin's models)
     cls = registry.get_model_class(str(arch))
     if cls is None:
         raise ValueError(f"model architecture {arch!r} is not registered; known: {sorted(registry.list_models())}")
