@@ -474,6 +474,8 @@ class RunnerXFormer(RunnerBase):
         if not hasattr(data_loader, "__next__"):
             data_loader = iter(data_loader)
         self._iters_per_epoch = iters_per_epoch
+        if hasattr(lr_scheduler, "set_iters_per_epoch"):  # per-iteration schedules (runners/schedulers.py)
+            lr_scheduler.set_iters_per_epoch(iters_per_epoch)
         metric_logger = MetricLogger(delimiter="  ")
         metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
         logging.info("Start training epoch {}, {} iters per inner epoch.".format(epoch, iters_per_epoch))
