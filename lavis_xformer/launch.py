@@ -90,7 +90,8 @@ FLOAT_FIELDS = ("init_lr", "min_lr", "warmup_lr", "weight_decay", "beta2", "lr_d
 INT_FIELDS = ("max_epoch", "batch_size_train", "batch_size_eval", "num_workers", "warmup_steps", "seed", "log_freq",
               "accum_grad_iters", "max_consecutive_bad_steps", "checkpoint_every_iters", "bad_fraction_min_samples",
               "max_image_pixels", "world_size", "k_test", "num_beams", "max_len", "min_len")
-BOOL_FIELDS = ("amp", "evaluate", "distributed", "robust_data", "use_dist_eval_sampler", "find_unused_parameters")
+BOOL_FIELDS = ("amp", "evaluate", "distributed", "robust_data", "use_dist_eval_sampler", "find_unused_parameters",
+               "allow_downloads")
 # (field, minimum) for the integer fields that have one
 INT_MINIMUM = {"max_epoch": 1, "batch_size_train": 1, "batch_size_eval": 1, "num_workers": 0, "warmup_steps": 0,
                "log_freq": 1, "accum_grad_iters": 1, "max_consecutive_bad_steps": 1, "checkpoint_every_iters": 0,
