@@ -1,6 +1,7 @@
 """``python -m lavis_xformer.check`` and the checks train/evaluate run before anything is built; LAVIS's cache_root
 never under /export; quiet third-party warnings."""
 
+import logging
 import os
 import re
 import subprocess
@@ -264,3 +265,41 @@ def test_a_cache_root_set_in_lavis_is_kept(monkeypatch):
     monkeypatch.setitem(registry.mapping["paths"], "cache_root", paths.LAVIS_SHIPPED_CACHE_ROOT)
     assert paths.apply_cache_root() == str(paths.user_cache_root())
     assert not os.path.commonpath([paths.user_cache_root(), "/export"]) == "/export"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model types that imply weights: no released X-Former weights
+# ---------------------------------------------------------------------------------------------------------------
+def _from_type(arch, model_type, **overrides):
+    from lavis_xformer.models.builders import no_hub
+
+    cls = registry.get_model_class(arch)
+    cfg = OmegaConf.merge(OmegaConf.load(cls.default_config_path(model_type)).model, overrides)
+    with torch.device("meta"), no_hub():
+        return cls.from_config(cfg)
+
+
+@pytest.mark.parametrize("arch, model_type", [("xformer", "pretrain"), ("xformer_opt", "pretrain_opt2.7b"),
+                                              ("xformer_opt", "caption_coco_opt2.7b")])
+def test_paper_scale_types_say_loudly_that_no_xformer_weights_exist(arch, model_type, caplog):
+    with caplog.at_level(logging.INFO):
+        _from_type(arch, model_type)
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING and "UNTRAINED" in r.getMessage()]
+    assert "no released X-Former weights exist" in warning.getMessage()
+
+
+def test_tiny_types_do_not_warn(caplog):
+    from lavis.models import load_model
+
+    with caplog.at_level(logging.INFO):
+        load_model("xformer", "tiny")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "UNTRAINED" in r.getMessage()]
+
+
+@pytest.mark.parametrize("key", ["pretrained", "finetuned"])
+@pytest.mark.parametrize("path", ["output/xformer/pretrain_stage1/<job_id>/checkpoint_8.pth", "no/such/file.pth"])
+def test_an_unsatisfiable_checkpoint_path_is_an_error(key, path):
+    from lavis_xformer.checkpoints import CheckpointError
+
+    with pytest.raises(CheckpointError, match=f"model.{key}={re.escape(path)}"):
+        _from_type("xformer_opt", "pretrain_opt2.7b", **{key: path, f"load_{key}": True})
