@@ -17,7 +17,7 @@ One line per finding, ``ERROR`` / ``WARNING`` / ``OK``, and exit status 1 when t
 5. **GPU memory** for ``run.batch_size_train`` per GPU (an estimate; ``--no-memory`` skips it): the model built on the
    ``meta`` device (no weights, no download); weights at their dtypes; for training, fp32 gradients and AdamW's two
    fp32 states of every trainable parameter, and the activations kept for backward, measured as the bytes autograd
-   saves in a meta-device forward at batch 1 and 2 (their difference is the per-sample cost).
+   saves in a meta-device forward at batch 2 and 4 (half their difference is the per-sample cost).
 
 ``python -m lavis_xformer.train`` / ``evaluate`` run checks 1-4 first and stop on an error.
 """
@@ -310,7 +310,9 @@ def _meta_samples(batch_size: int, image_size: int) -> dict:
 def saved_activation_bytes(model, batch_size: int, image_size: int) -> int:
     """Bytes autograd saves for backward in one training forward on ``meta``."""
     from lavis_xformer.bench import _meta_scalars_on_cpu
+    from lavis_xformer.common.distributed import init_single_process_group
 
+    init_single_process_group()  # LAVIS's BLIP-2 forward calls dist.get_rank()
     total = 0
 
     def pack(tensor):
@@ -354,9 +356,11 @@ def memory_estimate(model, config, batch_size: int, training: bool) -> List[Find
         parts += [f"gradients {_size(grads)}", f"AdamW states {_size(adam)}"]
         try:
             image_size = int(getattr(config, "image_size", 224))
-            one, two = (saved_activation_bytes(model, b, image_size) for b in (1, 2))
-            activations = max(two - one, 0) * batch_size
-            parts.append(f"activations {_size(activations)} ({_size(two - one)}/sample saved for backward, fp32; "
+            # batch 2 and 4 (in-batch ITC/ITM negatives need two samples): their difference is two samples' worth
+            two, four = (saved_activation_bytes(model, b, image_size) for b in (2, 4))
+            per_sample = max(four - two, 0) / 2
+            activations = per_sample * batch_size
+            parts.append(f"activations {_size(activations)} ({_size(per_sample)}/sample saved for backward, fp32; "
                          "amp stores many of them in fp16)")
             total += activations
         except Exception as error:  # the estimate is a courtesy: say why it is missing

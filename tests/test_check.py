@@ -188,12 +188,10 @@ def test_memory_estimate_counts_weights_optimizer_and_activations_per_sample(tmp
                                         .model)
     (line,) = [f.message for f in check.memory_estimate(model, config, 8, training=True)]
     assert f"{trainable / 1e6:.1f}M trainable" in line and "estimate" in line
-    per_sample = check.saved_activation_bytes(model, 2, config.image_size) - check.saved_activation_bytes(
-        model, 1, config.image_size)
-    assert per_sample > 0
-    # the total scales with the batch through the activations only
-    assert check.saved_activation_bytes(model, 4, config.image_size) - check.saved_activation_bytes(
-        model, 2, config.image_size) == pytest.approx(2 * per_sample, rel=0.05)
+    saved = {b: check.saved_activation_bytes(model, b, config.image_size) for b in (2, 4, 8)}
+    assert saved[4] > saved[2] > 0
+    # activations grow with the batch (in-batch ITC similarities add a small quadratic term)
+    assert saved[8] - saved[4] == pytest.approx(2 * (saved[4] - saved[2]), rel=0.05)
     assert "batch 32" in estimate(32)
 
 
