@@ -375,7 +375,7 @@ def memory_estimate(model, config, batch_size: int, training: bool) -> List[Find
         if total > available:
             findings.append(Finding("WARNING", f"the estimate ({_size(total)}) exceeds this GPU's "
                                                f"{_size(available)}: lower run.batch_size_train and raise "
-                                               "run.accum_grad_iters, or set model.use_grad_checkpoint: True"))
+                                               "run.accum_grad_iters (README 'Running at paper scale')"))
     return findings
 
 
