@@ -8,10 +8,12 @@ Two differences from LAVIS's scripts, both because LAVIS's versions assume GPUs 
 and the job id (the output sub-folder) is rank 0's on every rank. A config that names no ``run.runner`` gets
 ``runner_xformer`` (LAVIS's default ``runner_base`` cannot run on CPU).
 
-Before anything is built, ``validate_config`` checks the yaml with its ``--options``: a missing or unregistered
-``model.arch``, ``model.model_type``, ``run.task``, ``run.runner``, ``run.lr_sched`` or dataset name, a missing
-required run field, or a run field of the wrong type is reported in one ``ConfigError`` that lists the valid
-choices. (LAVIS itself fails with ``AssertionError: Model 'x' has not been registered.``, ``Unknown model type x``
+Before anything is built, ``lavis_xformer.check`` runs (``check_before_launch``: config, data files, checkpoints,
+hub cache; every problem in one ``CheckFailed``, a ``ConfigError``). Its config part is ``validate_config`` here,
+on the yaml with its ``--options``: a missing or unregistered ``model.arch``, ``model.model_type``, ``run.task``,
+``run.runner``, ``run.lr_sched`` or dataset name, a missing required run field, a run field of the wrong type, a
+learning rate that is negative or not finite (``init_lr`` must be > 0), an unknown ``run.*`` or ``model.*`` key (with
+a did-you-mean) and malformed ``--options`` are reported together, with the valid choices. (LAVIS itself fails with ``AssertionError: Model 'x' has not been registered.``, ``Unknown model type x``
 or, for an arch given in ``--options``, ``AttributeError: 'NoneType' object has no attribute 'from_config'``.) The
 model's own fields are then checked by its typed config (``models/config.py``), still before datasets or weights.
 """
