@@ -1,4 +1,6 @@
-"""Check a run config before anything heavy is built: ``python -m lavis_xformer.check --cfg-path X.yaml [--options ...]``.
+"""Check a run config before anything heavy is built:
+
+    python -m lavis_xformer.check --cfg-path X.yaml [--options k=v ...] [--evaluate] [--no-memory]
 
 One line per finding, ``ERROR`` / ``WARNING`` / ``OK``, and exit status 1 when there is an error. In order:
 
@@ -26,7 +28,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Iterable, List, Optional
@@ -35,8 +36,8 @@ import torch
 from omegaconf import OmegaConf
 
 from lavis_xformer.launch import ConfigError
+from lavis_xformer.paths import PLACEHOLDER
 
-PLACEHOLDER = re.compile(r"<[^<>/]+>")
 GIB = 1024 ** 3
 
 # How to get each of LAVIS's datasets. The scripts live in LAVIS's GitHub repository

@@ -13,9 +13,10 @@ hub cache; every problem in one ``CheckFailed``, a ``ConfigError``). Its config 
 on the yaml with its ``--options``: a missing or unregistered ``model.arch``, ``model.model_type``, ``run.task``,
 ``run.runner``, ``run.lr_sched`` or dataset name, a missing required run field, a run field of the wrong type, a
 learning rate that is negative or not finite (``init_lr`` must be > 0), an unknown ``run.*`` or ``model.*`` key (with
-a did-you-mean) and malformed ``--options`` are reported together, with the valid choices. (LAVIS itself fails with ``AssertionError: Model 'x' has not been registered.``, ``Unknown model type x``
-or, for an arch given in ``--options``, ``AttributeError: 'NoneType' object has no attribute 'from_config'``.) The
-model's own fields are then checked by its typed config (``models/config.py``), still before datasets or weights.
+a did-you-mean) and malformed ``--options`` are reported together, with the valid choices. (LAVIS itself fails with
+``AssertionError: Model 'x' has not been registered.``, ``Unknown model type x`` or, for an arch given in
+``--options``, ``AttributeError: 'NoneType' object has no attribute 'from_config'``.) The model's own fields are then
+checked by its typed config (``models/config.py``), still before datasets or weights.
 """
 
 import argparse

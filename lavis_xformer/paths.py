@@ -5,6 +5,7 @@ The repository keeps them in a top-level ``configs/`` folder; ``setup.py`` ships
 """
 
 import os
+import re
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -36,7 +37,13 @@ def projects_root() -> Path:
     for candidate in (_PACKAGE / "projects", _PACKAGE.parent / "projects"):
         if candidate.is_dir():
             return candidate
-    raise FileNotFoundError(f"lavis_xformer's projects/ folder was found neither in {_PACKAGE} nor in {_PACKAGE.parent}")
+    raise FileNotFoundError(
+        f"lavis_xformer's projects/ folder was found neither in {_PACKAGE} nor in {_PACKAGE.parent}; reinstall the package"
+    )
+
+
+# A path placeholder the project yamls carry until the user sets it, such as <job_id>.
+PLACEHOLDER = re.compile(r"<[^<>/]+>")
 
 
 def resolve_cfg_path(cfg_path) -> str:

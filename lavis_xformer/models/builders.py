@@ -12,7 +12,6 @@ import contextvars
 import functools
 import logging
 import os
-import re
 import tempfile
 import zlib
 from pathlib import Path
@@ -293,7 +292,8 @@ class ConfigBuildersMixin:
                 raise ValueError("load_finetuned is True but the model config has no `finetuned:` path")
             return load_model_weights(self, _satisfiable("finetuned", path), strict_unexpected=True)
         if cfg.get("load_pretrained", True) and cfg.get("pretrained"):
-            return load_model_weights(self, _satisfiable("pretrained", cfg.get("pretrained")), strict_unexpected=False)
+            path = _satisfiable("pretrained", cfg.get("pretrained"))
+            return load_model_weights(self, path, strict_unexpected=False)
         untrained = published.untrained_weights_notice(type(self).__name__, self._build_cfg)
         if untrained:
             logging.warning(untrained)
@@ -316,15 +316,16 @@ def _satisfiable(key: str, path) -> str:
     """``path`` unless it is a placeholder (``<job_id>``) or a local file that does not exist: then a
     ``CheckpointError`` naming the key (URLs are left to the downloader)."""
     from lavis_xformer.checkpoints import CheckpointError
+    from lavis_xformer.paths import PLACEHOLDER
 
     path = str(path)
-    if re.search(r"<[^<>/]+>", path):
+    if PLACEHOLDER.search(path):
         raise CheckpointError(f"model.{key}={path} is a placeholder: set it to a checkpoint file "
-                                f"(--options model.{key}=PATH; python -m lavis_xformer.check names the run that "
-                                "writes it)")
+                              f"(--options model.{key}=PATH; python -m lavis_xformer.check names the run that "
+                              "writes it)")
     if not path.startswith(("http://", "https://")) and not os.path.isfile(os.path.expanduser(path)):
         raise CheckpointError(f"model.{key}={path}: no such checkpoint file (load_{key}: True needs one; "
-                                f"set load_{key}: False to build without it)")
+                              f"set load_{key}: False to build without it)")
     return os.path.expanduser(path)
 
 

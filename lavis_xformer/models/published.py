@@ -60,7 +60,6 @@ BERT_BASE_UNCASED_VOCAB_SIZE = 30522
 # X-Former's authors released no weights: the paper-scale model types of xformer / xformer_opt / xformer_t5
 # (`pretrain`, `pretrain_opt2.7b`, `caption_coco_opt2.7b`, ...) are named after LAVIS's BLIP-2 types for
 # symmetry, but only their frozen encoders and LLM (and the Q-Former's BERT initialisation) come from the hub.
-RELEASED_XFORMER_WEIGHTS: dict = {}
 
 
 def untrained_weights_notice(class_name: str, cfg):
