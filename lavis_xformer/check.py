@@ -277,7 +277,12 @@ def check_hub_weights(config) -> List[Finding]:
             continue
         if resolve_asset(str(name)).exists() or Path(os.path.expanduser(str(name))).exists():
             continue  # a local file or folder
-        cached = try_to_load_from_cache(str(name), probe)
+        try:
+            cached = try_to_load_from_cache(str(name), probe)
+        except ValueError:  # huggingface_hub's HFValidationError: neither a repo id nor an existing path
+            findings.append(Finding("ERROR", f"model.{field}: {what} {name} is neither an existing path nor a hub "
+                                             "repository id"))
+            continue
         if isinstance(cached, str):
             findings.append(Finding("OK", f"model.{field}: {what} {name} is in the hub cache"))
         elif offline:
@@ -413,8 +418,13 @@ def check(cfg_path, options=None, training: Optional[bool] = None, memory: bool 
     model_cls = registry.get_model_class(cfg.model_cfg.arch)
     model = config = None
     if getattr(model_cls, "config_class", None) is not None:
-        model, config = build_on_meta(model_cls, cfg.model_cfg)
+        config = model_cls.config_class.from_lavis_cfg(cfg.model_cfg)
         findings += check_hub_weights(config)
+        try:  # the sizes of a local LLM or encoder folder are only known by loading it
+            model = build_on_meta(model_cls, cfg.model_cfg)[0]
+        except ValueError as error:
+            findings.append(Finding("WARNING", f"model not built on the meta device ({error}): checkpoints are not "
+                                               "matched against its parameters and memory is not estimated"))
     model_keys = set(model.state_dict()) if model is not None else None
     for key, value in checkpoint_settings(cfg.model_cfg, cfg.run_cfg):
         findings.append(check_checkpoint(key, value, model_keys))

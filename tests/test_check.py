@@ -301,3 +301,16 @@ def test_an_unsatisfiable_checkpoint_path_is_an_error(key, path):
 
     with pytest.raises(CheckpointError, match=f"model.{key}={re.escape(path)}"):
         _from_type("xformer_opt", "pretrain_opt2.7b", **{key: path, f"load_{key}": True})
+
+
+def test_a_local_llm_folder_is_a_warning_and_a_missing_one_an_error(tmp_path):
+    """The demo passes its pretrained stand-in OPT as a folder: no published sizes, so no meta build, but no error."""
+    folder = tmp_path / "opt"
+    folder.mkdir()
+    findings = check.check(DEMO_STAGE2, [*small_shapes(tmp_path), f"model.opt_model={folder}",
+                                         f"model.pretrained={folder / 'x.pth'}"], memory=False)
+    assert messages(findings) == [f"model.pretrained={folder / 'x.pth'}: no such file (resolved as {folder / 'x.pth'})"]
+    assert any(w.startswith("model not built on the meta device") for w in messages(findings, "WARNING"))
+    missing = check.check(DEMO_STAGE2, [*small_shapes(tmp_path), f"model.opt_model={tmp_path / 'nope'}"], memory=False)
+    assert f"model.opt_model: LLM {tmp_path / 'nope'} is neither an existing path nor a hub repository id" in \
+        messages(missing)
