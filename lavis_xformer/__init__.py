@@ -2,19 +2,27 @@
 
 ``import lavis_xformer`` registers the plugin's models, processors, tasks, runners and dataset builders into
 ``lavis.common.registry``; LAVIS's ``load_model``, ``load_model_and_preprocess`` and runners then find them. It
-also applies the few LAVIS 1.0.2 patches that have no extension point (``lavis_xformer.compat``).
+also applies the few LAVIS 1.0.2 patches that have no extension point (``lavis_xformer.compat``) and moves LAVIS's
+``cache_root`` off its shipped ``/export/home`` default (``lavis_xformer.paths.apply_cache_root``).
 """
 
-import lavis  # noqa: F401  (LAVIS registers its own classes first)
+from lavis_xformer import quiet
+
+quiet.filter_third_party_warnings()  # before LAVIS's imports emit them (fairscale, torch.jit)
+
+import lavis  # noqa: F401,E402  (LAVIS registers its own classes first)
 
 from lavis_xformer import compat
+from lavis_xformer import paths
 from lavis_xformer import processors  # noqa: F401
 from lavis_xformer import models  # noqa: F401
 from lavis_xformer import tasks  # noqa: F401
 from lavis_xformer import runners  # noqa: F401
+from lavis_xformer.runners import schedulers  # noqa: F401  (linear_warmup_cosine_iter_lr)
 from lavis_xformer import datasets  # noqa: F401
 
 compat.apply()
+paths.apply_cache_root()  # never LAVIS's /export/home default: $LAVIS_CACHE_ROOT or ~/.cache/lavis
 
 
 def _model_zoo():

@@ -314,12 +314,14 @@ def test_paper_training_settings():
         assert dict(dataset.vis_processor.train) == {"name": "xformer_image_train", "image_size": 224}
     assert stage1.model.mask_ratio == 0.5 and stage1.model.load_pretrained is False
     run = stage1.run
-    assert (run.max_epoch, run.lr_sched, run.init_lr, run.warmup_steps) == (9, "linear_warmup_cosine_lr", 1e-4, 2000)
+    assert (run.max_epoch, run.lr_sched, run.init_lr, run.warmup_steps) == (9, "linear_warmup_cosine_iter_lr", 1e-4,
+                                                                              2000)
     assert (run.beta2, run.weight_decay, run.task, run.runner) == (0.98, 0.05, "xformer_pretrain", "runner_xformer")
 
     for llm in ("opt2.7b", "opt6.7b", "flant5xl"):
         stage2 = _yaml(f"train/pretrain_stage2_{llm}.yaml")
         assert (stage2.run.max_epoch, stage2.run.min_lr, stage2.run.init_lr, stage2.run.beta2) == (1, 5e-5, 1e-4, 0.98)
+        assert stage2.run.lr_sched == "linear_warmup_cosine_iter_lr"  # per iteration: 1 epoch still ends at min_lr
         assert stage2.datasets == stage1.datasets and stage2.model.model_type == f"pretrain_{llm}"
 
     vqa_ft = _yaml("train/vqa_ft.yaml")

@@ -10,6 +10,7 @@ same classes from config with random weights and reach no network.
 import contextlib
 import functools
 import logging
+import os
 import tempfile
 import zlib
 from pathlib import Path
@@ -21,7 +22,7 @@ from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
 from lavis.models.eva_vit import VisionTransformer, create_eva_vit_g
 from transformers import BertTokenizer, ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel
 
-from lavis_xformer.checkpoints import load_model_weights
+from lavis_xformer.checkpoints import CheckpointError, load_model_weights
 from lavis_xformer.common.hub import hub_allowed, no_hub  # noqa: F401  (no_hub: re-exported for the builders' users)
 from lavis_xformer.models import published
 from lavis_xformer.models.precision import frozen_half_dtype, run_in_half_precision
@@ -278,16 +279,22 @@ class ConfigBuildersMixin:
         return build_qformer(self._build_cfg, vision_width)
 
     # LAVIS's loader ignores `load_pretrained: False` and unpickles arbitrary objects; this one honours the flag,
-    # reads weights only, and says in one line what did not match.
+    # reads weights only, and says in one line what did not match. A path that cannot be satisfied (a placeholder
+    # such as <job_id>, a missing file) is an error; a paper-scale model left without trained weights says so.
     def load_checkpoint_from_config(self, cfg, **kwargs):
         if cfg.get("load_finetuned", False):
             path = cfg.get("finetuned")
             if not path:
                 raise ValueError("load_finetuned is True but the model config has no `finetuned:` path")
-            return load_model_weights(self, path, strict_unexpected=True)
+            return load_model_weights(self, _satisfiable("finetuned", path), strict_unexpected=True)
         if cfg.get("load_pretrained", True) and cfg.get("pretrained"):
-            return load_model_weights(self, cfg.get("pretrained"), strict_unexpected=False)
-        logging.info("%s: no pretrained checkpoint loaded (load_pretrained false or no path)", type(self).__name__)
+            path = _satisfiable("pretrained", cfg.get("pretrained"))
+            return load_model_weights(self, path, strict_unexpected=False)
+        untrained = published.untrained_weights_notice(type(self).__name__, self._build_cfg)
+        if untrained:
+            logging.warning(untrained)
+        else:
+            logging.info("%s: no pretrained checkpoint loaded (load_pretrained false or no path)", type(self).__name__)
         return None
 
     def load_from_pretrained(self, url_or_filename):
@@ -295,6 +302,22 @@ class ConfigBuildersMixin:
 
     def load_checkpoint(self, url_or_filename):
         return load_model_weights(self, url_or_filename, strict_unexpected=True)
+
+
+def _satisfiable(key: str, path) -> str:
+    """``path`` unless it is a placeholder (``<job_id>``) or a local file that does not exist: then a
+    ``CheckpointError`` naming the key (URLs are left to the downloader)."""
+    from lavis_xformer.paths import PLACEHOLDER
+
+    path = str(path)
+    if PLACEHOLDER.search(path):
+        raise CheckpointError(f"model.{key}={path} is a placeholder: set it to a checkpoint file "
+                              f"(--options model.{key}=PATH; python -m lavis_xformer.check names the run that "
+                              "writes it)")
+    if not path.startswith(("http://", "https://")) and not os.path.isfile(os.path.expanduser(path)):
+        raise CheckpointError(f"model.{key}={path}: no such checkpoint file (load_{key}: True needs one; "
+                              f"set load_{key}: False to build without it)")
+    return os.path.expanduser(path)
 
 
 def blip2_init_kwargs(cfg) -> dict:

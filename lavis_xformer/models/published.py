@@ -52,3 +52,27 @@ BERT_BASE_UNCASED = dict(
     position_embedding_type="absolute",
 )
 BERT_BASE_UNCASED_VOCAB_SIZE = 30522
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Released weights
+# ---------------------------------------------------------------------------------------------------------------
+# X-Former's authors released no weights: the paper-scale model types of xformer / xformer_opt / xformer_t5
+# (`pretrain`, `pretrain_opt2.7b`, `caption_coco_opt2.7b`, ...) are named after LAVIS's BLIP-2 types for
+# symmetry, but only their frozen encoders and LLM (and the Q-Former's BERT initialisation) come from the hub.
+
+
+def untrained_weights_notice(class_name: str, cfg):
+    """The WARNING for a paper-scale model built with no checkpoint for its trainable parts (None for the
+    offline ``tiny`` types, whose every weight is a stand-in anyway)."""
+    paper_scale = getattr(cfg, "vit_weights", None) == "eva_clip_g" or getattr(cfg, "qformer_weights", None)
+    if not paper_scale:
+        return None
+    if hasattr(cfg, "dual_num_layers"):  # an X-Former architecture
+        return (f"{class_name}: no released X-Former weights exist, and no checkpoint was given: the Q-Former, "
+                "queries, dual cross-attention block (and LLM projection) are UNTRAINED (BERT / random "
+                "initialisation). Expected when training stage 1 from scratch; otherwise train with "
+                "projects/xformer/train/ and set model.pretrained (stage 2 / evaluation) or model.finetuned")
+    return (f"{class_name}: no checkpoint was given: the Q-Former and queries are UNTRAINED (BERT / random "
+            "initialisation). Expected when training stage 1 from scratch; LAVIS's released BLIP-2 weights load "
+            "with model.pretrained set to their URL (see LAVIS's blip2 model yamls)")

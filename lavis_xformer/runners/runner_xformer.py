@@ -407,6 +407,8 @@ class RunnerXFormer(RunnerBase):
         if not hasattr(data_loader, "__next__"):
             data_loader = iter(data_loader)
         self._iters_per_epoch = iters_per_epoch
+        if hasattr(lr_scheduler, "set_iters_per_epoch"):  # per-iteration schedules (runners/schedulers.py)
+            lr_scheduler.set_iters_per_epoch(iters_per_epoch)
         run = _TrainEpoch(
             epoch=epoch, iters_per_epoch=iters_per_epoch, start_iters=start_iters, model=model, optimizer=optimizer,
             scaler=scaler, accum_grad_iters=accum_grad_iters, cuda_enabled=cuda_enabled,
