@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lavis.common.registry import registry
+from lavis.models.blip2_models.Qformer import BertLMHeadModel
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 from lavis.models.blip_models.blip_outputs import BlipOutputFeatures
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput
@@ -31,6 +32,7 @@ from lavis_xformer.models.builders import (
     blip2_init_kwargs,
     build_mae,
     build_mae_encoder,
+    build_qformer,
     freeze,
     unfreeze_layernorms,
 )
@@ -359,6 +361,38 @@ class XFormerImageMixin:
 # ================================================================================================================
 # Stage 1
 # ================================================================================================================
+class QueryCacheLMHead(BertLMHeadModel):
+    """LAVIS's Q-Former with its BERT LM head (same modules, same weights), able to decode from a given query cache.
+
+    LAVIS's ``prepare_inputs_for_generation`` runs [queries; text] through the Q-Former at every step from
+    ``query_embeds`` and the image, which reproduces BLIP-2's ITG conditioning but not X-Former's: there the text
+    attends to the enriched cache (``XFormer.itg_cache``), which no ``query_embeds`` produce. Given ``query_cache``
+    (one (key, value) per Q-Former layer, what ITG's text attends to), the first step feeds the [DEC] token against
+    it and each later step the newest token against the cache grown by the text so far (the model's own
+    ``past_key_values``). Without ``query_cache`` it is LAVIS's.
+    """
+
+    def prepare_inputs_for_generation(
+        self, input_ids, query_embeds=None, past=None, attention_mask=None, query_cache=None, past_key_values=None,
+        **model_kwargs,
+    ):
+        if query_cache is None:
+            return super().prepare_inputs_for_generation(input_ids, query_embeds, past, attention_mask, **model_kwargs)
+        if attention_mask is None:
+            attention_mask = input_ids.new_ones(input_ids.shape)
+        query_mask = input_ids.new_ones((input_ids.shape[0], query_cache[0][0].shape[2]))
+        if past_key_values is None:
+            past_key_values = query_cache
+        else:
+            input_ids = input_ids[:, -1:]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.cat([query_mask, attention_mask], dim=-1),
+            "past_key_values": past_key_values,
+            "is_decoder": True,
+        }
+
+
 @registry.register_model("xformer")
 class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
     """X-Former stage 1: BLIP-2's Q-Former plus a frozen MAE-ViT and the dual cross-attention block.
@@ -388,12 +422,8 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
         if config.sdpa_attention:
             use_sdpa_attention(self)
 
-    def generate(self, *args, **kwargs):
-        # Blip2Qformer.generate decodes from the Q-Former alone; here it would silently ignore the MAE branch.
-        raise NotImplementedError(
-            "stage-1 X-Former has no captioner of its own: caption and answer with the stage-2 models "
-            "(load_model('xformer_opt', ...) or 'xformer_t5'), which decode from Z' through the LLM"
-        )
+    def init_Qformer(self, num_query_token, vision_width, cross_attention_freq=2):
+        return build_qformer(self._build_cfg, vision_width, lm_head_class=QueryCacheLMHead)
 
     # ------------------------------------------------------------------------------------------------------------
     # The stage-1 objective
@@ -513,6 +543,47 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
             labels=labels,
         )
         return output.loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        samples,
+        use_nucleus_sampling=False,
+        num_beams=3,
+        max_length=30,
+        min_length=10,
+        top_p=0.9,
+        repetition_penalty=1.0,
+    ):
+        """Captions from the ITG decoder, conditioned exactly as ITG is trained: the [DEC] text attends to
+        ``itg_cache`` of one ``encode`` pass (Z' through the enriched cache), at ``eval_mask_ratio``.
+
+        LAVIS's ``Blip2Qformer.generate``: the same arguments (LAVIS's caption task calls it), the Q-Former's BERT
+        LM head under transformers' beam search (``num_beams``) or nucleus sampling (``top_p``, one sample per
+        image), [SEP] ends a caption. ``samples["mae_noise"]`` fixes the MAE masking as in ``forward``. With the
+        MAE branch off the tokens are ``Blip2Qformer.generate``'s (tests/test_captioning.py).
+        """
+        image = self.check_image(samples.get("image") if isinstance(samples, dict) else None)
+        path = self.encode(image, self.config.eval_mask_ratio, samples.get("mae_noise"))
+        query_cache = self.itg_cache(path)
+        if use_nucleus_sampling:
+            num_beams = 1
+        else:  # transformers expands the [DEC] tokens per beam, not the cache
+            query_cache = tuple(tuple(state.repeat_interleave(num_beams, dim=0) for state in layer) for layer in query_cache)
+        bos = torch.full((image.shape[0], 1), self.tokenizer.bos_token_id, dtype=torch.long, device=image.device)
+        outputs = self.Qformer.generate(
+            input_ids=bos,
+            query_cache=query_cache,
+            max_length=max_length,
+            min_length=min_length,
+            num_beams=num_beams,
+            do_sample=use_nucleus_sampling,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=self.tokenizer.sep_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return self.tokenizer.batch_decode(outputs, skip_special_tokens=True)
 
     # ------------------------------------------------------------------------------------------------------------
     # Retrieval and features: what LAVIS's compute_sim_matrix and extract_features call, on Z'
