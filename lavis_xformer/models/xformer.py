@@ -13,11 +13,13 @@ LAVIS's BLIP-2 loss on the same weights (tests/test_xformer_stage1.py proves it)
 """
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from lavis.common.registry import registry
 from lavis.models.blip2_models.Qformer import BertLMHeadModel
@@ -30,6 +32,7 @@ from lavis_xformer.models import variants
 from lavis_xformer.models.builders import (
     ConfigBuildersMixin,
     blip2_init_kwargs,
+    build_clip_vit,
     build_mae,
     build_mae_encoder,
     build_qformer,
@@ -96,6 +99,22 @@ class XFormerOutput(ModelOutput):
     loss_rec: Optional[torch.Tensor] = None
 
 
+def random_masking(tokens, mask_ratio: float, noise=None):
+    """MAE's per-sample random masking (transformers' ``ViTMAEEmbeddings.random_masking``, for any encoder): keeps the
+    ``int(N * (1 - mask_ratio))`` tokens of lowest ``noise``. Returns (visible tokens, mask [B, N] with 1 = masked,
+    ids_restore)."""
+    batch, length, width = tokens.shape
+    keep = int(length * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(batch, length, device=tokens.device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    visible = torch.gather(tokens, 1, ids_shuffle[:, :keep, None].expand(-1, -1, width))
+    mask = torch.ones(batch, length, device=tokens.device)
+    mask[:, :keep] = 0
+    return visible, torch.gather(mask, 1, ids_restore), ids_restore
+
+
 @contextlib.contextmanager
 def _mask_ratio(mae_config, ratio: float):
     """transformers' ViTMAE reads ``config.mask_ratio`` at call time; set it for one call."""
@@ -119,16 +138,23 @@ class XFormerImageMixin:
     """
 
     def build_mae_branch(self, config: XFormerConfig):
-        self.mae_encoder = self.mae_decoder = self.mae_out_proj = None
+        self.mae_encoder = self.masked_clip = self.mae_decoder = self.mae_out_proj = None
         for fusion_class in FUSIONS.values():
             setattr(self, fusion_class.attribute, None)
         if not config.use_mae:
             return
-        # Variants (models/variants.py): no MAE for clip_layer, no decoder without reconstruction, concat / early CA.
+        # Variants (models/variants.py): no MAE for clip_layer, no decoder without reconstruction, concat / early CA,
+        # a trainable CLIP-ViT in the MAE encoder's place for clip_vit.
+        mae = build_mae(config) if config.reconstruction_loss else None
         if config.mae_source == "mae":
-            mae = build_mae(config) if config.reconstruction_loss else None
             mae_encoder = freeze(mae.vit if mae is not None else build_mae_encoder(config))
             self.mae_encoder = run_in_half_precision(mae_encoder, frozen_half_dtype(config))
+        elif config.mae_source == "clip_vit":
+            # Supplement Table 6 "CLIP w Recon.": "we replace MAE encoder with CLIP-ViT and pass masked image to
+            # CLIP-ViT which is then optimized for image reconstruction with MAE decoder". A second CLIP-ViT, with
+            # the frozen one's initial weights (C still comes from that one), trainable and in fp32; only the MAE
+            # decoder of ``mae`` is kept.
+            self.masked_clip = build_clip_vit(dataclasses.replace(config, freeze_vit=False))
         fusion = build_fusion(config, self.Qformer, self.visual_encoder.num_features)
         setattr(self, fusion.attribute, fusion)
         if config.reconstruction_loss:
@@ -241,13 +267,34 @@ class XFormerImageMixin:
             handle.remove()
         return clip_features, captured[0].detach().float()
 
+    def forward_masked_clip(self, image, mask_ratio: Optional[float] = None, noise=None) -> MaeEncoding:
+        """M for ``mae_source: clip_vit`` ("CLIP w Recon."): the trainable CLIP-ViT copy encodes only the visible
+        patches of the masked image, as MAE's encoder does: patch embeddings plus their positions, MAE's random
+        masking (``random_masking``, the same ``noise`` convention), [CLS] with its position in front, then the
+        blocks (all of them, as C is read). The reconstruction target is MAE's (``mae_pixels``)."""
+        if mask_ratio is None:
+            mask_ratio = self.config.mask_ratio if self.training else self.config.eval_mask_ratio
+        vit = self.masked_clip
+        patches = vit.patch_embed(image) + vit.pos_embed[:, 1:]
+        if noise is None and mask_ratio == 0:
+            noise = torch.arange(patches.shape[1], device=image.device, dtype=torch.float).expand(image.shape[0], -1)
+        visible, mask, ids_restore = random_masking(patches, mask_ratio, noise)
+        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(image.shape[0], -1, -1)
+        hidden = vit.pos_drop(torch.cat([cls, visible], dim=1))
+        for block in vit.blocks:  # EVA's blocks; the built ViT has no relative position bias
+            hidden = torch.utils.checkpoint.checkpoint(block, hidden, None) if vit.use_checkpoint else block(hidden, None)
+        return MaeEncoding(features=hidden, mask=mask, ids_restore=ids_restore, pixels=self.mae_pixels(image))
+
     def forward_encoders(self, image, mask_ratio: Optional[float] = None, noise=None):
-        """(C, MaeEncoding of M or None) from the frozen encoders; for clip_layer, M is a CLIP-ViT block's output."""
+        """(C, MaeEncoding of M or None) from the frozen encoders; for clip_layer, M is a CLIP-ViT block's output, for
+        clip_vit the trainable CLIP-ViT copy's encoding of the masked image."""
         if not self.config.use_mae:
             return self.forward_clip(image), None
         if self.config.mae_source == "clip_layer":
             clip_features, block_features = self.forward_clip_with_block(image, self.config.clip_feature_layer)
             return clip_features, MaeEncoding(features=block_features)
+        if self.config.mae_source == "clip_vit":
+            return self.forward_clip(image), self.forward_masked_clip(image, mask_ratio, noise)
         return self.forward_clip(image), self.forward_mae(image, mask_ratio, noise)
 
     # ------------------------------------------------------------------------------------------------------------
