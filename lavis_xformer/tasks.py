@@ -25,6 +25,13 @@ from lavis.common.registry import registry
 from lavis.tasks.captioning import CaptionTask
 from lavis.tasks.image_text_pretrain import ImageTextPretrainTask
 from lavis.tasks.vqa import GQATask, VQATask
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.spice import get_stanford_models as corenlp
+from pycocoevalcap.spice.spice import Spice
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 STAGE1_LOSSES = ("loss_itc", "loss_itm", "loss_lm", "loss_rec")
 
@@ -126,14 +133,6 @@ def caption_scores(references, captions):
     """pycocoevalcap's COCO caption metrics (the scorers ``COCOEvalCap.evaluate`` runs, on its PTB tokenisation) of
     ``captions`` ({image_id: caption}) against ``references`` ({image_id: [captions]}). SPICE only where Stanford
     CoreNLP is installed."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
-    from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.spice import get_stanford_models as corenlp
-    from pycocoevalcap.spice.spice import Spice
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in references.items()})
     res = tokenizer.tokenize({i: [{"caption": captions[i]}] for i in references})

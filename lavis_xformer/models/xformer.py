@@ -19,8 +19,8 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from lavis.common.registry import registry
 from lavis.models.blip2_models.Qformer import BertLMHeadModel
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
