@@ -19,7 +19,7 @@ queries leave the query transformer, before any projection into an LLM, so stage
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -123,20 +123,6 @@ class SimilarityAccumulator:
         return QueryDiversity(label, (self.total / self.count).numpy(), self.count)
 
 
-def measure(model, images: Iterable[torch.Tensor], label: str, device="cpu") -> QueryDiversity:
-    """Average the similarity matrices of ``model``'s output queries over batches of processed images."""
-    accumulator = SimilarityAccumulator()
-    num_queries = None
-    for batch in images:
-        queries = output_queries(model, batch.to(device))
-        num_queries = queries.shape[1]
-        accumulator.add(cosine_similarity_matrices(queries))
-    if num_queries is None:
-        num_queries = int(model.query_tokens.shape[1])
-    accumulator.all_reduce(num_queries)
-    return accumulator.result(label)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Image queries against text queries: supplement section 6, as the paper measures it
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,7 +199,7 @@ class ImageTextDiversity:
         return cls(data["label"], matrix, float(data["diversity"]), int(data["num_pairs"]))
 
 
-def measure_image_text(model, pairs: Iterable[Tuple[torch.Tensor, Sequence[str]]], label: str, device="cpu") -> ImageTextDiversity:
+def measure_image_text(model, pairs: Iterable[tuple], label: str, device="cpu") -> ImageTextDiversity:
     """The section-6 measure over batches of (processed images, their paired texts), one text per image (COCO: each
     of an image's captions makes a pair). Sums are added over ranks, as ``measure``'s are."""
     matrices, spreads = SimilarityAccumulator(), SimilarityAccumulator()  # spreads: each pair's as a 1 x 1 "matrix"
@@ -232,6 +218,23 @@ def measure_image_text(model, pairs: Iterable[Tuple[torch.Tensor, Sequence[str]]
     spreads.all_reduce(1)
     mean = matrices.result(label)
     return ImageTextDiversity(label, mean.mean_similarity, float(spreads.result(label).mean_similarity[0, 0]), mean.num_images)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image-query self-similarity (what compare reports)
+# ---------------------------------------------------------------------------------------------------------------
+def measure(model, images: Iterable[torch.Tensor], label: str, device="cpu") -> QueryDiversity:
+    """Average the similarity matrices of ``model``'s output queries over batches of processed images."""
+    accumulator = SimilarityAccumulator()
+    num_queries = None
+    for batch in images:
+        queries = output_queries(model, batch.to(device))
+        num_queries = queries.shape[1]
+        accumulator.add(cosine_similarity_matrices(queries))
+    if num_queries is None:
+        num_queries = int(model.query_tokens.shape[1])
+    accumulator.all_reduce(num_queries)
+    return accumulator.result(label)
 
 
 # ---------------------------------------------------------------------------------------------------------------
