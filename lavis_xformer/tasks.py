@@ -4,15 +4,15 @@
   ``loss_itm``, ``loss_lm`` = ITG, ``loss_rec``) next to the total: their epoch averages, over all ranks, go to
   the log and to ``log.txt`` as ``train_loss_itc`` etc. (LAVIS itself only records the total). Steps that
   ``runner_xformer`` skips for a non-finite loss are left out of the averages.
+* ``xformer_vqa`` / ``xformer_gqa`` -- LAVIS's ``vqa`` / ``gqa`` plus ``run.length_penalty``. LAVIS's VQA tasks
+  read ``num_beams``, ``max_len``, ``min_len``, ``inference_method``, ``num_ans_candidates`` and ``prompt``
+  (lavis/tasks/vqa.py:48-69) but not the length penalty, which the paper sets to 0 for short answers; without
+  the key each model's own ``predict_answers`` default applies (LAVIS's Blip2T5: -1).
 * ``xformer_captioning`` -- LAVIS's ``captioning`` (the model's ``generate``, the COCO caption metrics) scored
   against the evaluated dataset's own captions (``run.caption_ground_truth: dataset``: the shapes data, any LAVIS
   caption eval dataset with integer ``image_id``s and caption lists) instead of COCO Karpathy's downloaded files
   (``coco_karpathy``, LAVIS's behaviour). SPICE runs only where Stanford CoreNLP is installed (pycocoevalcap
   downloads it on first use); offline it is left out with a warning.
-* ``xformer_vqa`` / ``xformer_gqa`` -- LAVIS's ``vqa`` / ``gqa`` plus ``run.length_penalty``. LAVIS's VQA tasks
-  read ``num_beams``, ``max_len``, ``min_len``, ``inference_method``, ``num_ans_candidates`` and ``prompt``
-  (lavis/tasks/vqa.py:48-69) but not the length penalty, which the paper sets to 0 for short answers; without
-  the key each model's own ``predict_answers`` default applies (LAVIS's Blip2T5: -1).
 """
 
 import json
