@@ -1,5 +1,6 @@
-"""Image processors: ``xformer_image_train`` (random resized crop + horizontal flip, the supplement's augmentation)
-and ``xformer_image_eval`` (resize), both at 224 by default, registered in LAVIS's processor registry.
+"""Image processors: ``xformer_image_train`` (random resized crop + horizontal flip, the supplement's augmentation;
+``hflip: False`` leaves the flip out, the supplement's Table 5 "w/o HFlip") and ``xformer_image_eval`` (resize), both
+at 224 by default, registered in LAVIS's processor registry.
 
 They output CLIP-normalised tensors (what the CLIP-ViT expects); the model re-normalises its MAE input itself, so
 the statistics are fixed here. Text uses LAVIS's own ``blip_caption``.
@@ -12,6 +13,7 @@ from lavis.common.registry import registry
 from lavis.processors.blip_processors import Blip2ImageTrainProcessor, BlipImageEvalProcessor
 from omegaconf import OmegaConf
 from PIL import Image
+from torchvision import transforms
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -46,8 +48,14 @@ def _refuse_custom_stats(cfg, name):
 
 @registry.register_processor("xformer_image_train")
 class XFormerImageTrainProcessor(Blip2ImageTrainProcessor):
-    def __init__(self, image_size=224, min_scale=0.5, max_scale=1.0):
+    """LAVIS's BLIP-2 train transform (random resized crop, horizontal flip, CLIP normalisation); ``hflip=False``
+    drops the flip and keeps the rest as it is."""
+
+    def __init__(self, image_size=224, min_scale=0.5, max_scale=1.0, hflip=True):
         super().__init__(image_size=image_size, min_scale=min_scale, max_scale=max_scale)
+        if not hflip:
+            steps = [t for t in self.transform.transforms if not isinstance(t, transforms.RandomHorizontalFlip)]
+            self.transform = transforms.Compose(steps)
 
     def __call__(self, item):
         return self.transform(to_rgb(item))
@@ -56,7 +64,10 @@ class XFormerImageTrainProcessor(Blip2ImageTrainProcessor):
     def from_config(cls, cfg=None):
         cfg = cfg if cfg is not None else OmegaConf.create()
         _refuse_custom_stats(cfg, "xformer_image_train")
-        return cls(cfg.get("image_size", 224), cfg.get("min_scale", 0.5), cfg.get("max_scale", 1.0))
+        hflip = cfg.get("hflip", True)
+        if not isinstance(hflip, bool):
+            raise ValueError(f"xformer_image_train: hflip must be True or False, got {hflip!r}")
+        return cls(cfg.get("image_size", 224), cfg.get("min_scale", 0.5), cfg.get("max_scale", 1.0), hflip)
 
 
 @registry.register_processor("xformer_image_eval")

@@ -9,11 +9,29 @@
   read ``num_beams``, ``max_len``, ``min_len``, ``inference_method``, ``num_ans_candidates`` and ``prompt``
   (lavis/tasks/vqa.py:48-69) but not the length penalty, which the paper sets to 0 for short answers; without
   the key each model's own ``predict_answers`` default applies (LAVIS's Blip2T5: -1).
+* ``xformer_captioning`` -- LAVIS's ``captioning`` (the model's ``generate``, the COCO caption metrics) scored
+  against the evaluated dataset's own captions (``run.caption_ground_truth: dataset``: the shapes data, any LAVIS
+  caption eval dataset with integer ``image_id``s and caption lists) instead of COCO Karpathy's downloaded files
+  (``coco_karpathy``, LAVIS's behaviour). SPICE runs only where Stanford CoreNLP is installed (pycocoevalcap
+  downloads it on first use); offline it is left out with a warning.
 """
 
+import json
+import logging
+import os
+
+from lavis.common.dist_utils import main_process
 from lavis.common.registry import registry
+from lavis.tasks.captioning import CaptionTask
 from lavis.tasks.image_text_pretrain import ImageTextPretrainTask
 from lavis.tasks.vqa import GQATask, VQATask
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.spice import get_stanford_models as corenlp
+from pycocoevalcap.spice.spice import Spice
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 STAGE1_LOSSES = ("loss_itc", "loss_itm", "loss_lm", "loss_rec")
 
@@ -26,6 +44,84 @@ class XFormerPretrainTask(ImageTextPretrainTask):
     it keeps, next to the total."""
 
     logged_loss_terms = STAGE1_LOSSES
+
+
+@registry.register_task("xformer_captioning")
+class XFormerCaptionTask(CaptionTask):
+    """LAVIS's ``captioning`` with the ground truth taken from the evaluated dataset (``run.caption_ground_truth``)."""
+
+    GROUND_TRUTHS = ("coco_karpathy", "dataset")
+    ground_truth = "coco_karpathy"
+
+    @classmethod
+    def setup_task(cls, cfg):
+        task = super().setup_task(cfg)
+        task.ground_truth = cfg.run_cfg.get("caption_ground_truth", cls.ground_truth)
+        if task.ground_truth not in cls.GROUND_TRUTHS:
+            raise ValueError(
+                f"run.caption_ground_truth={task.ground_truth!r} is not valid; choose one of {list(cls.GROUND_TRUTHS)}"
+            )
+        task.references = {}  # split -> {image_id: [reference captions]}, for ground_truth "dataset"
+        return task
+
+    def build_datasets(self, cfg):
+        datasets = super().build_datasets(cfg)
+        if self.ground_truth == "dataset":
+            if len(datasets) != 1:
+                raise ValueError(f"caption_ground_truth: dataset scores one dataset; the config has {sorted(datasets)}")
+            (splits,) = datasets.values()
+            for split, dataset in splits.items():
+                if split == "train":
+                    continue
+                if not all(isinstance(a.get("caption"), list) and isinstance(a.get("image_id"), int) for a in dataset.annotation):
+                    raise ValueError(
+                        f"caption_ground_truth: dataset needs, in every {split} annotation, an integer `image_id` and "
+                        "a `caption` list (LAVIS's caption eval format); use coco_karpathy for COCO"
+                    )
+                self.references[split] = {a["image_id"]: a["caption"] for a in dataset.annotation}
+        return datasets
+
+    @main_process
+    def _report_metrics(self, eval_result_file, split_name):
+        if self.ground_truth == "coco_karpathy":
+            return super()._report_metrics(eval_result_file, split_name)
+        with open(eval_result_file) as f:
+            results = {int(r["image_id"]): r["caption"] for r in json.load(f)}
+        references = self.references[split_name]
+        if set(results) != set(references):
+            raise ValueError(
+                f"{split_name}: captions for {len(results)} images, ground truth for {len(references)}; "
+                "every image of the split needs exactly one generated caption"
+            )
+        scores = caption_scores(references, results)
+        with open(os.path.join(registry.get_path("output_dir"), "evaluate.txt"), "a") as f:
+            f.write(json.dumps({split_name: scores}) + "\n")
+        return {**scores, "agg_metrics": scores["CIDEr"] + scores["Bleu_4"]}  # LAVIS's aggregate
+
+
+def caption_scores(references, captions):
+    """pycocoevalcap's COCO caption metrics (the scorers ``COCOEvalCap.evaluate`` runs, on its PTB tokenisation) of
+    ``captions`` ({image_id: caption}) against ``references`` ({image_id: [captions]}). SPICE only where Stanford
+    CoreNLP is installed."""
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in references.items()})
+    res = tokenizer.tokenize({i: [{"caption": captions[i]}] for i in references})
+    scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), "METEOR"), (Rouge(), "ROUGE_L"), (Cider(), "CIDEr")]
+    corenlp_jar = os.path.join(corenlp.SPICEDIR, corenlp.SPICELIB, f"{corenlp.JAR}.jar")
+    if os.path.isfile(corenlp_jar):
+        scorers.append((Spice(), "SPICE"))
+    else:
+        logging.warning("SPICE left out: Stanford CoreNLP is not installed (%s); pycocoevalcap downloads it with "
+                        "`python -c 'from pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()'`",
+                        corenlp_jar)
+    scores = {}
+    for scorer, names in scorers:
+        score, _ = scorer.compute_score(gts, res)
+        if isinstance(names, list):
+            scores.update({name: float(value) for name, value in zip(names, score)})
+        else:
+            scores[names] = float(score)
+    return scores
 
 
 class _PredictAnswersWith:

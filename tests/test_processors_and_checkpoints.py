@@ -42,6 +42,22 @@ def test_train_processor_flips_horizontally_half_the_time():
     assert 60 < flips < 140
 
 
+def test_hflip_false_never_flips_and_keeps_the_crop_and_normalisation():
+    """Supplement Table 5 "w/o HFlip": ``hflip: False`` in the processor config."""
+    config = OmegaConf.create({"image_size": 8, "min_scale": 1.0, "max_scale": 1.0, "hflip": False})
+    processor = registry.get_processor_class("xformer_image_train").from_config(config)
+    assert [type(t).__name__ for t in processor.transform.transforms] == ["RandomResizedCrop", "ToTensor", "Normalize"]
+    array = np.zeros((8, 8, 3), dtype=np.uint8)
+    array[:, :4] = 255  # white left half
+    image = Image.fromarray(array)
+    torch.manual_seed(0)
+    outputs = [processor(image) for _ in range(100)]
+    assert all(out[0, 4, 0] > out[0, 4, 7] for out in outputs)  # never flipped
+    torch.testing.assert_close(outputs[0], XFormerImageEvalProcessor(image_size=8)(image), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="hflip must be True or False"):
+        XFormerImageTrainProcessor.from_config(OmegaConf.create({"hflip": "no"}))
+
+
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F", "1"])
 def test_every_image_mode_becomes_8bit_rgb(mode):
     if mode == "I;16":

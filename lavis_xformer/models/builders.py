@@ -170,13 +170,16 @@ def qformer_bert_config(cfg, vision_width: int, vocab_size: int) -> BertConfig:
     return config
 
 
-def build_qformer(cfg, vision_width: int):
-    """LAVIS's ``BertLMHeadModel`` Q-Former and its query tokens, as ``Blip2Base.init_Qformer`` makes them."""
+def build_qformer(cfg, vision_width: int, lm_head_class=BertLMHeadModel):
+    """LAVIS's ``BertLMHeadModel`` Q-Former and its query tokens, as ``Blip2Base.init_Qformer`` makes them.
+
+    ``lm_head_class``: a subclass of it (same modules and weights) where a model decodes differently.
+    """
     config = qformer_bert_config(cfg, vision_width, published.BERT_BASE_UNCASED_VOCAB_SIZE)
     if cfg.qformer_weights and hub_allowed():
-        qformer = BertLMHeadModel.from_pretrained(cfg.qformer_weights, config=config)
+        qformer = lm_head_class.from_pretrained(cfg.qformer_weights, config=config)
     else:
-        qformer = BertLMHeadModel(config)
+        qformer = lm_head_class(config)
     query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_token, config.hidden_size))
     query_tokens.data.normal_(mean=0.0, std=config.initializer_range)
     return qformer, query_tokens

@@ -4,7 +4,8 @@ Every variant is the same ``XFormer`` (stage 1) or stage-2 class with a few ``XF
 
     field                         values
     ``mae_fusion``                "dual" (X-Former), "concat" (Fig. 1b), "early_ca" (Fig. 1c): models/fusion.py
-    ``mae_source``                "mae" (frozen MAE-ViT), "clip_layer" (CLIP-ViT block ``clip_feature_layer``)
+    ``mae_source``                "mae" (frozen MAE-ViT), "clip_layer" (CLIP-ViT block ``clip_feature_layer``),
+                                  "clip_vit" (a trainable CLIP-ViT copy on the masked image)
     ``reconstruction_loss``       frozen MAE decoder + reconstruction loss on/off
     ``dual_query_self_attention`` self-attention over Z_q before it attends to M' (supplement "w/o SA")
 
@@ -26,6 +27,16 @@ clip_layer26 / 28 / 30 (Table 5)
     M = the output of CLIP-ViT block N (1-based; LAVIS's ViT-g keeps 39 blocks and C is block 39's), read from the
     same CLIP forward pass by a forward hook, then projected into the dual block exactly as MAE features would be.
     No MAE is built; no reconstruction loss.
+
+clip_recon (supplement Table 6 row 1 "CLIP w Recon.")
+    "We replace MAE encoder with CLIP-ViT and pass masked image to CLIP-ViT which is then optimized for image
+    reconstruction with MAE decoder." A second CLIP-ViT (the frozen one's architecture and initial weights; C still
+    comes from the frozen one) takes the MAE encoder's place: it encodes the visible patches of the image masked at
+    ``mask_ratio`` (MAE's visible-only encoding), the dual block fuses it, and M' goes through the frozen MAE decoder
+    to the reconstruction loss. "Optimized" is read literally: that CLIP-ViT is trainable (fp32), by the
+    reconstruction loss and, through Z', the stage-1 losses. It stays trainable in stage 2 (LM loss only, as the rest
+    of X-Former): checkpoints hold trainable weights only, so a frozen copy would not reach a stage-2 checkpoint's
+    evaluation. Its paper-scale trainable count is therefore about a billion parameters more than X-Former's.
 
 stage2_recon (Table 6 row 2, stage 2 only)
     Stage 2 with the frozen MAE decoder and the reconstruction loss kept next to the language-modelling loss.
@@ -121,6 +132,13 @@ VARIANTS: Dict[str, Variant] = {
             paper="supplement Table 5 'w/o SA'",
             summary="dual block without the self-attention over Z_q before its cross-attention to M'",
             overrides={"dual_query_self_attention": False},
+        ),
+        Variant(
+            name="clip_recon",
+            paper="supplement Table 6 row 1 'CLIP w Recon.'",
+            summary="a trainable copy of the CLIP-ViT in the MAE encoder's place, encoding the visible patches of the "
+            "masked image; the dual block's M' is reconstructed by the frozen MAE decoder",
+            overrides={"mae_source": "clip_vit"},
         ),
         _clip_layer(26),
         _clip_layer(28),

@@ -13,13 +13,16 @@ LAVIS's BLIP-2 loss on the same weights (tests/test_xformer_stage1.py proves it)
 """
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from lavis.common.registry import registry
+from lavis.models.blip2_models.Qformer import BertLMHeadModel
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 from lavis.models.blip_models.blip_outputs import BlipOutputFeatures
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput
@@ -29,8 +32,10 @@ from lavis_xformer.models import variants
 from lavis_xformer.models.builders import (
     ConfigBuildersMixin,
     blip2_init_kwargs,
+    build_clip_vit,
     build_mae,
     build_mae_encoder,
+    build_qformer,
     freeze,
     unfreeze_layernorms,
 )
@@ -94,6 +99,22 @@ class XFormerOutput(ModelOutput):
     loss_rec: Optional[torch.Tensor] = None
 
 
+def random_masking(tokens, mask_ratio: float, noise=None):
+    """MAE's per-sample random masking (transformers' ``ViTMAEEmbeddings.random_masking``, for any encoder): keeps the
+    ``int(N * (1 - mask_ratio))`` tokens of lowest ``noise``. Returns (visible tokens, mask [B, N] with 1 = masked,
+    ids_restore)."""
+    batch, length, width = tokens.shape
+    keep = int(length * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(batch, length, device=tokens.device)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    visible = torch.gather(tokens, 1, ids_shuffle[:, :keep, None].expand(-1, -1, width))
+    mask = torch.ones(batch, length, device=tokens.device)
+    mask[:, :keep] = 0
+    return visible, torch.gather(mask, 1, ids_restore), ids_restore
+
+
 @contextlib.contextmanager
 def _mask_ratio(mae_config, ratio: float):
     """transformers' ViTMAE reads ``config.mask_ratio`` at call time; set it for one call."""
@@ -117,16 +138,23 @@ class XFormerImageMixin:
     """
 
     def build_mae_branch(self, config: XFormerConfig):
-        self.mae_encoder = self.mae_decoder = self.mae_out_proj = None
+        self.mae_encoder = self.masked_clip = self.mae_decoder = self.mae_out_proj = None
         for fusion_class in FUSIONS.values():
             setattr(self, fusion_class.attribute, None)
         if not config.use_mae:
             return
-        # Variants (models/variants.py): no MAE for clip_layer, no decoder without reconstruction, concat / early CA.
+        # Variants (models/variants.py): no MAE for clip_layer, no decoder without reconstruction, concat / early CA,
+        # a trainable CLIP-ViT in the MAE encoder's place for clip_vit.
+        mae = build_mae(config) if config.reconstruction_loss else None
         if config.mae_source == "mae":
-            mae = build_mae(config) if config.reconstruction_loss else None
             mae_encoder = freeze(mae.vit if mae is not None else build_mae_encoder(config))
             self.mae_encoder = run_in_half_precision(mae_encoder, frozen_half_dtype(config))
+        elif config.mae_source == "clip_vit":
+            # Supplement Table 6 "CLIP w Recon.": "we replace MAE encoder with CLIP-ViT and pass masked image to
+            # CLIP-ViT which is then optimized for image reconstruction with MAE decoder". A second CLIP-ViT, with
+            # the frozen one's initial weights (C still comes from that one), trainable and in fp32; only the MAE
+            # decoder of ``mae`` is kept.
+            self.masked_clip = build_clip_vit(dataclasses.replace(config, freeze_vit=False))
         fusion = build_fusion(config, self.Qformer, self.visual_encoder.num_features)
         setattr(self, fusion.attribute, fusion)
         if config.reconstruction_loss:
@@ -239,13 +267,34 @@ class XFormerImageMixin:
             handle.remove()
         return clip_features, captured[0].detach().float()
 
+    def forward_masked_clip(self, image, mask_ratio: Optional[float] = None, noise=None) -> MaeEncoding:
+        """M for ``mae_source: clip_vit`` ("CLIP w Recon."): the trainable CLIP-ViT copy encodes only the visible
+        patches of the masked image, as MAE's encoder does: patch embeddings plus their positions, MAE's random
+        masking (``random_masking``, the same ``noise`` convention), [CLS] with its position in front, then the
+        blocks (all of them, as C is read). The reconstruction target is MAE's (``mae_pixels``)."""
+        if mask_ratio is None:
+            mask_ratio = self.config.mask_ratio if self.training else self.config.eval_mask_ratio
+        vit = self.masked_clip
+        patches = vit.patch_embed(image) + vit.pos_embed[:, 1:]
+        if noise is None and mask_ratio == 0:
+            noise = torch.arange(patches.shape[1], device=image.device, dtype=torch.float).expand(image.shape[0], -1)
+        visible, mask, ids_restore = random_masking(patches, mask_ratio, noise)
+        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(image.shape[0], -1, -1)
+        hidden = vit.pos_drop(torch.cat([cls, visible], dim=1))
+        for block in vit.blocks:  # EVA's blocks; the built ViT has no relative position bias
+            hidden = torch.utils.checkpoint.checkpoint(block, hidden, None) if vit.use_checkpoint else block(hidden, None)
+        return MaeEncoding(features=hidden, mask=mask, ids_restore=ids_restore, pixels=self.mae_pixels(image))
+
     def forward_encoders(self, image, mask_ratio: Optional[float] = None, noise=None):
-        """(C, MaeEncoding of M or None) from the frozen encoders; for clip_layer, M is a CLIP-ViT block's output."""
+        """(C, MaeEncoding of M or None) from the frozen encoders; for clip_layer, M is a CLIP-ViT block's output, for
+        clip_vit the trainable CLIP-ViT copy's encoding of the masked image."""
         if not self.config.use_mae:
             return self.forward_clip(image), None
         if self.config.mae_source == "clip_layer":
             clip_features, block_features = self.forward_clip_with_block(image, self.config.clip_feature_layer)
             return clip_features, MaeEncoding(features=block_features)
+        if self.config.mae_source == "clip_vit":
+            return self.forward_clip(image), self.forward_masked_clip(image, mask_ratio, noise)
         return self.forward_clip(image), self.forward_mae(image, mask_ratio, noise)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -359,6 +408,38 @@ class XFormerImageMixin:
 # ================================================================================================================
 # Stage 1
 # ================================================================================================================
+class QueryCacheLMHead(BertLMHeadModel):
+    """LAVIS's Q-Former with its BERT LM head (same modules, same weights), able to decode from a given query cache.
+
+    LAVIS's ``prepare_inputs_for_generation`` runs [queries; text] through the Q-Former at every step from
+    ``query_embeds`` and the image, which reproduces BLIP-2's ITG conditioning but not X-Former's: there the text
+    attends to the enriched cache (``XFormer.itg_cache``), which no ``query_embeds`` produce. Given ``query_cache``
+    (one (key, value) per Q-Former layer, what ITG's text attends to), the first step feeds the [DEC] token against
+    it and each later step the newest token against the cache grown by the text so far (the model's own
+    ``past_key_values``). Without ``query_cache`` it is LAVIS's.
+    """
+
+    def prepare_inputs_for_generation(
+        self, input_ids, query_embeds=None, past=None, attention_mask=None, query_cache=None, past_key_values=None,
+        **model_kwargs,
+    ):
+        if query_cache is None:
+            return super().prepare_inputs_for_generation(input_ids, query_embeds, past, attention_mask, **model_kwargs)
+        if attention_mask is None:
+            attention_mask = input_ids.new_ones(input_ids.shape)
+        query_mask = input_ids.new_ones((input_ids.shape[0], query_cache[0][0].shape[2]))
+        if past_key_values is None:
+            past_key_values = query_cache
+        else:
+            input_ids = input_ids[:, -1:]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.cat([query_mask, attention_mask], dim=-1),
+            "past_key_values": past_key_values,
+            "is_decoder": True,
+        }
+
+
 @registry.register_model("xformer")
 class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
     """X-Former stage 1: BLIP-2's Q-Former plus a frozen MAE-ViT and the dual cross-attention block.
@@ -388,12 +469,8 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
         if config.sdpa_attention:
             use_sdpa_attention(self)
 
-    def generate(self, *args, **kwargs):
-        # Blip2Qformer.generate decodes from the Q-Former alone; here it would silently ignore the MAE branch.
-        raise NotImplementedError(
-            "stage-1 X-Former has no captioner of its own: caption and answer with the stage-2 models "
-            "(load_model('xformer_opt', ...) or 'xformer_t5'), which decode from Z' through the LLM"
-        )
+    def init_Qformer(self, num_query_token, vision_width, cross_attention_freq=2):
+        return build_qformer(self._build_cfg, vision_width, lm_head_class=QueryCacheLMHead)
 
     # ------------------------------------------------------------------------------------------------------------
     # The stage-1 objective
@@ -513,6 +590,47 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
             labels=labels,
         )
         return output.loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        samples,
+        use_nucleus_sampling=False,
+        num_beams=3,
+        max_length=30,
+        min_length=10,
+        top_p=0.9,
+        repetition_penalty=1.0,
+    ):
+        """Captions from the ITG decoder, conditioned exactly as ITG is trained: the [DEC] text attends to
+        ``itg_cache`` of one ``encode`` pass (Z' through the enriched cache), at ``eval_mask_ratio``.
+
+        LAVIS's ``Blip2Qformer.generate``: the same arguments (LAVIS's caption task calls it), the Q-Former's BERT
+        LM head under transformers' beam search (``num_beams``) or nucleus sampling (``top_p``, one sample per
+        image), [SEP] ends a caption. ``samples["mae_noise"]`` fixes the MAE masking as in ``forward``. With the
+        MAE branch off the tokens are ``Blip2Qformer.generate``'s (tests/test_captioning.py).
+        """
+        image = self.check_image(samples.get("image") if isinstance(samples, dict) else None)
+        path = self.encode(image, self.config.eval_mask_ratio, samples.get("mae_noise"))
+        query_cache = self.itg_cache(path)
+        if use_nucleus_sampling:
+            num_beams = 1
+        else:  # transformers expands the [DEC] tokens per beam, not the cache
+            query_cache = tuple(tuple(state.repeat_interleave(num_beams, dim=0) for state in layer) for layer in query_cache)
+        bos = torch.full((image.shape[0], 1), self.tokenizer.bos_token_id, dtype=torch.long, device=image.device)
+        outputs = self.Qformer.generate(
+            input_ids=bos,
+            query_cache=query_cache,
+            max_length=max_length,
+            min_length=min_length,
+            num_beams=num_beams,
+            do_sample=use_nucleus_sampling,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            eos_token_id=self.tokenizer.sep_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return self.tokenizer.batch_decode(outputs, skip_special_tokens=True)
 
     # ------------------------------------------------------------------------------------------------------------
     # Retrieval and features: what LAVIS's compute_sim_matrix and extract_features call, on Z'
