@@ -188,3 +188,19 @@ def test_iteration_settings_and_ratios_are_checked():
     runner.config = SimpleNamespace(run_cfg=run_cfg(train_dataset_ratios={"vg": 1, "eval_only": 3}))
     with pytest.raises(ValueError, match=r"not train datasets: \['eval_only'\]; without a ratio: \['coco'\]"):
         runner._ordered_train_ratios()
+
+
+def test_loss_curves_read_per_iteration_lines_or_epoch_averages(tmp_path):
+    """The demo's loss figure takes ``read_iteration_log``'s records (x: iteration) as well as LAVIS's per-epoch
+    lines (x: epoch); stage 2's LM loss falls back to its total; the figure is written as PNG and SVG."""
+    from lavis_xformer.analysis import figures
+
+    per_iteration = [{"iter": 32, "epoch": 0, "loss": 9.0, "loss_lm": 4.0}, {"iter": 64, "epoch": 0, "loss": 8.0}]
+    assert figures.loss_series(per_iteration, "loss_lm") == ([32.0], [4.0])
+    assert figures.loss_series(per_iteration, "loss") == ([32.0, 64.0], [9.0, 8.0])
+    per_epoch = [{"train_loss": "3.5"}, {"train_loss": "2.5"}]
+    assert figures.loss_series(per_epoch, "loss_lm") == ([], [])
+    assert figures.loss_series(per_epoch, "loss_lm", or_total=True) == ([1.0, 2.0], [3.5, 2.5])
+    path = figures.loss_curves_png({"x": {"stage1": per_iteration, "stage2": per_epoch}}, {"x": "X-Former"},
+                                   tmp_path / "loss_curves.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "<svg" in path.with_suffix(".svg").read_text()
