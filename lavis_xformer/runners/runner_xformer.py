@@ -9,7 +9,8 @@ what breaks off-GPU in LAVIS 1.0.2, each citing the line it replaces:
   is made here when none exists (gloo on CPU).
 * ``model`` -- runner_base.py:85-97 sets ``_wrapped_model`` only when the model had to be moved, so a model
   already on the CPU gives ``None.train()``; and it wraps DDP with ``device_ids=[gpu]`` (line 92), which is wrong
-  for CPU modules. Here the model is wrapped once, with ``device_ids=None`` off-GPU.
+  for CPU modules. Here the model is wrapped once, with ``device_ids=None`` off-GPU (``compat.runner_model``, also
+  patched onto ``RunnerBase`` for LAVIS's ``evaluate.py``).
 * ``create_loaders`` -- runner_base.py:538 wraps loaders in the CUDA-only ``PrefetchLoader``; off-GPU the
   loaders are built inside ``compat.host_prefetch_loader()``.
 * ``eval_epoch`` -- runner_base.py:469 calls ``task.evaluation(model, data_loader)``, whose ``cuda_enabled``
@@ -70,7 +71,6 @@ from lavis.datasets.data_utils import prepare_sample
 from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
 from lavis.runners.runner_base import RunnerBase
 from lavis.tasks.base_task import BaseTask
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lavis_xformer import compat
 from lavis_xformer.checkpoints import (
@@ -299,20 +299,7 @@ class RunnerXFormer(RunnerBase):
             self._device = distributed.check_device(self.config.run_cfg.device)
         return self._device
 
-    @property
-    def model(self):
-        """The model on the run device, DDP-wrapped when distributed; built once."""
-        if self._wrapped_model is None:
-            self._model = self._model.to(self.device)
-            if self.use_distributed:
-                self._wrapped_model = DDP(
-                    self._model,
-                    device_ids=[self.config.run_cfg.gpu] if self.cuda_enabled else None,
-                    find_unused_parameters=bool(self.config.run_cfg.get("find_unused_parameters", False)),
-                )
-            else:
-                self._wrapped_model = self._model
-        return self._wrapped_model
+    model = property(compat.runner_model)  # the model on the run device, DDP-wrapped when distributed; built once
 
     @property
     def scaler(self):
@@ -387,21 +374,7 @@ class RunnerXFormer(RunnerBase):
             pin_memory=self.cuda_enabled, wrap=PrefetchLoader if self.cuda_enabled else None,
         )
 
-    @torch.no_grad()
-    def eval_epoch(self, split_name, cur_epoch, skip_reload=False):
-        """LAVIS's ``eval_epoch`` with the run's device passed on to ``task.evaluation`` (``cuda_enabled``)."""
-        data_loader = self.dataloaders.get(split_name, None)
-        assert data_loader, "data_loader for split {} is None.".format(split_name)
-
-        model = self.unwrap_dist_model(self.model)
-        if not skip_reload and cur_epoch == "best":
-            model = self._reload_best_model(model)
-        model.eval()
-
-        self.task.before_evaluation(model=model, dataset=self.datasets[split_name])
-        results = self.task.evaluation(model, data_loader, cuda_enabled=self.cuda_enabled)
-        if results is not None:
-            return self.task.after_evaluation(val_result=results, split_name=split_name, epoch=cur_epoch)
+    eval_epoch = compat.runner_eval_epoch  # LAVIS's, with the run's device passed on to task.evaluation
 
     # ------------------------------------------------------------------------------------------------------------
     # Training
