@@ -26,6 +26,15 @@ what breaks off-GPU in LAVIS 1.0.2, each citing the line it replaces:
   site-packages for an installed LAVIS; here it is resolved against the current directory.
 * the job id is taken from rank 0 (LAVIS lets every rank read its own clock, so ranks may disagree on it).
 
+Iteration mode and logs (run-config keys, optional):
+
+* ``run.max_iters`` / ``run.iters_per_inner_epoch`` -- LAVIS's ``runner_iter`` through this runner's loop: inner
+  epochs of K iterations over an endless stream (the ``EpochLoader`` rolls over data epochs by itself, and its
+  position goes into the checkpoint), validation and a checkpoint after each; ``run.train_dataset_ratios`` mixes
+  several train datasets batch by batch (``reliability.MixedLoader``).
+* every ``run.log_freq`` iterations one json line of the loss terms, lr and throughput goes to log.txt, and with
+  ``run.tensorboard: True`` to TensorBoard (``runners/logs.py``).
+
 Reliability (run-config keys, all optional):
 
 * **Exact resume.** A checkpoint is written after every epoch (``checkpoint_{epoch}.pth``, also when validation
