@@ -571,8 +571,10 @@ def test_evaluate_stage1_retrieval_on_cpu(stage1_run):
     assert 0.0 <= metrics["txt_r1"] <= metrics["txt_r5"] <= 100.0
 
 
-LAVIS_TRAIN_PY = '''
-"""The steps of LAVIS's own train.py (GitHub; not in the wheel), unchanged, plus `import lavis_xformer`."""
+def lavis_script(runner_import: str, run: str) -> str:
+    """The steps LAVIS's own train.py and evaluate.py (GitHub; not in the wheel) share, unchanged, plus
+    `import lavis_xformer`; they differ in how they import and build the runner and in what they run."""
+    return f'''
 import random
 import sys
 
@@ -585,12 +587,12 @@ from lavis.common.config import Config
 from lavis.common.dist_utils import get_rank, init_distributed_mode
 from lavis.common.logger import setup_logger
 from lavis.common.optims import LinearWarmupCosineLRScheduler, LinearWarmupStepLRScheduler  # noqa: F401
-from lavis.common.registry import registry
+from lavis.common.registry import registry  # noqa: F401
 from lavis.common.utils import now
 from lavis.datasets.builders import *  # noqa: F401,F403
 from lavis.models import *  # noqa: F401,F403
 from lavis.processors import *  # noqa: F401,F403
-from lavis.runners import *  # noqa: F401,F403
+{runner_import}
 from lavis.tasks import *  # noqa: F401,F403
 
 import lavis_xformer  # noqa: F401  (the plugin, imported after LAVIS's own bindings)
@@ -615,11 +617,20 @@ cfg.pretty_print()
 task = tasks.setup_task(cfg)
 datasets = task.build_datasets(cfg)
 model = task.build_model(cfg)
+{run}
+'''
+
+
+# train.py: the runner named by the yaml
+LAVIS_TRAIN_PY = lavis_script("from lavis.runners import *  # noqa: F401,F403", '''\
 runner = registry.get_runner_class(cfg.run_cfg.get("runner", "runner_base"))(
     cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets
 )
-runner.train()
-'''
+runner.train()''')
+# evaluate.py (the 1.0.x one): RunnerBase, whatever the yaml's run.runner says
+LAVIS_EVALUATE_PY = lavis_script("from lavis.runners.runner_base import RunnerBase", '''\
+runner = RunnerBase(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+runner.evaluate(skip_reload=True)''')
 
 
 def test_lavis_train_py_steps_train_on_cpu(tmp_path):
@@ -639,55 +650,6 @@ def test_lavis_train_py_steps_train_on_cpu(tmp_path):
     assert (job / "checkpoint_0.pth").is_file()
     (epoch,) = [json.loads(line) for line in (job / "log.txt").read_text().splitlines() if line.startswith('{"train')]
     assert math.isfinite(float(epoch["train_loss"]))
-
-
-LAVIS_EVALUATE_PY = '''
-"""The steps of LAVIS's own evaluate.py (GitHub, the 1.0.x one; not in the wheel), unchanged, plus
-`import lavis_xformer`. It builds RunnerBase whatever run.runner says."""
-import random
-import sys
-
-import numpy as np
-import torch
-import torch.backends.cudnn as cudnn
-
-import lavis.tasks as tasks
-from lavis.common.config import Config
-from lavis.common.dist_utils import get_rank, init_distributed_mode
-from lavis.common.logger import setup_logger
-from lavis.common.optims import LinearWarmupCosineLRScheduler, LinearWarmupStepLRScheduler  # noqa: F401
-from lavis.common.utils import now
-from lavis.datasets.builders import *  # noqa: F401,F403
-from lavis.models import *  # noqa: F401,F403
-from lavis.processors import *  # noqa: F401,F403
-from lavis.runners.runner_base import RunnerBase
-from lavis.tasks import *  # noqa: F401,F403
-
-import lavis_xformer  # noqa: F401  (the plugin, imported after LAVIS's own bindings)
-
-
-class Args:
-    cfg_path = sys.argv[1]
-    options = sys.argv[2:]
-
-
-job_id = now()
-cfg = Config(Args())
-init_distributed_mode(cfg.run_cfg)
-seed = cfg.run_cfg.seed + get_rank()
-random.seed(seed)
-np.random.seed(seed)
-torch.manual_seed(seed)
-cudnn.benchmark = False
-cudnn.deterministic = True
-setup_logger()
-cfg.pretty_print()
-task = tasks.setup_task(cfg)
-datasets = task.build_datasets(cfg)
-model = task.build_model(cfg)
-runner = RunnerBase(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
-runner.evaluate(skip_reload=True)
-'''
 
 
 def test_lavis_evaluate_py_steps_evaluate_on_cpu(stage1_run, tmp_path):

@@ -204,3 +204,41 @@ def test_loss_curves_read_per_iteration_lines_or_epoch_averages(tmp_path):
     path = figures.loss_curves_png({"x": {"stage1": per_iteration, "stage2": per_epoch}}, {"x": "X-Former"},
                                    tmp_path / "loss_curves.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "<svg" in path.with_suffix(".svg").read_text()
+
+
+class _Numbers(torch.utils.data.Dataset):
+    """A map-style dataset of (name, index) samples whose collater tags the batch with the dataset's name."""
+
+    def __init__(self, name, size):
+        self.name, self.size = name, size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        return index
+
+    def collater(self, samples):
+        return {"source": self.name, "indices": samples}
+
+
+def test_train_dataset_ratios_give_each_train_dataset_its_loader_and_collater():
+    """Through LAVIS's ``dataloaders`` (which concatenates the train datasets): the runner splits the concatenation
+    back into one EpochLoader per dataset, each with its own collater, mixed with the configured ratios."""
+    runner = object.__new__(RunnerXFormer)
+    runner.datasets = {"small": {"train": _Numbers("small", 12), "val": _Numbers("val", 4)},
+                       "large": {"train": _Numbers("large", 48)}}
+    runner.config = SimpleNamespace(run_cfg=OmegaConf.create({
+        "train_dataset_ratios": {"small": 1, "large": 3}, "train_splits": ["train"], "valid_splits": ["val"],
+        "batch_size_train": 4, "batch_size_eval": 4, "num_workers": 0, "seed": 5, "distributed": False,
+        "device": "cpu"}))
+    runner._device, runner._dataloaders = torch.device("cpu"), None
+    loaders = runner.dataloaders
+    train = loaders["train"]
+    assert isinstance(train, MixedLoader) and train.ratios == [0.25, 0.75]
+    assert [len(loader) for loader in train.loaders] == [3, 12]
+    batches = [next(train) for _ in range(200)]
+    assert {b["source"] for b in batches} == {"small", "large"}
+    assert 20 < sum(b["source"] == "small" for b in batches) < 80  # 1:3 odds (expected 50, sd 6)
+    assert all(len(b["indices"]) == 4 for b in batches)
+    assert loaders["val"] is not None and not isinstance(loaders["val"], MixedLoader)

@@ -356,14 +356,12 @@ class RunnerXFormer(RunnerBase):
         context = contextlib.nullcontext() if self.cuda_enabled else compat.host_prefetch_loader()
         with context:
             for dataset, batch_size, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
-                ratios = getattr(self, "_train_ratios", None)
-                if is_train and ratios and isinstance(dataset, torch.utils.data.ConcatDataset):
-                    parts = list(dataset.datasets)
+                if is_train and self._train_ratios and isinstance(dataset, torch.utils.data.ConcatDataset):
                     loaders.append(MixedLoader(
                         [self._epoch_loader(part, batch_size, num_workers, getattr(part, "collater", None),
                                             seed=derive_seed(self.data_seed, index))
-                         for index, part in enumerate(parts)],
-                        ratios, seed=self.data_seed))
+                         for index, part in enumerate(dataset.datasets)],
+                        self._train_ratios, seed=self.data_seed))
                     continue
                 if is_train and _is_map_style(dataset):
                     loaders.append(self._epoch_loader(dataset, batch_size, num_workers, collate_fn, self.data_seed))
