@@ -69,6 +69,11 @@ def test_export_folder_round_trips_every_tensor(trained, tmp_path, capsys):
                            {"arch": "xformer", "load_pretrained": True, "pretrained": str(folder)})
     from_yaml = XFormer.from_config(node).state_dict()
     assert all(torch.equal(from_yaml[k], expected[k]) for k in expected)
+    # and LAVIS's load_model(..., checkpoint=FOLDER)
+    from lavis.models import load_model
+
+    from_lavis = load_model("xformer", "tiny", is_eval=True, checkpoint=str(folder)).state_dict()
+    assert all(torch.equal(from_lavis[k], expected[k]) for k in expected)
 
 
 def test_model_card_tells_stage_data_steps_and_metrics(trained, tmp_path):
