@@ -58,8 +58,7 @@ class IterationLog:
         if tensorboard and distributed.is_main_process():
             self.writer = _summary_writer(Path(output_dir) / TENSORBOARD_FOLDER)
         self._last = {}  # meter name -> (total, count) at the previous line
-        self._last_time = time.perf_counter()
-        self._last_iter = None
+        self._last_time, self._last_iter = time.perf_counter(), 0  # where the current window began
 
     def start(self, global_iter: int) -> None:
         """Open a window at ``global_iter`` (a run's or a resumed run's first iteration)."""
@@ -90,8 +89,7 @@ class IterationLog:
         summed = distributed.sum_over_ranks(
             torch.tensor(deltas, dtype=torch.float64, device=distributed.collective_device())).tolist()
         now = time.perf_counter()
-        first = self._last_iter if self._last_iter is not None else done - log_freq
-        iterations, seconds = done - first, max(now - self._last_time, 1e-9)
+        iterations, seconds = done - self._last_iter, max(now - self._last_time, 1e-9)
         self._last_time, self._last_iter = now, done
         record = {"kind": ITERATION_KIND, "iter": done, "epoch": int(epoch), "lr": float(lr)}
         for index, name in enumerate(names):
