@@ -22,7 +22,9 @@ INSTALL_REQUIRES = [
     "numpy>=1.21,<2",  # LAVIS's opencv-python-headless 4.5 fails against numpy 2
     "pandas<3",  # pandas 3 needs numpy 2
     "pillow>=9",
-    "scipy>=1.9",
+    "scipy>=1.15",  # scipy.stats.bootstrap(rng=...)
+    "matplotlib>=3.7",
+    "pydantic>=2",  # models/config.py: strict type checks of the model configs
     "fairscale",
     "omegaconf>=2.1",
     "pycocotools",

@@ -18,6 +18,15 @@ running the saved original (``ORIGINALS``) into its failure first.
    map-style loader in ``PrefetchLoader``, whose constructor (lavis/datasets/datasets/dataloader_utils.py:56)
    creates a ``torch.cuda.Stream()`` and whose iterator copies every batch to the GPU. Inside the context that
    name resolves to ``HostPrefetchLoader``: the same wrapper (length, attribute pass-through) without CUDA.
+4. ``RunnerBase`` off the GPU -- LAVIS's ``evaluate.py`` (GitHub) builds ``RunnerBase`` itself, whatever
+   ``run.runner`` says, so ``runner_xformer``'s fixes do not reach it and an eval yaml dies on a CPU-only machine:
+   ``create_loaders`` makes the CUDA-only ``PrefetchLoader`` (runner_base.py:538); the ``model`` property returns
+   ``None`` for a model already on the run device (runner_base.py:85-97 set ``_wrapped_model`` only after a move)
+   and wraps DDP with ``device_ids=[gpu]`` (line 92); ``eval_epoch`` calls ``task.evaluation`` with its default
+   ``cuda_enabled=True`` (line 469, base_task.py:79), which moves every batch to the GPU. Patched on ``RunnerBase``:
+   ``create_loaders`` runs inside ``host_prefetch_loader()`` when the run device is not CUDA (unchanged on GPUs),
+   ``model`` is ``runner_model`` and ``eval_epoch`` is ``runner_eval_epoch`` (LAVIS's with the run's device passed
+   on), the same functions ``runner_xformer`` uses.
 """
 
 import contextlib
@@ -28,6 +37,8 @@ import torch
 import torch.distributed as dist
 from lavis.common.logger import SmoothedValue
 from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
+from lavis.runners.runner_base import RunnerBase
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lavis_xformer.common import distributed
 
@@ -35,6 +46,9 @@ from lavis_xformer.common import distributed
 ORIGINALS = {
     "SmoothedValue.synchronize_between_processes": SmoothedValue.synchronize_between_processes,
     "dist_utils.init_distributed_mode": lavis_dist_utils.init_distributed_mode,
+    "RunnerBase.create_loaders": RunnerBase.create_loaders,
+    "RunnerBase.model": RunnerBase.model,
+    "RunnerBase.eval_epoch": RunnerBase.eval_epoch,
 }
 
 
@@ -79,14 +93,59 @@ def host_prefetch_loader():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 4. RunnerBase off the GPU (LAVIS's evaluate.py instantiates it directly)
+# ---------------------------------------------------------------------------------------------------------------
+def runner_create_loaders(self, *args, **kwargs):
+    """LAVIS's ``create_loaders``, inside ``host_prefetch_loader()`` when the run device is not CUDA."""
+    context = contextlib.nullcontext() if self.cuda_enabled else host_prefetch_loader()
+    with context:
+        return ORIGINALS["RunnerBase.create_loaders"](self, *args, **kwargs)
+
+
+def runner_model(self):
+    """The model on the run device, DDP-wrapped when distributed (``device_ids`` only on a GPU); built once."""
+    if self._wrapped_model is None:
+        self._model = self._model.to(self.device)
+        if self.use_distributed:
+            self._wrapped_model = DDP(
+                self._model,
+                device_ids=[self.config.run_cfg.gpu] if self.cuda_enabled else None,
+                find_unused_parameters=bool(self.config.run_cfg.get("find_unused_parameters", False)),
+            )
+        else:
+            self._wrapped_model = self._model
+    return self._wrapped_model
+
+
+@torch.no_grad()
+def runner_eval_epoch(self, split_name, cur_epoch, skip_reload=False):
+    """LAVIS's ``eval_epoch`` with the run's device passed on to ``task.evaluation`` (``cuda_enabled``)."""
+    data_loader = self.dataloaders.get(split_name, None)
+    assert data_loader, "data_loader for split {} is None.".format(split_name)
+
+    model = self.unwrap_dist_model(self.model)
+    if not skip_reload and cur_epoch == "best":
+        model = self._reload_best_model(model)
+    model.eval()
+
+    self.task.before_evaluation(model=model, dataset=self.datasets[split_name])
+    results = self.task.evaluation(model, data_loader, cuda_enabled=self.cuda_enabled)
+    if results is not None:
+        return self.task.after_evaluation(val_result=results, split_name=split_name, epoch=cur_epoch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 _applied = False
 
 
 def apply() -> None:
-    """Apply patches 1 and 2 (idempotent)."""
+    """Apply patches 1, 2 and 4 (idempotent)."""
     global _applied
     if _applied:
         return
     SmoothedValue.synchronize_between_processes = synchronize_between_processes
     lavis_dist_utils.init_distributed_mode = distributed.init_distributed_mode
+    RunnerBase.create_loaders = runner_create_loaders
+    RunnerBase.model = property(runner_model)
+    RunnerBase.eval_epoch = runner_eval_epoch
     _applied = True

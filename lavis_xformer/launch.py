@@ -92,9 +92,10 @@ FLOAT_FIELDS = ("init_lr", "min_lr", "warmup_lr", "weight_decay", "beta2", "lr_d
                 "length_penalty")
 INT_FIELDS = ("max_epoch", "batch_size_train", "batch_size_eval", "num_workers", "warmup_steps", "seed", "log_freq",
               "accum_grad_iters", "max_consecutive_bad_steps", "checkpoint_every_iters", "bad_fraction_min_samples",
-              "max_image_pixels", "world_size", "k_test", "num_beams", "max_len", "min_len")
+              "max_image_pixels", "world_size", "k_test", "num_beams", "max_len", "min_len", "max_iters",
+              "iters_per_inner_epoch")
 BOOL_FIELDS = ("amp", "evaluate", "distributed", "robust_data", "use_dist_eval_sampler", "find_unused_parameters",
-               "allow_downloads")
+               "allow_downloads", "tensorboard")
 # (field, minimum) for the integer fields that have one
 INT_MINIMUM = {"max_epoch": 1, "batch_size_train": 1, "batch_size_eval": 1, "num_workers": 0, "warmup_steps": 0,
                "log_freq": 1, "accum_grad_iters": 1, "max_consecutive_bad_steps": 1, "checkpoint_every_iters": 0,
@@ -232,6 +233,8 @@ def validate_config(cfg_path, options=None, training: bool = True) -> None:
     else:
         training = training and not bool(run.get("evaluate", False))
         for key in REQUIRED_TRAINING if training else REQUIRED_EVALUATION:
+            if key == "max_epoch" and run.get("max_iters", None) is not None:
+                continue  # an iteration-based run counts iterations instead
             if run.get(key, None) is None:
                 problems.append(f"run.{key} is missing (required for {'training' if training else 'evaluation'})")
         checks = (

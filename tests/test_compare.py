@@ -539,6 +539,8 @@ def test_output_queries_are_each_models_query_outputs(tmp_path, process_group):
     path = figures.heatmap_png([result, query_diversity.measure(blip2, [image], "blip2")], tmp_path / "q.png")
     with Image.open(path) as png:
         assert png.size[0] > png.size[1] > 100
+    svg = path.with_suffix(".svg").read_text()  # every figure is also written as SVG
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
 
 
 # ---------------------------------------------------------------------------------------------------------------

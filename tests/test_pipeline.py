@@ -388,6 +388,10 @@ def test_compat_patches_are_applied():
 
     assert SmoothedValue.synchronize_between_processes is compat.synchronize_between_processes
     assert dist_utils.init_distributed_mode is distributed.init_distributed_mode
+    from lavis.runners.runner_base import RunnerBase
+
+    assert RunnerBase.create_loaders is compat.runner_create_loaders
+    assert RunnerBase.model.fget is compat.runner_model and RunnerBase.eval_epoch is compat.runner_eval_epoch
 
 
 def test_smoothed_value_synchronizes_on_gloo(process_group):
@@ -440,8 +444,9 @@ def test_runner_model_and_scaler_on_cpu():
 
     module = BaseModel()
     module.linear = torch.nn.Linear(2, 2)
-    assert RunnerBase.model.fget(fake_runner(_model=module)) is None  # LAVIS: runner_base.py:85-97
+    assert compat.ORIGINALS["RunnerBase.model"].fget(fake_runner(_model=module)) is None  # LAVIS: runner_base.py:85-97
     assert RunnerXFormer.model.fget(fake_runner(_model=module)) is module
+    assert RunnerBase.model.fget(fake_runner(_model=module)) is module  # patched for LAVIS's evaluate.py
     assert RunnerXFormer.scaler.fget(fake_runner()) is None  # amp: True is ignored off-GPU
 
 
@@ -465,6 +470,27 @@ def test_runner_evaluation_keeps_batches_on_cpu():
     task.after_evaluation = lambda val_result, **kwargs: val_result
     runner.task = task
     assert RunnerXFormer.eval_epoch(runner, "test", cur_epoch=0, skip_reload=True) == ["cpu"]
+
+
+def test_lavis_runner_base_loaders_are_host_only_off_gpu():
+    """LAVIS's evaluate.py builds RunnerBase itself: its create_loaders makes the CUDA-only PrefetchLoader
+    (runner_base.py:538); patched, a CPU run gets the host wrapper and a GPU run LAVIS's own."""
+    from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
+    from lavis.runners.runner_base import RunnerBase
+
+    from lavis_xformer.compat import HostPrefetchLoader
+
+    runner = fake_runner(use_dist_eval_sampler=False)
+    numbers = torch.utils.data.Subset(list(range(10)), range(10))  # a map-style dataset (a list means several)
+    args = dict(datasets=[numbers], num_workers=0, batch_sizes=[4], is_trains=[False], collate_fns=[None])
+    if not ON_GPU_MACHINE:
+        with pytest.raises(RuntimeError):
+            compat.ORIGINALS["RunnerBase.create_loaders"](runner, **args)
+    (loader,) = RunnerBase.create_loaders(runner, **args)
+    assert type(loader) is HostPrefetchLoader and [b.tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    if ON_GPU_MACHINE:
+        (loader,) = RunnerBase.create_loaders(fake_runner(use_dist_eval_sampler=False, cuda_enabled=True), **args)
+        assert type(loader) is PrefetchLoader
 
 
 # =================================================================================================================
@@ -547,8 +573,10 @@ def test_evaluate_stage1_retrieval_on_cpu(stage1_run):
     assert 0.0 <= metrics["txt_r1"] <= metrics["txt_r5"] <= 100.0
 
 
-LAVIS_TRAIN_PY = '''
-"""The steps of LAVIS's own train.py (GitHub; not in the wheel), unchanged, plus `import lavis_xformer`."""
+def lavis_script(runner_import: str, run: str) -> str:
+    """The steps LAVIS's own train.py and evaluate.py (GitHub; not in the wheel) share, unchanged, plus
+    `import lavis_xformer`; they differ in how they import and build the runner and in what they run."""
+    return f'''
 import random
 import sys
 
@@ -561,12 +589,12 @@ from lavis.common.config import Config
 from lavis.common.dist_utils import get_rank, init_distributed_mode
 from lavis.common.logger import setup_logger
 from lavis.common.optims import LinearWarmupCosineLRScheduler, LinearWarmupStepLRScheduler  # noqa: F401
-from lavis.common.registry import registry
+from lavis.common.registry import registry  # noqa: F401
 from lavis.common.utils import now
 from lavis.datasets.builders import *  # noqa: F401,F403
 from lavis.models import *  # noqa: F401,F403
 from lavis.processors import *  # noqa: F401,F403
-from lavis.runners import *  # noqa: F401,F403
+{runner_import}
 from lavis.tasks import *  # noqa: F401,F403
 
 import lavis_xformer  # noqa: F401  (the plugin, imported after LAVIS's own bindings)
@@ -591,11 +619,20 @@ cfg.pretty_print()
 task = tasks.setup_task(cfg)
 datasets = task.build_datasets(cfg)
 model = task.build_model(cfg)
+{run}
+'''
+
+
+# train.py: the runner named by the yaml
+LAVIS_TRAIN_PY = lavis_script("from lavis.runners import *  # noqa: F401,F403", '''\
 runner = registry.get_runner_class(cfg.run_cfg.get("runner", "runner_base"))(
     cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets
 )
-runner.train()
-'''
+runner.train()''')
+# evaluate.py (the 1.0.x one): RunnerBase, whatever the yaml's run.runner says
+LAVIS_EVALUATE_PY = lavis_script("from lavis.runners.runner_base import RunnerBase", '''\
+runner = RunnerBase(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+runner.evaluate(skip_reload=True)''')
 
 
 def test_lavis_train_py_steps_train_on_cpu(tmp_path):
@@ -615,6 +652,25 @@ def test_lavis_train_py_steps_train_on_cpu(tmp_path):
     assert (job / "checkpoint_0.pth").is_file()
     (epoch,) = [json.loads(line) for line in (job / "log.txt").read_text().splitlines() if line.startswith('{"train')]
     assert math.isfinite(float(epoch["train_loss"]))
+
+
+def test_lavis_evaluate_py_steps_evaluate_on_cpu(stage1_run, tmp_path):
+    """LAVIS's own evaluation sequence (RunnerBase, whatever run.runner says) evaluates the demo retrieval yaml
+    with a stage-1 checkpoint on CPU, with the same metrics as the plugin's ``python -m lavis_xformer.evaluate``."""
+    folder, job, _ = stage1_run("xformer")
+    script = tmp_path / "lavis_evaluate.py"
+    script.write_text(LAVIS_EVALUATE_PY)
+    options = [*shapes_options("xformer_shapes_retrieval", folder / "data", **STAGE1_SIZES),
+               f"model.finetuned={job / 'checkpoint_1.pth'}", "run.k_test=4"]
+    output = run_cli([sys.executable, script, DEMO_EVAL, *options, f"run.output_dir={tmp_path / 'lavis'}"],
+                     cwd=tmp_path)
+    assert "Not using distributed mode" in output  # LAVIS's init: no process group, RunnerBase as LAVIS builds it
+    run_cli([sys.executable, "-m", "lavis_xformer.evaluate", "--cfg-path", DEMO_EVAL, "--options", *options,
+             f"run.output_dir={tmp_path / 'plugin'}"], cwd=tmp_path)
+    metrics = [json.loads(next((tmp_path / name).glob("*/evaluate.txt")).read_text().splitlines()[-1])
+               for name in ("lavis", "plugin")]
+    assert set(metrics[0]) >= {"txt_r1", "txt_r5", "img_r1", "img_r5", "agg_metrics"}
+    assert metrics[0] == metrics[1]
 
 
 DDP_PROBE = '''

@@ -3,15 +3,17 @@
 Both models answered the same questions, so the comparison is paired: the uncertainty that matters is that of the
 *difference*, question by question, not of each accuracy on its own.
 
-* ``paired_bootstrap_ci`` -- the percentile bootstrap interval of the accuracy difference: questions are resampled
-  with replacement (the same resample for both models), the difference of the resample means is recorded, and the
-  interval is read off the recorded differences' percentiles. Resample ``r`` draws its ``n`` question indices as
-  ``numpy.random.default_rng(seed).integers(0, n, size=n)`` would on its ``r``-th call; drawing them in chunks gives
-  the same indices, so the interval is a function of ``(scores, num_resamples, seed)`` alone.
+* ``paired_bootstrap_ci`` -- the percentile bootstrap interval of the accuracy difference, by
+  ``scipy.stats.bootstrap(method="percentile")``: questions are resampled with replacement (the same resample for
+  both models: the per-question differences are resampled), the mean difference of each resample is recorded, and
+  the interval is read off their percentiles. Resample ``r`` draws its ``n`` question indices as
+  ``numpy.random.default_rng(seed).integers(0, n, size=n)`` would on its ``r``-th call (scipy draws them in batches,
+  bounded here to a few million indices each, which gives the same indices), so the interval is a function of
+  ``(scores, num_resamples, seed)`` alone.
 * ``mcnemar_exact`` -- McNemar's test on per-question correctness: under the null hypothesis that both models are
   equally accurate, each question that exactly one of them gets right (a discordant pair) is equally likely to
   favour either, so the count favouring one model is Binomial(b + c, 1/2); the two-sided exact p-value is
-  ``min(1, 2 * P(X <= min(b, c)))``.
+  ``scipy.stats.binomtest(b, b + c, 0.5)``'s (``min(1, 2 * P(X <= min(b, c)))``).
 
 Scores are per-question accuracies in [0, 1] (VQA's official accuracy gives 0, 0.3, 0.6, 0.9 or 1); differences
 are reported in percentage points. McNemar needs a yes/no per question: ``is_correct`` calls a question correct
@@ -19,17 +21,17 @@ when its score is at least ``CORRECT_AT`` (0.5: for VQAv2, at least two of the t
 for exact-match scores, the answer matched).
 """
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Dict, Sequence, Tuple
 
 import numpy as np
+from scipy.stats import binomtest, bootstrap
 
 CORRECT_AT = 0.5
 DEFAULT_RESAMPLES = 10_000
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_SEED = 0
-# Index draws per chunk: bounds the memory of one chunk (8 bytes each) whatever the number of questions.
+# Index draws per scipy batch: bounds the memory of one batch (8 bytes each) whatever the number of questions.
 _DRAWS_PER_CHUNK = 4_000_000
 
 
@@ -55,19 +57,18 @@ def bootstrap_differences(
     seed: int = DEFAULT_SEED,
 ) -> np.ndarray:
     """``mean(b) - mean(a)`` (percentage points) on each of ``num_resamples`` paired resamples of the questions."""
+    return _bootstrap(scores_a, scores_b, num_resamples, DEFAULT_CONFIDENCE, seed).bootstrap_distribution
+
+
+def _bootstrap(scores_a, scores_b, num_resamples, confidence, seed):
     a, b = _paired_arrays(scores_a, scores_b)
     if num_resamples < 1:
         raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
     per_question = 100.0 * (b - a)
-    n = per_question.size
-    rng = np.random.default_rng(seed)
-    rows_per_chunk = max(1, _DRAWS_PER_CHUNK // n)
-    differences = np.empty(num_resamples, dtype=np.float64)
-    for start in range(0, num_resamples, rows_per_chunk):
-        rows = min(rows_per_chunk, num_resamples - start)
-        indices = rng.integers(0, n, size=(rows, n))  # row r = the r-th call's draws (C order)
-        differences[start : start + rows] = per_question[indices].mean(axis=1)
-    return differences
+    return bootstrap(
+        (per_question,), np.mean, n_resamples=num_resamples, batch=max(1, _DRAWS_PER_CHUNK // per_question.size),
+        vectorized=True, confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed),
+    )
 
 
 def paired_bootstrap_ci(
@@ -80,10 +81,8 @@ def paired_bootstrap_ci(
     """The percentile bootstrap interval of ``mean(b) - mean(a)`` in percentage points."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
-    differences = bootstrap_differences(scores_a, scores_b, num_resamples, seed)
-    tail = 100.0 * (1 - confidence) / 2
-    low, high = np.percentile(differences, [tail, 100.0 - tail])
-    return float(low), float(high)
+    interval = _bootstrap(scores_a, scores_b, num_resamples, confidence, seed).confidence_interval
+    return float(interval.low), float(interval.high)
 
 
 def binomial_two_sided_p(k: int, n: int) -> float:
@@ -91,15 +90,8 @@ def binomial_two_sided_p(k: int, n: int) -> float:
     if not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
     if n == 0:
-        return 1.0
-    tail = min(k, n - k)
-    # log-space sum of C(n, i) / 2^n for i <= tail: exact enough (1e-12 relative) for any n, never overflows.
-    log_terms = [
-        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(tail + 1)
-    ]
-    peak = max(log_terms)
-    log_tail = peak + math.log(sum(math.exp(t - peak) for t in log_terms))
-    return min(1.0, 2.0 * math.exp(log_tail))
+        return 1.0  # no discordant question: nothing tells the models apart
+    return float(binomtest(k, n, 0.5, alternative="two-sided").pvalue)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,17 @@
 """Typed model configs: every size and switch of the models is a named field with a default and a docstring line.
 
 LAVIS hands a model its yaml ``model:`` section as an OmegaConf node. ``from_lavis_cfg`` turns it into one of these
-dataclasses and refuses unknown or mistyped fields before any weights are built, listing the valid choices.
+dataclasses and refuses unknown or mistyped fields before any weights are built, listing the valid choices. Each
+value is checked against its field's annotation by pydantic in strict mode (an int is not a bool, "32" is not an
+int, an int is a float); omegaconf's structured configs were not used because they convert strings to numbers.
 """
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Optional, Union, get_args, get_origin
+from typing import Any, Dict, Optional, get_type_hints
+
+from pydantic import TypeAdapter, ValidationError
 
 from lavis_xformer.models import published
 
@@ -174,16 +179,9 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name}={value!r} is not valid; choose one of {list(choices)}")
 
 
-def _type_ok(value, annotation) -> bool:
-    if get_origin(annotation) is Union:
-        return any(_type_ok(value, a) for a in get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, annotation)
+@functools.lru_cache(maxsize=None)
+def _validator(annotation) -> TypeAdapter:
+    return TypeAdapter(annotation)
 
 
 def _build(cls, cfg):
@@ -193,7 +191,8 @@ def _build(cls, cfg):
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.to_container(cfg, resolve=True)
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name for f in fields(cls)}
+    annotations = get_type_hints(cls)  # resolves postponed (string) annotations too
     values = {}
     unknown = []
     for key, value in dict(cfg).items():
@@ -202,15 +201,13 @@ def _build(cls, cfg):
         if key not in known:
             unknown.append(key)
             continue
-        annotation = known[key].type
-        if isinstance(annotation, str):  # postponed annotations
-            annotation = eval(annotation, {"Optional": Optional, "Union": Union}, {})
-        if not _type_ok(value, annotation):
+        try:
+            values[key] = _validator(annotations[key]).validate_python(value, strict=True)
+        except ValidationError:
             raise ValueError(
                 f"model config field {key!r} of {cls.__name__} has value {value!r} "
-                f"({type(value).__name__}); expected {annotation}"
-            )
-        values[key] = float(value) if annotation is float else value
+                f"({type(value).__name__}); expected {annotations[key]}"
+            ) from None
     if unknown:
         raise ValueError(
             f"unknown model config field(s) {sorted(unknown)} for {cls.__name__}; "

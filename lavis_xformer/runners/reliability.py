@@ -161,6 +161,7 @@ class EpochLoader:
                 f"run.batch_size_train={self.batch_size}: lower the batch size or add data"
             )
         self.epoch = 0
+        self.position = 0  # batches of the current epoch handed out (or skipped at a resume)
         self._iterator = None
 
     @property
@@ -173,22 +174,67 @@ class EpochLoader:
         self.sampler.set_epoch(self.epoch)
         self.sampler.set_start(int(start_iter) * self.batch_size)
         self.generator.manual_seed(derive_seed(self.seed, self.epoch, 0x5EED))
+        self.position = int(start_iter)
         self._iterator = iter(self.iterable)
 
     def __next__(self):
         if self._iterator is None:
             self.start_epoch(self.epoch)
         try:
-            return next(self._iterator)
+            batch = next(self._iterator)
         except StopIteration:
             self.start_epoch(self.epoch + 1)
-            return next(self._iterator)
+            batch = next(self._iterator)
+        self.position += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        """Where the stream is: (epoch, batches of it handed out). An iteration-based run, whose inner epochs do not
+        follow the data's epochs, saves it; ``load_state_dict`` continues from the next batch."""
+        return {"epoch": int(self.epoch), "position": int(self.position)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start_epoch(int(state["epoch"]), int(state["position"]))
 
     def __iter__(self):
         return self
 
     def __len__(self):
         return self.batches_per_epoch
+
+
+class MixedLoader:
+    """LAVIS's ``MultiIterLoader`` (every batch comes from one loader, drawn with the given weights) for
+    ``run.train_dataset_ratios``, resumable: the k-th draw is a function of (seed, k) instead of the global RNG, and
+    ``state_dict`` holds the draw count and every ``EpochLoader``'s position."""
+
+    def __init__(self, loaders: Sequence[EpochLoader], ratios: Sequence[float], seed: int):
+        if len(loaders) != len(ratios):
+            raise ValueError(f"{len(loaders)} loaders but {len(ratios)} ratios")
+        self.loaders = list(loaders)
+        self.ratios = [float(r) / sum(ratios) for r in ratios]
+        self.seed = int(seed)
+        self.draws = 0
+
+    def __next__(self):
+        index = random.Random(derive_seed(self.seed, 0x313C, self.draws)).choices(range(len(self.loaders)),
+                                                                                  self.ratios)[0]
+        self.draws += 1
+        return next(self.loaders[index])
+
+    def __iter__(self):
+        return self
+
+    def __len__(self):
+        return sum(len(loader) for loader in self.loaders)
+
+    def state_dict(self) -> dict:
+        return {"draws": self.draws, "loaders": [loader.state_dict() for loader in self.loaders]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.draws = int(state["draws"])
+        for loader, loader_state in zip(self.loaders, state["loaders"]):
+            loader.load_state_dict(loader_state)
 
 
 # ---------------------------------------------------------------------------------------------------------------

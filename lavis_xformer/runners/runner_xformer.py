@@ -9,7 +9,8 @@ what breaks off-GPU in LAVIS 1.0.2, each citing the line it replaces:
   is made here when none exists (gloo on CPU).
 * ``model`` -- runner_base.py:85-97 sets ``_wrapped_model`` only when the model had to be moved, so a model
   already on the CPU gives ``None.train()``; and it wraps DDP with ``device_ids=[gpu]`` (line 92), which is wrong
-  for CPU modules. Here the model is wrapped once, with ``device_ids=None`` off-GPU.
+  for CPU modules. Here the model is wrapped once, with ``device_ids=None`` off-GPU (``compat.runner_model``, also
+  patched onto ``RunnerBase`` for LAVIS's ``evaluate.py``).
 * ``create_loaders`` -- runner_base.py:538 wraps loaders in the CUDA-only ``PrefetchLoader``; off-GPU the
   loaders are built inside ``compat.host_prefetch_loader()``.
 * ``eval_epoch`` -- runner_base.py:469 calls ``task.evaluation(model, data_loader)``, whose ``cuda_enabled``
@@ -24,6 +25,15 @@ what breaks off-GPU in LAVIS 1.0.2, each citing the line it replaces:
 * ``output_dir`` -- LAVIS resolves a relative ``run.output_dir`` against its own package folder, i.e. inside
   site-packages for an installed LAVIS; here it is resolved against the current directory.
 * the job id is taken from rank 0 (LAVIS lets every rank read its own clock, so ranks may disagree on it).
+
+Iteration mode and logs (run-config keys, optional):
+
+* ``run.max_iters`` / ``run.iters_per_inner_epoch`` -- LAVIS's ``runner_iter`` through this runner's loop: inner
+  epochs of K iterations over an endless stream (the ``EpochLoader`` rolls over data epochs by itself, and its
+  position goes into the checkpoint), validation and a checkpoint after each; ``run.train_dataset_ratios`` mixes
+  several train datasets batch by batch (``reliability.MixedLoader``).
+* every ``run.log_freq`` iterations one json line of the loss terms, lr and throughput goes to log.txt, and with
+  ``run.tensorboard: True`` to TensorBoard (``runners/logs.py``).
 
 Reliability (run-config keys, all optional):
 
@@ -70,7 +80,6 @@ from lavis.datasets.data_utils import prepare_sample
 from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
 from lavis.runners.runner_base import RunnerBase
 from lavis.tasks.base_task import BaseTask
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lavis_xformer import compat
 from lavis_xformer.checkpoints import (
@@ -85,11 +94,14 @@ from lavis_xformer.checkpoints import (
 from lavis_xformer.common import distributed
 from lavis_xformer.common.distributed import get_rank, get_world_size, is_main_process
 from lavis_xformer.datasets.robust import RobustDataset
+from lavis_xformer.runners.logs import IterationLog
 from lavis_xformer.runners.reliability import (
     EpochLoader,
+    MixedLoader,
     OutputWatch,
     StepGuard,
     capture_rng_state,
+    derive_seed,
     first_nonfinite_gradient,
     restore_rng_state,
 )
@@ -97,7 +109,8 @@ from lavis_xformer.runners.reliability import (
 TRAINER_STATE_FORMAT = 1
 # Run settings that change what an exact resume computes: a difference from the checkpoint's config is reported.
 _EXACTNESS_KEYS = ("seed", "batch_size_train", "accum_grad_iters", "world_size", "amp", "lr_sched", "init_lr",
-                   "min_lr", "warmup_lr", "warmup_steps", "weight_decay", "beta2")
+                   "min_lr", "warmup_lr", "warmup_steps", "weight_decay", "beta2", "iters_per_inner_epoch",
+                   "train_dataset_ratios")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,6 +193,8 @@ class _TrainEpoch:
     trainable: list  # (name, parameter) of the trainable parameters, for the gradient check
     watch: OutputWatch
     window_bad: List[str] = field(default_factory=list)  # non-finite terms met in the current accumulation window
+    log_freq: int = 0
+    iteration_log: Optional[IterationLog] = None  # the per-iteration lines (runners/logs.py); None: not written
     metric_logger: MetricLogger = field(init=False)  # LAVIS's: lr and the total loss, printed every log_freq steps
     loss_terms: MetricLogger = field(init=False)  # the task's logged_loss_terms
 
@@ -195,8 +210,9 @@ class _TrainEpoch:
 
     @property
     def header(self) -> str:
-        header = "Train: data epoch: [{}]".format(self.epoch)
-        return header if self.start_iters is None else header + "; inner epoch [{}]".format(self.inner_epoch)
+        if self.start_iters is None:
+            return "Train: data epoch: [{}]".format(self.epoch)
+        return "Train: inner epoch [{}]".format(self.inner_epoch)
 
     @property
     def use_amp(self) -> bool:
@@ -210,8 +226,32 @@ class _TrainEpoch:
         return (self.epoch * self.iters_per_epoch if self.start_iters is None else self.start_iters) + iteration
 
 
+def _iteration_mode(run_cfg):
+    """``(run.max_iters, run.iters_per_inner_epoch)`` of an iteration-based run, ``(0, 0)`` for an epoch-based one;
+    bad combinations fail here, before anything is built."""
+    max_iters = int(run_cfg.get("max_iters", 0) or 0)
+    per_inner = int(run_cfg.get("iters_per_inner_epoch", 0) or 0)
+    if not max_iters:
+        if per_inner:
+            raise ValueError(f"run.iters_per_inner_epoch={per_inner} is set without run.max_iters: set run.max_iters "
+                             "for an iteration-based run, or remove iters_per_inner_epoch for an epoch-based one")
+        if run_cfg.get("train_dataset_ratios", None):
+            raise ValueError("run.train_dataset_ratios needs an iteration-based run: set run.max_iters and "
+                             "run.iters_per_inner_epoch (as in LAVIS's runner_iter)")
+        return 0, 0
+    if max_iters < 0 or per_inner <= 0 or max_iters % per_inner:
+        raise ValueError(f"run.max_iters={max_iters} must be a positive multiple of run.iters_per_inner_epoch="
+                         f"{per_inner} (validation, the LR schedule's epochs and checkpoints come every inner epoch)")
+    return max_iters, per_inner
+
+
 @registry.register_runner("runner_xformer")
 class RunnerXFormer(RunnerBase):
+    # Set by __init__ / train(); class defaults keep a bare instance's loop (tests build one) epoch-based, unlogged.
+    max_iters = iters_per_inner_epoch = 0
+    _iteration_log = None
+    _train_ratios = None
+
     def __init__(self, cfg, task, model, datasets, job_id):
         run_cfg = cfg.run_cfg
         if not distributed.is_initialized():
@@ -233,10 +273,26 @@ class RunnerXFormer(RunnerBase):
         self.checkpoint_every_iters = int(every) if every else 0
         if self.checkpoint_every_iters < 0:
             raise ValueError(f"run.checkpoint_every_iters={every} must be >= 0")
+        self.max_iters, self.iters_per_inner_epoch = _iteration_mode(run_cfg)
         self.best_agg_metric, self.best_epoch = 0, 0
         self._start_iter = 0  # the iteration the first (resumed) epoch starts at
+        self._pending_loader = None  # iteration mode: the training loader's position from the checkpoint
         self._iters_per_epoch = None
         self._pending_rng = None  # this rank's RNG states from the checkpoint, restored just before training
+
+    @property
+    def iteration_based(self) -> bool:
+        """``run.max_iters`` set: training runs ``max_iters`` iterations in inner epochs of ``iters_per_inner_epoch``
+        (LAVIS's ``runner_iter``) over an endless data stream, instead of ``max_epoch`` passes over the data."""
+        return bool(self.max_iters)
+
+    @property
+    def max_epoch(self):
+        """The number of (inner) epochs: LAVIS's ``max_epoch``, or ``max_iters / iters_per_inner_epoch`` (which the
+        LR schedule then also sees, as in LAVIS's ``runner_iter``)."""
+        if self.iteration_based:
+            return self.max_iters // self.iters_per_inner_epoch
+        return super().max_epoch
 
     @property
     def data_seed(self) -> int:
@@ -252,20 +308,7 @@ class RunnerXFormer(RunnerBase):
             self._device = distributed.check_device(self.config.run_cfg.device)
         return self._device
 
-    @property
-    def model(self):
-        """The model on the run device, DDP-wrapped when distributed; built once."""
-        if self._wrapped_model is None:
-            self._model = self._model.to(self.device)
-            if self.use_distributed:
-                self._wrapped_model = DDP(
-                    self._model,
-                    device_ids=[self.config.run_cfg.gpu] if self.cuda_enabled else None,
-                    find_unused_parameters=bool(self.config.run_cfg.get("find_unused_parameters", False)),
-                )
-            else:
-                self._wrapped_model = self._model
-        return self._wrapped_model
+    model = property(compat.runner_model)  # the model on the run device, DDP-wrapped when distributed; built once
 
     @property
     def scaler(self):
@@ -279,23 +322,49 @@ class RunnerXFormer(RunnerBase):
     # ------------------------------------------------------------------------------------------------------------
     # Data and evaluation
     # ------------------------------------------------------------------------------------------------------------
+    @property
+    def dataloaders(self) -> dict:
+        """LAVIS's loaders by split. With ``run.train_dataset_ratios`` ({dataset name: weight}, iteration mode) the
+        train datasets, which LAVIS 1.0.2 concatenates whatever the ratios say, are each given their own loader and
+        every batch comes from one of them, drawn with those weights (``reliability.MixedLoader``)."""
+        if self._dataloaders is None:
+            self._train_ratios = self._ordered_train_ratios()
+        return super().dataloaders
+
+    def _ordered_train_ratios(self) -> Optional[List[float]]:
+        """``run.train_dataset_ratios`` in the order LAVIS concatenates the train datasets (``self.datasets``)."""
+        ratios = self.config.run_cfg.get("train_dataset_ratios", None)
+        if not ratios:
+            return None
+        names = [name for name, splits in self.datasets.items() if isinstance(splits, dict) and "train" in splits]
+        missing = [name for name in ratios if name not in names]
+        unlisted = [name for name in names if name not in ratios]
+        if missing or unlisted:
+            raise ValueError(f"run.train_dataset_ratios must name every train dataset once: {names}; "
+                             f"not train datasets: {missing}; without a ratio: {unlisted}")
+        weights = [float(ratios[name]) for name in names]
+        if min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"run.train_dataset_ratios={dict(ratios)} must be non-negative with a positive sum")
+        logging.info("train batches drawn from %s with ratios %s", names, weights)
+        return weights
+
     def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns, dataset_ratios=None):
         """LAVIS's loaders, except a map-style training set, which gets an ``EpochLoader`` (the data order is a
-        function of (run.seed, epoch), so resumed epochs see the same batches; see ``reliability``)."""
+        function of (run.seed, epoch), so resumed epochs see the same batches; see ``reliability``), or with
+        ``run.train_dataset_ratios`` a ``MixedLoader`` over one ``EpochLoader`` per train dataset."""
         loaders = []
         context = contextlib.nullcontext() if self.cuda_enabled else compat.host_prefetch_loader()
         with context:
             for dataset, batch_size, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
+                if is_train and self._train_ratios and isinstance(dataset, torch.utils.data.ConcatDataset):
+                    loaders.append(MixedLoader(
+                        [self._epoch_loader(part, batch_size, num_workers, getattr(part, "collater", None),
+                                            seed=derive_seed(self.data_seed, index))
+                         for index, part in enumerate(dataset.datasets)],
+                        self._train_ratios, seed=self.data_seed))
+                    continue
                 if is_train and _is_map_style(dataset):
-                    loaders.append(
-                        EpochLoader(
-                            dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn,
-                            seed=self.data_seed,
-                            num_replicas=get_world_size() if self.use_distributed else 1,
-                            rank=get_rank() if self.use_distributed else 0,
-                            pin_memory=self.cuda_enabled, wrap=PrefetchLoader if self.cuda_enabled else None,
-                        )
-                    )
+                    loaders.append(self._epoch_loader(dataset, batch_size, num_workers, collate_fn, self.data_seed))
                     continue
                 if is_train:
                     logging.warning("the training set (%s) is not one map-style dataset: LAVIS's loader is used, "
@@ -304,21 +373,15 @@ class RunnerXFormer(RunnerBase):
                                                       dataset_ratios))
         return loaders
 
-    @torch.no_grad()
-    def eval_epoch(self, split_name, cur_epoch, skip_reload=False):
-        """LAVIS's ``eval_epoch`` with the run's device passed on to ``task.evaluation`` (``cuda_enabled``)."""
-        data_loader = self.dataloaders.get(split_name, None)
-        assert data_loader, "data_loader for split {} is None.".format(split_name)
+    def _epoch_loader(self, dataset, batch_size, num_workers, collate_fn, seed) -> EpochLoader:
+        return EpochLoader(
+            dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn, seed=seed,
+            num_replicas=get_world_size() if self.use_distributed else 1,
+            rank=get_rank() if self.use_distributed else 0,
+            pin_memory=self.cuda_enabled, wrap=PrefetchLoader if self.cuda_enabled else None,
+        )
 
-        model = self.unwrap_dist_model(self.model)
-        if not skip_reload and cur_epoch == "best":
-            model = self._reload_best_model(model)
-        model.eval()
-
-        self.task.before_evaluation(model=model, dataset=self.datasets[split_name])
-        results = self.task.evaluation(model, data_loader, cuda_enabled=self.cuda_enabled)
-        if results is not None:
-            return self.task.after_evaluation(val_result=results, split_name=split_name, epoch=cur_epoch)
+    eval_epoch = compat.runner_eval_epoch  # LAVIS's, with the run's device passed on to task.evaluation
 
     # ------------------------------------------------------------------------------------------------------------
     # Training
@@ -331,6 +394,10 @@ class RunnerXFormer(RunnerBase):
         self.log_config()
         if not self.evaluate_only and self.resume_ckpt_path is not None:
             self._resume(self.resume_ckpt_path)
+        if not self.evaluate_only:
+            self._iteration_log = IterationLog(
+                self.output_dir, int(self.config.run_cfg.batch_size_train) * get_world_size(),
+                tensorboard=bool(self.config.run_cfg.get("tensorboard", False)))
 
         cur_epoch = self.max_epoch - 1
         for cur_epoch in range(self.start_epoch, self.max_epoch):
@@ -355,6 +422,8 @@ class RunnerXFormer(RunnerBase):
             self.save_progress(cur_epoch, self._iters_per_epoch or len(self.train_loader), complete=True)
             dist.barrier()
 
+        if self._iteration_log is not None:
+            self._iteration_log.close()
         test_epoch = "best" if len(self.valid_splits) > 0 else cur_epoch
         self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
         logging.info("Training time {}".format(time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time))))
@@ -362,22 +431,31 @@ class RunnerXFormer(RunnerBase):
     def train_epoch(self, epoch):
         """One epoch of LAVIS's training (the task's ``train_step``, LAVIS's schedule, accumulation, amp and logs)
         through this runner's guarded loop, ``train_inner_loop``; a resumed epoch starts at its saved iteration.
+        In iteration mode ``epoch`` is an inner epoch: ``iters_per_inner_epoch`` iterations from
+        ``epoch * iters_per_inner_epoch`` on, over the endless training stream (LAVIS's ``train_iters``).
 
-        A task that brings its own ``train_epoch`` or ``_train_inner_loop`` keeps it (LAVIS's behaviour), without
-        the step guard or mid-epoch checkpoints."""
+        A task that brings its own ``train_epoch``/``train_iters`` or ``_train_inner_loop`` keeps it (LAVIS's
+        behaviour), without the step guard, mid-epoch checkpoints or per-iteration lines."""
         self.model.train()
         first_iter = self._start_epoch_data(epoch)
         train_args = dict(epoch=epoch, model=self.model, data_loader=self.train_loader, optimizer=self.optimizer,
                           scaler=self.scaler, lr_scheduler=self.lr_scheduler, cuda_enabled=self.cuda_enabled,
                           log_freq=self.log_freq, accum_grad_iters=self.accum_grad_iters)
+        if self.iteration_based:
+            loop = dict(iters_per_epoch=self.iters_per_inner_epoch, start_iters=epoch * self.iters_per_inner_epoch)
+            task_entry, task_args = "train_iters", dict(train_args, start_iters=loop["start_iters"],
+                                                        iters_per_inner_epoch=self.iters_per_inner_epoch)
+        else:
+            loop = dict(iters_per_epoch=len(self.train_loader))
+            task_entry, task_args = "train_epoch", train_args
         task_class = type(self.task)
-        if (task_class.train_epoch is not BaseTask.train_epoch
+        if (getattr(task_class, task_entry) is not getattr(BaseTask, task_entry)
                 or task_class._train_inner_loop is not BaseTask._train_inner_loop):
             logging.warning("%s has its own training loop: non-finite losses are not guarded and no mid-epoch "
                             "checkpoints are written", task_class.__name__)
-            stats = self.task.train_epoch(**train_args)
+            stats = getattr(self.task, task_entry)(**task_args)
         else:
-            stats = self.train_inner_loop(iters_per_epoch=len(self.train_loader), first_iter=first_iter, **train_args)
+            stats = self.train_inner_loop(first_iter=first_iter, **loop, **train_args)
         stats.update(self._reliability_stats(epoch))
         return stats
 
@@ -386,7 +464,11 @@ class RunnerXFormer(RunnerBase):
         returns the iteration the epoch starts at."""
         loader = self.train_loader
         start_iter, self._start_iter = self._start_iter, 0
-        if isinstance(loader, EpochLoader):
+        if self.iteration_based:  # the stream goes on across inner epochs; a resume puts it where it was
+            pending, self._pending_loader = self._pending_loader, None
+            if pending is not None:
+                loader.load_state_dict(pending)
+        elif isinstance(loader, EpochLoader):
             loader.start_epoch(epoch, start_iter)
         elif start_iter:
             logging.warning("this training loader cannot start inside an epoch: epoch %d restarts at iteration 0",
@@ -414,8 +496,11 @@ class RunnerXFormer(RunnerBase):
             scaler=scaler, accum_grad_iters=accum_grad_iters, cuda_enabled=cuda_enabled,
             trainable=[(n, p) for n, p in self.unwrap_dist_model(model).named_parameters() if p.requires_grad],
             watch=OutputWatch(self.unwrap_dist_model(model), self.step_guard),
+            log_freq=log_freq, iteration_log=self._iteration_log,
         )
-        first = first_iter if start_iters is None else 0
+        first = first_iter
+        if run.iteration_log is not None:
+            run.iteration_log.start(run.global_step(first))
         logging.info("Start training epoch {}, {} iters per inner epoch.".format(epoch, iters_per_epoch))
         if first:
             logging.info("resuming epoch %s at iteration %d", epoch, first)
@@ -429,9 +514,12 @@ class RunnerXFormer(RunnerBase):
                 if (i + 1) % accum_grad_iters == 0:
                     self._optimizer_step(run, i)
                 self._log_step(run, loss, bad)
+                self._log_iteration(run, i)
                 self._checkpoint_inside_epoch(run, done=i + 1)
         finally:
             run.watch.remove()
+        if run.iteration_log is not None:
+            run.iteration_log.end_epoch(self._loss_meters(run), self._iteration_log_names)
         return self._epoch_stats(run)
 
     # -- the steps of the loop -----------------------------------------------------------------------------------
@@ -501,12 +589,26 @@ class RunnerXFormer(RunnerBase):
             run.loss_terms.update(**{key: value.detach().item() for key, value in terms.items()})
         run.metric_logger.update(lr=run.optimizer.param_groups[0]["lr"])
 
+    def _log_iteration(self, run, iteration) -> None:
+        """Every ``log_freq`` iterations: the window's loss terms, lr and throughput to log.txt and TensorBoard
+        (``runners/logs.py``)."""
+        if run.iteration_log is not None:
+            run.iteration_log.step(run.global_step(iteration), run.epoch, run.optimizer.param_groups[0]["lr"],
+                                   self._loss_meters(run), self._iteration_log_names, run.log_freq)
+
+    @property
+    def _iteration_log_names(self):
+        return ("loss",) + self.logged_loss_terms
+
+    @staticmethod
+    def _loss_meters(run) -> dict:
+        return {**run.loss_terms.meters, "loss": run.metric_logger.meters.get("loss")}
+
     def _checkpoint_inside_epoch(self, run, done) -> None:
-        """``run.checkpoint_every_iters``: a resumable checkpoint after every N iterations of an epoch-based run, at
+        """``run.checkpoint_every_iters``: a resumable checkpoint after every N iterations of an (inner) epoch, at
         the end of an accumulation window (the epoch's last iteration gets the epoch's own checkpoint instead)."""
         every = self.checkpoint_every_iters
-        if (run.start_iters is None and every and done < run.iters_per_epoch and done % every == 0
-                and done % run.accum_grad_iters == 0):
+        if every and done < run.iters_per_epoch and done % every == 0 and done % run.accum_grad_iters == 0:
             self.save_progress(run.epoch, done, complete=False)
 
     def _epoch_stats(self, run) -> dict:
@@ -575,6 +677,8 @@ class RunnerXFormer(RunnerBase):
             "best_agg_metric": float(self.best_agg_metric),
             "best_epoch": int(self.best_epoch),
             "step_guard": self.step_guard.state_dict(),
+            **({"loader": self.train_loader.state_dict()}
+               if self.iteration_based and hasattr(self.train_loader, "state_dict") else {}),
         }
 
     def _gather_rank_states(self) -> list:
@@ -647,6 +751,10 @@ class RunnerXFormer(RunnerBase):
         self.best_agg_metric = trainer.get("best_agg_metric", 0)
         self.best_epoch = int(trainer.get("best_epoch", 0))
         self.step_guard.load_state_dict(trainer.get("step_guard", {}))
+        self._pending_loader = trainer.get("loader")
+        if self.iteration_based and self._pending_loader is None:
+            logging.warning("%s holds no training-stream position: the data restarts at its first batch, and the "
+                            "resumed run is not bit-identical", source)
         self._report_resume_differences(checkpoint, trainer, source)
         ranks = trainer.get("ranks") or []
         if len(ranks) == get_world_size():
