@@ -18,15 +18,20 @@ running the saved original (``ORIGINALS``) into its failure first.
    map-style loader in ``PrefetchLoader``, whose constructor (lavis/datasets/datasets/dataloader_utils.py:56)
    creates a ``torch.cuda.Stream()`` and whose iterator copies every batch to the GPU. Inside the context that
    name resolves to ``HostPrefetchLoader``: the same wrapper (length, attribute pass-through) without CUDA.
+4. ``BaseDataset.__init__`` -- lavis/datasets/datasets/base_dataset.py:27 ``json.load``s every annotation file; a
+   malformed one fails with a bare ``JSONDecodeError`` that names no file. Wrapped: the same load, and on a decode
+   error an ``AnnotationFileError`` naming the file, the line and column.
 """
 
 import contextlib
+import json
 
 import lavis.common.dist_utils as lavis_dist_utils
 import lavis.runners.runner_base as lavis_runner_base
 import torch
 import torch.distributed as dist
 from lavis.common.logger import SmoothedValue
+from lavis.datasets.datasets.base_dataset import BaseDataset
 from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
 
 from lavis_xformer.common import distributed
@@ -35,6 +40,7 @@ from lavis_xformer.common import distributed
 ORIGINALS = {
     "SmoothedValue.synchronize_between_processes": SmoothedValue.synchronize_between_processes,
     "dist_utils.init_distributed_mode": lavis_dist_utils.init_distributed_mode,
+    "BaseDataset.__init__": BaseDataset.__init__,
 }
 
 
@@ -79,14 +85,39 @@ def host_prefetch_loader():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 4. Annotation files that are not JSON are named
+# ---------------------------------------------------------------------------------------------------------------
+class AnnotationFileError(ValueError):
+    """An annotation file that cannot be read as JSON."""
+
+
+def base_dataset_init(self, vis_processor=None, text_processor=None, vis_root=None, ann_paths=()):
+    """LAVIS's ``BaseDataset.__init__``; a file that is not JSON is named in the error (base_dataset.py:27)."""
+    try:
+        ORIGINALS["BaseDataset.__init__"](self, vis_processor, text_processor, vis_root, list(ann_paths))
+    except json.JSONDecodeError as err:
+        for path in ann_paths:  # find the file (LAVIS's error does not say which)
+            try:
+                with open(path, "r") as handle:
+                    json.load(handle)
+            except json.JSONDecodeError as file_err:
+                raise AnnotationFileError(
+                    f"annotation file {path} is not valid JSON (line {file_err.lineno}, column {file_err.colno}: "
+                    f"{file_err.msg}); fix or re-create it"
+                ) from err
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
 _applied = False
 
 
 def apply() -> None:
-    """Apply patches 1 and 2 (idempotent)."""
+    """Apply patches 1, 2 and 4 (idempotent)."""
     global _applied
     if _applied:
         return
     SmoothedValue.synchronize_between_processes = synchronize_between_processes
     lavis_dist_utils.init_distributed_mode = distributed.init_distributed_mode
+    BaseDataset.__init__ = base_dataset_init
     _applied = True

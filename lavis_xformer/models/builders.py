@@ -69,15 +69,15 @@ def unfreeze_layernorms(module: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer
 # ----------------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _size_only_vocab_file(vocab_size: int) -> str:
-    """A vocab.txt with the size of bert-base-uncased's and its special tokens at the usual ids."""
+def _size_only_tokenizer(vocab_size: int, truncation_side: str) -> BertTokenizer:
+    """A tokenizer with the size of bert-base-uncased's vocabulary and its special tokens at the usual ids. Its
+    vocab.txt lives in a temporary folder only while the tokenizer reads it (it keeps the vocabulary in memory)."""
     tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tokens += [f"tok{i}" for i in range(vocab_size - len(tokens))]
-    handle = tempfile.NamedTemporaryFile("w", suffix="-vocab.txt", delete=False)
-    handle.write("\n".join(tokens) + "\n")
-    handle.close()
-    return handle.name
+    with tempfile.TemporaryDirectory(suffix="-vocab") as folder:
+        vocab = Path(folder) / "vocab.txt"
+        vocab.write_text("\n".join(tokens) + "\n")
+        return BertTokenizer(vocab_file=str(vocab), do_lower_case=True, truncation_side=truncation_side)
 
 
 def build_bert_tokenizer(name_or_vocab: str, truncation_side: str = "right") -> BertTokenizer:
@@ -89,8 +89,7 @@ def build_bert_tokenizer(name_or_vocab: str, truncation_side: str = "right") -> 
         tokenizer = BertTokenizer.from_pretrained(name_or_vocab, truncation_side=truncation_side)
     else:
         # Only the vocabulary size matters for an architecture built without weights.
-        vocab = _size_only_vocab_file(published.BERT_BASE_UNCASED_VOCAB_SIZE)
-        tokenizer = BertTokenizer(vocab_file=vocab, do_lower_case=True, truncation_side=truncation_side)
+        tokenizer = _size_only_tokenizer(published.BERT_BASE_UNCASED_VOCAB_SIZE, truncation_side)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     return tokenizer
 
@@ -277,24 +276,45 @@ class ConfigBuildersMixin:
     def init_Qformer(self, num_query_token, vision_width, cross_attention_freq=2):
         return build_qformer(self._build_cfg, vision_width)
 
-    # LAVIS's loader ignores `load_pretrained: False` and unpickles arbitrary objects; this one honours the flag,
-    # reads weights only, and says in one line what did not match.
+    # LAVIS's loader ignores `load_pretrained: False`, unpickles arbitrary objects and accepts a file that matches
+    # nothing; this one honours the flag, reads weights only, and refuses a file that lacks trainable tensors.
     def load_checkpoint_from_config(self, cfg, **kwargs):
         if cfg.get("load_finetuned", False):
             path = cfg.get("finetuned")
             if not path:
                 raise ValueError("load_finetuned is True but the model config has no `finetuned:` path")
-            return load_model_weights(self, path, strict_unexpected=True)
+            return self.load_checkpoint(path)
         if cfg.get("load_pretrained", True) and cfg.get("pretrained"):
-            return load_model_weights(self, cfg.get("pretrained"), strict_unexpected=False)
+            return self.load_from_pretrained(cfg.get("pretrained"))
         logging.info("%s: no pretrained checkpoint loaded (load_pretrained false or no path)", type(self).__name__)
         return None
 
     def load_from_pretrained(self, url_or_filename):
-        return load_model_weights(self, url_or_filename, strict_unexpected=False)
+        """The weights a stage starts from (``pretrained``: the previous stage's checkpoint). Its extra tensors (the
+        previous stage's heads) are ignored; it must supply every trainable tensor of this stage that exists, trained,
+        in the source stage: all but the image encoder's (frozen in both pretraining stages, loaded from its own
+        weights) and the LLM projection when the file has none of it (a stage-1 checkpoint: the projection is new in
+        stage 2). ``allow_partial_load`` turns a refusal into a WARNING."""
+        projection = getattr(self, "llm_projection", None)  # LLMHead's, on stage-2 models
+        return load_model_weights(
+            self, url_or_filename, strict_unexpected=False,
+            required=lambda state_dict: {
+                name for name, param in self.named_parameters() if param.requires_grad
+                and not name.startswith("visual_encoder.")
+                and not (projection and name.startswith(projection + ".")
+                         and not any(key.startswith(projection + ".") for key in state_dict))
+            },
+            allow_partial=self._build_cfg.allow_partial_load,
+        )
 
     def load_checkpoint(self, url_or_filename):
-        return load_model_weights(self, url_or_filename, strict_unexpected=True)
+        """The weights of this very model (``finetuned``, evaluation): every trainable tensor, and nothing else
+        (``allow_partial_load`` turns missing ones into a WARNING)."""
+        return load_model_weights(
+            self, url_or_filename, strict_unexpected=True,
+            required=lambda _: {name for name, param in self.named_parameters() if param.requires_grad},
+            allow_partial=self._build_cfg.allow_partial_load,
+        )
 
 
 def blip2_init_kwargs(cfg) -> dict:

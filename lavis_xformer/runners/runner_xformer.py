@@ -42,8 +42,10 @@ Reliability (run-config keys, all optional):
   mid-save leaves the previous checkpoint intact; resume removes the orphaned temporary file.
 * **Bad data.** Train splits are wrapped in ``RobustDataset`` (``run.robust_data``: unset = the plugin's builders
   only, which wrap by default; True = every train dataset, any LAVIS builder; False = none), with
-  ``run.max_bad_fraction`` (0.01), ``run.bad_fraction_min_samples`` (100) and ``run.max_image_pixels`` (PIL's limit).
-  The per-epoch counts, summed over ranks, go to log.txt as ``train_bad_samples`` / ``train_loaded_samples``.
+  ``run.max_bad_fraction`` (0.01), ``run.max_bad_samples`` (none: an absolute count of bad files per epoch),
+  ``run.bad_fraction_min_samples`` (100: loads before the fraction is checked inside an epoch; it is always checked at
+  the end of an epoch, over all ranks) and ``run.max_image_pixels`` (PIL's limit). The per-epoch counts (each bad file
+  once), summed over ranks, go to log.txt as ``train_bad_samples`` / ``train_loaded_samples``.
 * **Non-finite losses.** A NaN/inf in any loss term skips the optimiser step on every rank (one all-reduced flag),
   with a warning naming the terms; ``train_skipped_steps`` is logged per epoch; ``run.max_consecutive_bad_steps``
   (10) in a row stop the run with ``NonFiniteLossError`` naming the loss. Under amp the scaler is neither stepped nor
@@ -74,6 +76,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lavis_xformer import compat
 from lavis_xformer.checkpoints import (
+    CheckpointError,
     extract_state_dict,
     find_resume_checkpoint,
     load_trainable_state_dict,
@@ -82,9 +85,9 @@ from lavis_xformer.checkpoints import (
     save_checkpoint_atomically,
     trainable_state_dict,
 )
-from lavis_xformer.common import distributed
+from lavis_xformer.common import distributed, jobs
 from lavis_xformer.common.distributed import get_rank, get_world_size, is_main_process
-from lavis_xformer.datasets.robust import RobustDataset
+from lavis_xformer.datasets.robust import RobustDataset, check_bad_sample_limits
 from lavis_xformer.runners.reliability import (
     EpochLoader,
     OutputWatch,
@@ -123,6 +126,7 @@ def make_train_datasets_robust(datasets: dict, train_splits, run_cfg) -> List[Ro
         max_bad_fraction=float(run_cfg.get("max_bad_fraction", 0.01)),
         min_samples_before_limit=int(run_cfg.get("bad_fraction_min_samples", 100)),
         max_image_pixels=run_cfg.get("max_image_pixels", None),
+        max_bad_samples=run_cfg.get("max_bad_samples", None),
     )
     robust = []
     for name, splits in datasets.items():
@@ -217,9 +221,9 @@ class RunnerXFormer(RunnerBase):
         if not distributed.is_initialized():
             device = distributed.check_device(run_cfg.get("device", "cuda"))
             distributed.init_single_process_group(distributed.backend_for(device))
-        job_id = distributed.broadcast_from_main(job_id)
         output_dir = Path(str(run_cfg.output_dir)).expanduser()
         run_cfg.output_dir = str(output_dir if output_dir.is_absolute() else Path.cwd() / output_dir)
+        job_id = self._claim_job_folder(run_cfg.output_dir)
         super().__init__(cfg=cfg, task=task, model=model, datasets=datasets, job_id=job_id)
 
         self.robust_datasets = make_train_datasets_robust(self.datasets, run_cfg.get("train_splits", []) or [], run_cfg)
@@ -237,6 +241,19 @@ class RunnerXFormer(RunnerBase):
         self._start_iter = 0  # the iteration the first (resumed) epoch starts at
         self._iters_per_epoch = None
         self._pending_rng = None  # this rank's RNG states from the checkpoint, restored just before training
+
+    def _claim_job_folder(self, output_dir) -> str:
+        """The run's own job folder under ``output_dir``, created and locked by rank 0 (``common.jobs``), its name
+        broadcast to every rank. LAVIS's ``job_id`` (``now()``, minutes) is not used: two runs started in the same
+        minute shared a folder and overwrote each other's checkpoints."""
+        job_id, self._job_lock = None, None
+        if is_main_process():
+            job_id, self._job_lock = jobs.claim_job_folder(output_dir)
+        return distributed.broadcast_from_main(job_id)
+
+    def _release_job_folder(self) -> None:
+        if getattr(self, "_job_lock", None) is not None:
+            self._job_lock.release()
 
     @property
     def data_seed(self) -> int:
@@ -358,6 +375,7 @@ class RunnerXFormer(RunnerBase):
         test_epoch = "best" if len(self.valid_splits) > 0 else cur_epoch
         self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
         logging.info("Training time {}".format(time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time))))
+        self._release_job_folder()
 
     def train_epoch(self, epoch):
         """One epoch of LAVIS's training (the task's ``train_step``, LAVIS's schedule, accumulation, amp and logs)
@@ -538,6 +556,10 @@ class RunnerXFormer(RunnerBase):
             if bad:
                 logging.warning("epoch %s: %d unusable training samples replaced (of %d loaded, %.2f%%)",
                                 epoch, bad, loaded, 100.0 * bad / max(loaded, 1))
+            # the epoch's totals over all ranks (the same on every rank): the limits also hold for an epoch too
+            # small for the in-epoch check (run.bad_fraction_min_samples)
+            first = self.robust_datasets[0]
+            check_bad_sample_limits(bad, loaded, first.max_bad_fraction, first.max_bad_samples)
         return stats
 
     # ------------------------------------------------------------------------------------------------------------
@@ -607,9 +629,11 @@ class RunnerXFormer(RunnerBase):
         if search:
             path = None
             if is_main_process():
-                root = Path(self.config.run_cfg.output_dir) if str(source).lower() == "auto" else Path(str(source))
+                auto = str(source).lower() == "auto"
+                root = Path(self.config.run_cfg.output_dir) if auto else Path(str(source))
                 remove_interrupted_saves(root)
-                path, checkpoint = find_resume_checkpoint(root)
+                # auto: never a folder a live run holds (this run's own included); a named folder is taken as given
+                path, checkpoint = find_resume_checkpoint(root, skip_folder=jobs.folder_in_use if auto else None)
                 logging.info("resume: auto -> %s", path or "no checkpoint under %s, starting fresh" % root)
             path = distributed.broadcast_from_main(path)
             if path is None:
@@ -628,6 +652,11 @@ class RunnerXFormer(RunnerBase):
     def restore_checkpoint_state(self, checkpoint: dict, source: str) -> None:
         """Load weights, optimizer and scaler; with a ``trainer`` state also the position (epoch, iteration), this
         rank's RNG states and counters. Older/LAVIS checkpoints continue after their epoch, not bit-exactly."""
+        if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint or "epoch" not in checkpoint:
+            raise CheckpointError(
+                f"run.resume_ckpt_path={source!r} holds weights only (no optimizer state and epoch), so a run cannot "
+                f"resume from it; give a training checkpoint (checkpoint_*.pth of a run), or start a new run from "
+                f"these weights with model.pretrained={source}")
         load_trainable_state_dict(self.unwrap_dist_model(self.model), extract_state_dict(checkpoint), source)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler is not None and checkpoint.get("scaler"):
