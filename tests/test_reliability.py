@@ -539,6 +539,19 @@ def test_bad_fraction_limit_stops_the_run(bad_data_root, tmp_path):
     assert not list((tmp_path / "out").rglob("checkpoint_*.pth"))
 
 
+def test_bad_fraction_limit_also_holds_for_an_epoch_under_bad_fraction_min_samples(bad_data_root, tmp_path):
+    """55 loads per epoch, under the 100 loads after which the fraction is checked inside an epoch: the check at the
+    end of the epoch (over all ranks) stops the run (before, a small dataset could never reach the limit)."""
+    root, sizes = bad_data_root
+    output = run_failing(
+        train_args(root, tmp_path / "out", "run.max_epoch=2", "run.max_bad_fraction=0.05",
+                   "run.max_image_pixels=100000", sizes=sizes),
+        cwd=tmp_path,
+    )
+    assert "BadSampleLimitExceeded: 7 of 55 samples this epoch were unusable (12.7% > max_bad_fraction 5.0%)" in output
+    assert not list((tmp_path / "out").rglob("checkpoint_*.pth"))
+
+
 def test_robust_data_switch_wraps_any_lavis_dataset(tmp_path):
     from lavis.datasets.datasets.caption_datasets import CaptionDataset
 

@@ -226,6 +226,12 @@ def test_stage2_checkpoint_for_evaluation_must_hold_the_projection(tmp_path, opt
         _from_config("xformer_opt", finetuned=str(path), load_finetuned=True)
 
 
+def test_finetuned_file_with_keys_the_model_does_not_know_is_refused(stage1_files):
+    """A stage-1 checkpoint as the ``finetuned`` weights of a stage-2 model: its ITM / ITC heads are not the model's."""
+    with pytest.raises(CheckpointError, match=r"has keys XFormerOPT does not know: \['temp', 'vision_proj.weight'"):
+        _from_config("xformer_opt", finetuned=str(stage1_files["xformer"]), load_finetuned=True)
+
+
 def test_resume_from_a_weights_only_file_says_so(tmp_path):
     from safetensors.torch import save_file
 

@@ -13,6 +13,7 @@ import logging
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -289,12 +290,12 @@ class ConfigBuildersMixin:
         logging.info("%s: no pretrained checkpoint loaded (load_pretrained false or no path)", type(self).__name__)
         return None
 
-    def load_from_pretrained(self, url_or_filename):
+    def load_from_pretrained(self, url_or_filename, allow_partial_load: Optional[bool] = None):
         """The weights a stage starts from (``pretrained``: the previous stage's checkpoint). Its extra tensors (the
         previous stage's heads) are ignored; it must supply every trainable tensor of this stage that exists, trained,
         in the source stage: all but the image encoder's (frozen in both pretraining stages, loaded from its own
         weights) and the LLM projection when the file has none of it (a stage-1 checkpoint: the projection is new in
-        stage 2). ``allow_partial_load`` turns a refusal into a WARNING."""
+        stage 2). ``allow_partial_load`` (default: the config's) turns a refusal into a WARNING."""
         projection = getattr(self, "llm_projection", None)  # LLMHead's, on stage-2 models
         return load_model_weights(
             self, url_or_filename, strict_unexpected=False,
@@ -304,17 +305,20 @@ class ConfigBuildersMixin:
                 and not (projection and name.startswith(projection + ".")
                          and not any(key.startswith(projection + ".") for key in state_dict))
             },
-            allow_partial=self._build_cfg.allow_partial_load,
+            allow_partial=self._allow_partial_load(allow_partial_load),
         )
 
-    def load_checkpoint(self, url_or_filename):
+    def load_checkpoint(self, url_or_filename, allow_partial_load: Optional[bool] = None):
         """The weights of this very model (``finetuned``, evaluation): every trainable tensor, and nothing else
-        (``allow_partial_load`` turns missing ones into a WARNING)."""
+        (``allow_partial_load``, default: the config's, turns missing ones into a WARNING)."""
         return load_model_weights(
             self, url_or_filename, strict_unexpected=True,
             required=lambda _: {name for name, param in self.named_parameters() if param.requires_grad},
-            allow_partial=self._build_cfg.allow_partial_load,
+            allow_partial=self._allow_partial_load(allow_partial_load),
         )
+
+    def _allow_partial_load(self, override: Optional[bool]) -> bool:
+        return self._build_cfg.allow_partial_load if override is None else bool(override)
 
 
 def blip2_init_kwargs(cfg) -> dict:
