@@ -2,13 +2,15 @@
 selecting a model's trainable weights (what a checkpoint holds: frozen encoders are not saved, as in LAVIS).
 
 * Reading -- ``torch.load(weights_only=True)``: a file that carries pickled code is refused, never run. Truncated
-  files and shape mismatches raise errors naming the file and the keys. Every load logs one summary line of
-  missing and unexpected keys, grouped by module.
-* Writing -- ``save_checkpoint_atomically``: temporary file, fsync, ``os.replace``; a process killed mid-save
-  leaves the previous file intact.
-* Resuming -- ``find_resume_checkpoint``: the furthest-progressed readable training checkpoint under a folder
-  (``checkpoint_{epoch}.pth``, ``checkpoint_{epoch}_iter{k}.pth``); ``remove_interrupted_saves`` clears the
-  temporary files of killed saves.
+  files and shape mismatches raise errors naming the file and the keys; a file that matches no tensor of the model
+  is refused; ``check_required_keys`` refuses a file lacking tensors the caller requires (the models' strict
+  ``pretrained`` / ``finetuned`` loads). Every load logs one summary line of missing and unexpected keys, grouped by
+  module.
+* Writing -- ``save_checkpoint_atomically``: temporary file ``NAME.tmp-HOST-PID``, fsync, ``os.replace``; a process
+  killed mid-save leaves the previous file intact.
+* Resuming -- ``find_resume_checkpoint``: in the run (job folder) that saved last, the furthest-progressed readable
+  training checkpoint (``checkpoint_{epoch}.pth``, ``checkpoint_{epoch}_iter{k}.pth``); ``remove_interrupted_saves``
+  clears the temporary files of killed saves, never those of a live writer.
 * Trainable weights -- ``trainable_state_dict`` of a model, ``trainable_parameter_names`` of a model config.
 
 This module imports nothing of the plugin's models (they import it to load their weights); a model is found by

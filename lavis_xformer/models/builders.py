@@ -296,17 +296,18 @@ class ConfigBuildersMixin:
         in the source stage: all but the image encoder's (frozen in both pretraining stages, loaded from its own
         weights) and the LLM projection when the file has none of it (a stage-1 checkpoint: the projection is new in
         stage 2). ``allow_partial_load`` (default: the config's) turns a refusal into a WARNING."""
+        return load_model_weights(self, url_or_filename, strict_unexpected=False,
+                                  required=self._required_from_previous_stage,
+                                  allow_partial=self._allow_partial_load(allow_partial_load))
+
+    def _required_from_previous_stage(self, state_dict) -> set:
+        """The trainable tensors a ``pretrained`` file must supply (see ``load_from_pretrained``)."""
+        not_required = ("visual_encoder.",)  # frozen in the source stage: loaded from its own weights
         projection = getattr(self, "llm_projection", None)  # LLMHead's, on stage-2 models
-        return load_model_weights(
-            self, url_or_filename, strict_unexpected=False,
-            required=lambda state_dict: {
-                name for name, param in self.named_parameters() if param.requires_grad
-                and not name.startswith("visual_encoder.")
-                and not (projection and name.startswith(projection + ".")
-                         and not any(key.startswith(projection + ".") for key in state_dict))
-            },
-            allow_partial=self._allow_partial_load(allow_partial_load),
-        )
+        if projection and not any(key.startswith(projection + ".") for key in state_dict):
+            not_required += (projection + ".",)  # new in stage 2
+        return {name for name, param in self.named_parameters()
+                if param.requires_grad and not name.startswith(not_required)}
 
     def load_checkpoint(self, url_or_filename, allow_partial_load: Optional[bool] = None):
         """The weights of this very model (``finetuned``, evaluation): every trainable tensor, and nothing else

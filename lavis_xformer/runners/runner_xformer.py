@@ -23,7 +23,8 @@ what breaks off-GPU in LAVIS 1.0.2, each citing the line it replaces:
 * ``device`` -- ``device: cuda`` on a machine without CUDA fails with an actionable message, not deep in LAVIS.
 * ``output_dir`` -- LAVIS resolves a relative ``run.output_dir`` against its own package folder, i.e. inside
   site-packages for an installed LAVIS; here it is resolved against the current directory.
-* the job id is taken from rank 0 (LAVIS lets every rank read its own clock, so ranks may disagree on it).
+* the job folder -- LAVIS names it ``now()`` (10-minute resolution, read by every rank), so runs started close
+  together shared a folder; here rank 0 creates a folder of the run's own and broadcasts its name (``common.jobs``).
 
 Reliability (run-config keys, all optional):
 
@@ -34,12 +35,14 @@ Reliability (run-config keys, all optional):
   every rank's RNG states (python, numpy, torch CPU, all CUDA devices), the data-order state (seed, batch size: the
   order is a function of (run.seed, epoch), see ``reliability.EpochLoader``), the LR schedule's parameters (LAVIS's
   schedulers are stateless functions of epoch and step), the best validation metric, the NaN-guard's and the bad-data
-  counters. ``run.resume_ckpt_path`` takes a file, or ``auto``: the furthest-progressed readable checkpoint in any job
-  folder under ``run.output_dir`` (none: start fresh), so a preempted job is simply requeued with the same command
-  (a folder path searches that folder the same way).
+  counters. ``run.resume_ckpt_path`` takes a file (a weights-only file is refused, saying so), or ``auto``: the
+  furthest-progressed readable checkpoint of the newest run under ``run.output_dir`` that no live run holds (none:
+  start fresh), so a preempted job is simply requeued with the same command (a folder path searches that folder the
+  same way, without the live check). The resumed run writes into a new job folder; README "Reliability" has the rules.
   Resuming from the end of an epoch or from a mid-epoch checkpoint gives bit-identical weights to an uninterrupted
   run on CPU (tests/test_reliability.py). Saves are atomic (temporary file, fsync, ``os.replace``): a process killed
-  mid-save leaves the previous checkpoint intact; resume removes the orphaned temporary file.
+  mid-save leaves the previous checkpoint intact; resume removes the orphaned temporary file once its writer is
+  provably gone.
 * **Bad data.** Train splits are wrapped in ``RobustDataset`` (``run.robust_data``: unset = the plugin's builders
   only, which wrap by default; True = every train dataset, any LAVIS builder; False = none), with
   ``run.max_bad_fraction`` (0.01), ``run.max_bad_samples`` (none: an absolute count of bad files per epoch),
@@ -53,7 +56,8 @@ Reliability (run-config keys, all optional):
   the scaler's own business (it skips and backs off). Without amp a non-finite gradient also skips the step.
   Test hooks: ``run.debug_nan_steps`` (global steps whose ``run.debug_nan_loss``, default ``loss_itc``, becomes NaN;
   ``run.debug_nan_ranks`` restricts them to some ranks) and the environment variable
-  ``LAVIS_XFORMER_TEST_SAVE_DELAY=SECONDS[@NAME]`` (a save writes half its bytes, then sleeps).
+  ``LAVIS_XFORMER_TEST_SAVE_DELAY=SECONDS[@NAME]`` (a save writes half its bytes, then sleeps) and
+  ``LAVIS_XFORMER_TEST_KILL=RANK@STEP`` (that rank SIGKILLs itself at that global step, in the first torchrun attempt).
 """
 
 import contextlib
