@@ -168,7 +168,8 @@ class RobustDataset(torch.utils.data.Dataset):
         return {"attempted": self._attempted.value, "bad": self._bad.value, "bad_total": self._bad_total.value}
 
     def load_stats(self, stats: dict) -> None:
-        """Put back counts saved with ``stats()`` (a run resumed inside an epoch keeps counting that epoch)."""
+        """Put back counts saved with ``stats()`` (a run resumed inside an epoch keeps counting that epoch; which
+        files were bad is not saved, so a bad file met both before and after the resume counts twice)."""
         for value, key in ((self._attempted, "attempted"), (self._bad, "bad"), (self._bad_total, "bad_total")):
             with value.get_lock():
                 value.value = int(stats.get(key, 0))
