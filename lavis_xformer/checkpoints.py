@@ -2,13 +2,15 @@
 selecting a model's trainable weights (what a checkpoint holds: frozen encoders are not saved, as in LAVIS).
 
 * Reading -- ``torch.load(weights_only=True)``: a file that carries pickled code is refused, never run. Truncated
-  files and shape mismatches raise errors naming the file and the keys. Every load logs one summary line of
-  missing and unexpected keys, grouped by module.
-* Writing -- ``save_checkpoint_atomically``: temporary file, fsync, ``os.replace``; a process killed mid-save
-  leaves the previous file intact.
-* Resuming -- ``find_resume_checkpoint``: the furthest-progressed readable training checkpoint under a folder
-  (``checkpoint_{epoch}.pth``, ``checkpoint_{epoch}_iter{k}.pth``); ``remove_interrupted_saves`` clears the
-  temporary files of killed saves.
+  files and shape mismatches raise errors naming the file and the keys; a file that matches no tensor of the model
+  is refused; ``check_required_keys`` refuses a file lacking tensors the caller requires (the models' strict
+  ``pretrained`` / ``finetuned`` loads). Every load logs one summary line of missing and unexpected keys, grouped by
+  module.
+* Writing -- ``save_checkpoint_atomically``: temporary file ``NAME.tmp-HOST-PID``, fsync, ``os.replace``; a process
+  killed mid-save leaves the previous file intact.
+* Resuming -- ``find_resume_checkpoint``: in the run (job folder) that saved last, the furthest-progressed readable
+  training checkpoint (``checkpoint_{epoch}.pth``, ``checkpoint_{epoch}_iter{k}.pth``); ``remove_interrupted_saves``
+  clears the temporary files of killed saves, never those of a live writer.
 * Trainable weights -- ``trainable_state_dict`` of a model, ``trainable_parameter_names`` of a model config.
 
 This module imports nothing of the plugin's models (they import it to load their weights); a model is found by
@@ -37,16 +39,19 @@ import time
 import zipfile
 from collections import Counter
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from lavis_xformer.common import jobs
 
 logger = logging.getLogger(__name__)
 
 TEST_SAVE_DELAY_ENV = "LAVIS_XFORMER_TEST_SAVE_DELAY"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)(?:_iter(\d+))?\.pth$")
 PRETRAINED_CONFIG, PRETRAINED_WEIGHTS, PRETRAINED_CARD = "config.json", "model.safetensors", "README.md"
+# ``checkpoint_3.pth.tmp-HOST-PID`` (and the older ``.tmp-PID``, which names no host)
+_TEMP_NAME = re.compile(r"^checkpoint_.*\.pth\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -119,6 +124,11 @@ def load_state_dict_checked(model, state_dict, source: str, strict_unexpected: b
         shown = "; ".join(mismatched[:10]) + (f"; ... {len(mismatched) - 10} more" if len(mismatched) > 10 else "")
         raise CheckpointError(f"checkpoint {source!r} does not fit {type(model).__name__}: shape mismatch in {shown}")
     result = model.load_state_dict(state_dict, strict=False)
+    if len(state_dict) == len(result.unexpected_keys):
+        raise CheckpointError(
+            f"checkpoint {source!r} matches no tensor of {type(model).__name__} ({len(state_dict)} tensors: "
+            f"{_group(state_dict)}; the model's: {_group(own)}): it is not a checkpoint of this model"
+        )
     if strict_unexpected and result.unexpected_keys:
         raise CheckpointError(
             f"checkpoint {source!r} has keys {type(model).__name__} does not know: {result.unexpected_keys[:10]}"
@@ -134,10 +144,39 @@ def load_state_dict_checked(model, state_dict, source: str, strict_unexpected: b
     return result
 
 
-def load_model_weights(model, path: str, strict_unexpected: bool = False):
-    """Read ``path`` safely and load its weights into ``model`` (see ``load_state_dict_checked``)."""
+def load_model_weights(model, path: str, strict_unexpected: bool = False,
+                       required: Optional[Callable[[dict], Iterable[str]]] = None, allow_partial: bool = False):
+    """Read ``path`` safely and load its weights into ``model`` (see ``load_state_dict_checked``). ``required``: a
+    function of the file's state dict giving the keys it must supply (see ``check_required_keys``)."""
     state_dict = extract_state_dict(read_checkpoint(path))
-    return load_state_dict_checked(model, state_dict, path, strict_unexpected)
+    result = load_state_dict_checked(model, state_dict, path, strict_unexpected)
+    if required is not None:
+        check_required_keys(result, required(state_dict), path, type(model).__name__, allow_partial)
+    return result
+
+
+def check_required_keys(result, required: Iterable[str], source: str, model_name: str, allow_partial: bool) -> None:
+    """The keys of ``required`` that a load (``result`` of ``load_state_dict``) left missing are an error naming
+    their modules, or with ``allow_partial`` a WARNING listing them (they keep their initial values)."""
+    missing = sorted(set(required) & set(result.missing_keys))
+    if not missing:
+        return
+    modules = _group([".".join(key.split(".")[:2]) for key in missing])
+    if allow_partial:
+        logger.warning("partial load (allow_partial_load): %s lacks %d trainable tensors of %s, which keep their "
+                       "initial values: %s", source, len(missing), model_name, _group_detail(missing))
+        return
+    raise CheckpointError(
+        f"checkpoint {source!r} lacks {len(missing)} trainable tensors of {model_name} in {modules}: "
+        f"{_group_detail(missing)}. It is not a checkpoint of this model and stage; to start these modules from "
+        f"their initial values on purpose (e.g. BLIP-2 weights into X-Former), set `model.allow_partial_load: True`."
+    )
+
+
+def _group_detail(keys: List[str]) -> str:
+    """Keys grouped by their first two name parts, with counts (``dual_block.layers (24), query_tokens (1)``)."""
+    counts = Counter(".".join(key.split(".")[:2]) if key.count(".") >= 2 else key.split(".")[0] for key in keys)
+    return ", ".join(f"{prefix} ({n})" for prefix, n in sorted(counts.items()))
 
 
 def load_trainable_state_dict(model, state_dict, source: str) -> None:
@@ -201,7 +240,7 @@ def save_checkpoint_atomically(obj, path) -> str:
     file in (atomic on POSIX and Windows); the folder is fsync'ed so that the rename survives a power cut.
     """
     path = os.fspath(path)
-    tmp_path = f"{path}.tmp-{os.getpid()}"
+    tmp_path = f"{path}.tmp-{jobs.this_host()}-{os.getpid()}"  # the writer, for ``remove_interrupted_saves``
     delay = _test_save_delay(path)
     try:
         with open(tmp_path, "wb") as handle:
@@ -273,38 +312,70 @@ def checkpoint_progress(path) -> Optional[Tuple[int, int]]:
 
 
 def _checkpoint_candidates(folder: Path) -> List[Path]:
-    found = [p for pattern in ("checkpoint_*.pth", "*/checkpoint_*.pth") for p in folder.glob(pattern)]
-    found = [p for p in found if p.is_file() and checkpoint_progress(p) is not None]
+    """The resumable checkpoints directly in ``folder``, furthest progress first."""
+    found = [p for p in folder.glob("checkpoint_*.pth") if p.is_file() and checkpoint_progress(p) is not None]
     return sorted(found, key=lambda p: (checkpoint_progress(p), p.stat().st_mtime), reverse=True)
 
 
 def remove_interrupted_saves(folder) -> List[str]:
-    """Delete ``checkpoint_*.pth.tmp-PID`` files (in ``folder`` and its job folders): the leftovers of saves that
-    were killed before their rename, which is a save's commit point, so they can never be valid checkpoints."""
+    """Delete the ``checkpoint_*.pth.tmp-HOST-PID`` files (in ``folder`` and its job folders) whose writer is provably
+    gone (``jobs.writer_is_gone``: on this host, no process with that pid; on another host, untouched for
+    ``jobs.STALE_SECONDS``): the leftovers of saves killed before their rename, which is a save's commit point, so
+    they can never be valid checkpoints. A live writer's file is never touched."""
     folder = Path(folder)
     removed = []
     for pattern in ("checkpoint_*.pth.tmp-*", "*/checkpoint_*.pth.tmp-*"):
         for path in folder.glob(pattern):
+            match = _TEMP_NAME.match(path.name)
+            try:
+                mtime = path.stat().st_mtime
+            except FileNotFoundError:  # its writer renamed or removed it meanwhile
+                continue
+            host, pid = (match.group("host"), int(match.group("pid"))) if match else (None, None)
+            if not jobs.writer_is_gone(host, pid, mtime):
+                logger.info("leaving %s: its writer (host %s, pid %s) may still be saving", path, host, pid)
+                continue
             logger.warning("removing %s: the temporary file of a save that was interrupted", path)
             path.unlink(missing_ok=True)
             removed.append(str(path))
     return removed
 
 
-def find_resume_checkpoint(folder) -> Tuple[Optional[str], Optional[dict]]:
-    """The furthest-progressed checkpoint under ``folder`` (itself and its job folders) that reads back (safely) and
-    holds weights and optimizer: ``(path, checkpoint)``; ``(None, None)`` when there is none. Unreadable files
-    (truncated, corrupt, unsafe) are skipped with a warning naming them."""
-    for path in _checkpoint_candidates(Path(folder)):
-        try:
-            checkpoint = read_checkpoint(str(path))
-        except CheckpointError as err:
-            logger.warning("resume: skipping %s: %s", path, err)
-            continue
-        if not isinstance(checkpoint, dict) or "model" not in checkpoint or "optimizer" not in checkpoint:
-            logger.warning("resume: skipping %s: not a training checkpoint (no 'model' and 'optimizer')", path)
-            continue
-        return str(path), checkpoint
+def _read_training_checkpoint(path: Path) -> Optional[dict]:
+    try:
+        checkpoint = read_checkpoint(str(path))
+    except CheckpointError as err:
+        logger.warning("resume: skipping %s: %s", path, err)
+        return None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "optimizer" not in checkpoint:
+        logger.warning("resume: skipping %s: not a training checkpoint (no 'model' and 'optimizer')", path)
+        return None
+    return checkpoint
+
+
+def find_resume_checkpoint(folder, skip_folder: Optional[Callable[[Path], bool]] = None
+                           ) -> Tuple[Optional[str], Optional[dict]]:
+    """The checkpoint to resume from under ``folder``: ``(path, checkpoint)``, or ``(None, None)`` when there is none.
+
+    ``folder`` itself and each job folder in it is one run. The run chosen is the one whose newest checkpoint file
+    was written last (the run a requeued job continues; a neighbour that went further but stopped earlier is not
+    taken), skipping the folders ``skip_folder`` rejects (e.g. those a live run holds); in it, the furthest-progressed
+    checkpoint that reads back (safely) and holds weights and optimizer. Unreadable files (truncated, corrupt,
+    unsafe) are skipped with a warning naming them; when none of a run's checkpoints reads back, the next-newest run
+    is taken, with a warning."""
+    folder = Path(folder)
+    runs = [f for f in [folder, *sorted(p for p in folder.glob("*") if p.is_dir())]
+            if not (skip_folder and skip_folder(f))]
+    runs = [(f, found) for f in runs if (found := _checkpoint_candidates(f))]
+    runs.sort(key=lambda run: max(p.stat().st_mtime for p in run[1]), reverse=True)
+    for index, (run, candidates) in enumerate(runs):
+        for path in candidates:
+            checkpoint = _read_training_checkpoint(path)
+            if checkpoint is not None:
+                if index:
+                    logger.warning("resume: no readable checkpoint in the newest run(s) %s; taking %s",
+                                   [str(r) for r, _ in runs[:index]], path)
+                return str(path), checkpoint
     return None, None
 
 

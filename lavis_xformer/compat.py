@@ -27,15 +27,20 @@ running the saved original (``ORIGINALS``) into its failure first.
    ``create_loaders`` runs inside ``host_prefetch_loader()`` when the run device is not CUDA (unchanged on GPUs),
    ``model`` is ``runner_model`` and ``eval_epoch`` is ``runner_eval_epoch`` (LAVIS's with the run's device passed
    on), the same functions ``runner_xformer`` uses.
+5. ``BaseDataset.__init__`` -- lavis/datasets/datasets/base_dataset.py:27 ``json.load``s every annotation file; a
+   malformed one fails with a bare ``JSONDecodeError`` that names no file. Wrapped: the same load, and on a decode
+   error an ``AnnotationFileError`` naming the file, the line and column.
 """
 
 import contextlib
+import json
 
 import lavis.common.dist_utils as lavis_dist_utils
 import lavis.runners.runner_base as lavis_runner_base
 import torch
 import torch.distributed as dist
 from lavis.common.logger import SmoothedValue
+from lavis.datasets.datasets.base_dataset import BaseDataset
 from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
 from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -49,6 +54,7 @@ ORIGINALS = {
     "RunnerBase.create_loaders": RunnerBase.create_loaders,
     "RunnerBase.model": RunnerBase.model,
     "RunnerBase.eval_epoch": RunnerBase.eval_epoch,
+    "BaseDataset.__init__": BaseDataset.__init__,
 }
 
 
@@ -135,6 +141,30 @@ def runner_eval_epoch(self, split_name, cur_epoch, skip_reload=False):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 5. Annotation files that are not JSON are named
+# ---------------------------------------------------------------------------------------------------------------
+class AnnotationFileError(ValueError):
+    """An annotation file that cannot be read as JSON."""
+
+
+def base_dataset_init(self, vis_processor=None, text_processor=None, vis_root=None, ann_paths=()):
+    """LAVIS's ``BaseDataset.__init__``; a file that is not JSON is named in the error (base_dataset.py:27)."""
+    try:
+        ORIGINALS["BaseDataset.__init__"](self, vis_processor, text_processor, vis_root, list(ann_paths))
+    except json.JSONDecodeError as err:
+        for path in ann_paths:  # find the file (LAVIS's error does not say which)
+            try:
+                with open(path, "r") as handle:
+                    json.load(handle)
+            except json.JSONDecodeError as file_err:
+                raise AnnotationFileError(
+                    f"annotation file {path} is not valid JSON (line {file_err.lineno}, column {file_err.colno}: "
+                    f"{file_err.msg}); fix or re-create it"
+                ) from err
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
 _applied = False
 
 
@@ -148,4 +178,5 @@ def apply() -> None:
     RunnerBase.create_loaders = runner_create_loaders
     RunnerBase.model = property(runner_model)
     RunnerBase.eval_epoch = runner_eval_epoch
+    BaseDataset.__init__ = base_dataset_init
     _applied = True

@@ -527,16 +527,25 @@ def test_training_survives_every_bad_sample_kind_with_exact_counts(bad_data_root
     assert "epoch 0: 7 unusable training samples replaced (of 55 loaded, 12.73%)" in output
 
 
-def test_bad_fraction_limit_stops_the_run(bad_data_root, tmp_path):
+@pytest.mark.parametrize("min_samples, expected, never_written", [
+    # checked inside the epoch once 10 samples have loaded: stopped before any checkpoint
+    ("run.bad_fraction_min_samples=10", "samples this epoch were unusable", "checkpoint_*.pth"),
+    # 55 loads per epoch, under the default 100 after which the fraction is checked inside an epoch: the check at the
+    # end of the epoch (over all ranks) stops the run before the epoch's checkpoint (before, a small dataset could
+    # never reach the limit)
+    ("run.bad_fraction_min_samples=100", "7 of 55 samples this epoch were unusable (12.7% > max_bad_fraction 5.0%)",
+     "checkpoint_0.pth"),
+])
+def test_bad_fraction_limit_stops_the_run(bad_data_root, tmp_path, min_samples, expected, never_written):
     root, sizes = bad_data_root
     output = run_failing(
-        train_args(root, tmp_path / "out", "run.max_bad_fraction=0.05", "run.bad_fraction_min_samples=10",
+        train_args(root, tmp_path / "out", "run.max_bad_fraction=0.05", min_samples,
                    "run.max_image_pixels=100000", sizes=sizes),
         cwd=tmp_path,
     )
     assert "BadSampleLimitExceeded" in output
-    assert "samples this epoch were unusable" in output and "> max_bad_fraction 5.0%" in output
-    assert not list((tmp_path / "out").rglob("checkpoint_*.pth"))
+    assert expected in output and "> max_bad_fraction 5.0%" in output
+    assert not list((tmp_path / "out").rglob(never_written))
 
 
 def test_robust_data_switch_wraps_any_lavis_dataset(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from lavis.models import load_model
 from transformers import ViTMAEForPreTraining
 
-from lavis_xformer.checkpoints import load_state_dict_checked
+from lavis_xformer.checkpoints import CheckpointError, load_state_dict_checked
 from lavis_xformer.models.blip2_baseline import Blip2Baseline
 from lavis_xformer.models.builders import mae_config, no_hub
 from lavis_xformer.models.config import BackboneConfig, XFormerConfig
@@ -67,8 +67,10 @@ def test_blip2_checkpoint_loads_with_only_xformer_modules_missing(tmp_path, capl
     path = tmp_path / "blip2_stage1.pth"
     torch.save({"model": blip2.state_dict()}, path)
     xformer = load_model("xformer", "tiny")
+    with pytest.raises(CheckpointError, match=r"lacks \d+ trainable tensors of XFormer in dual_block .*mae_out_proj"):
+        xformer.load_from_pretrained(str(path))  # strict by default: the dual block would stay random
     with caplog.at_level(logging.INFO, logger="lavis_xformer.checkpoints"):
-        result = xformer.load_from_pretrained(str(path))
+        result = xformer.load_from_pretrained(str(path), allow_partial_load=True)
     assert result.unexpected_keys == []
     assert {key.split(".")[0] for key in result.missing_keys} == {"mae_encoder", "mae_decoder", "dual_block", "mae_out_proj"}
     for name, value in blip2.state_dict().items():

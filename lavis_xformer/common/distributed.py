@@ -124,16 +124,28 @@ def init_distributed_mode(run_cfg) -> None:
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
-            init_method=dist_url,
             world_size=launch.world_size,
             rank=launch.rank,
             timeout=DEFAULT_TIMEOUT,
+            **_store_or_url(dist_url, launch),
         )
     dist.barrier()
     # LAVIS silences print() on every rank but 0.
     from lavis.common.dist_utils import setup_for_distributed
 
     setup_for_distributed(launch.rank == 0)
+
+
+def _store_or_url(dist_url: str, launch: LaunchEnv) -> dict:
+    """``init_process_group``'s rendezvous: the ``dist_url``, except under torchrun with ``env://``, where the
+    store is wrapped in a prefix naming the restart attempt (``TORCHELASTIC_RESTART_COUNT``). torchrun's agent keeps
+    one store across ``--max-restarts`` attempts, so a restarted process group would read the dead workers' gloo
+    addresses from the first attempt and fail with ``Gloo connectFullMesh failed ... Connection refused``."""
+    if launch.launcher != "torchrun" or dist_url != "env://":
+        return {"init_method": dist_url}
+    store, _, _ = next(dist.rendezvous(dist_url, launch.rank, launch.world_size, timeout=DEFAULT_TIMEOUT))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or "0"
+    return {"store": dist.PrefixStore(f"lavis_xformer/attempt_{attempt}", store)}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,12 +3,18 @@
 A sample that cannot be used (missing, truncated or undecodable image, zero-size image, an image over
 ``max_image_pixels`` (PIL's decompression-bomb limit unless set), empty or non-UTF-8 caption)
 is replaced by the next usable sample of the dataset, so every batch keeps its size and every DDP rank its step
-count. Each replacement is logged with the file and the reason and counted; when the fraction of bad samples in
-an epoch passes ``max_bad_fraction`` (1% by default) the run stops with ``BadSampleLimitExceeded``, a clear error
-rather than a silently shrinking dataset. The counts live in shared memory, so DataLoader workers add to them.
+count. Each bad file is logged with the reason and counted once per epoch (a bad file met again, as the
+replacement of its bad neighbour, is neither logged nor counted again). The run stops with
+``BadSampleLimitExceeded``, a clear error rather than a silently shrinking dataset, when an epoch has more than
+``max_bad_samples`` bad files (an absolute count; None = no such limit), or when the fraction of bad files among the
+samples loaded passes ``max_bad_fraction`` (1% by default): checked as samples load once ``min_samples_before_limit``
+have loaded, and by the runner at the end of every epoch over all ranks (``check_bad_sample_limits``), so the
+fraction also applies to an epoch of fewer samples. The counts live in shared memory, so DataLoader workers add to
+them.
 """
 
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import warnings
@@ -53,6 +59,21 @@ class BadSampleLimitExceeded(RuntimeError):
     """Too many unusable samples in one epoch: the data, not one file, is broken."""
 
 
+def check_bad_sample_limits(bad: int, attempted: int, max_bad_fraction: float, max_bad_samples: Optional[int],
+                            last: str = "", check_fraction: bool = True) -> None:
+    """Raise ``BadSampleLimitExceeded`` when ``bad`` of ``attempted`` samples pass either limit of an epoch."""
+    if max_bad_samples is not None and bad > max_bad_samples:
+        reason = f"> max_bad_samples {max_bad_samples}"
+    elif check_fraction and attempted and bad / attempted > max_bad_fraction:
+        reason = f"{100.0 * bad / attempted:.1f}% > max_bad_fraction {100.0 * max_bad_fraction:.1f}%"
+    else:
+        return
+    raise BadSampleLimitExceeded(
+        f"{bad} of {attempted} samples this epoch were unusable ({reason}){'; last: ' + last if last else ''}. "
+        f"Fix the data or raise `max_bad_fraction` / `max_bad_samples` in the run config."
+    )
+
+
 def _sample_file(dataset, index: int) -> str:
     annotation = getattr(dataset, "annotation", None)
     if annotation is not None and 0 <= index < len(annotation):
@@ -93,14 +114,17 @@ class RobustDataset(torch.utils.data.Dataset):
         min_samples_before_limit: int = 100,
         accept_truncated_images: bool = False,
         max_image_pixels: Optional[int] = None,
+        max_bad_samples: Optional[int] = None,
     ):
         self.dataset = dataset
-        self.configure(max_bad_fraction, min_samples_before_limit, max_image_pixels)
+        self.configure(max_bad_fraction, min_samples_before_limit, max_image_pixels, max_bad_samples)
         self.accept_truncated_images = accept_truncated_images
-        # Shared with forked DataLoader workers: attempted and bad samples in the current epoch.
+        # Shared with forked DataLoader workers: attempted and bad samples in the current epoch, and one bit per
+        # sample marking the bad ones met this epoch (each is counted once).
         self._attempted = multiprocessing.Value("q", 0)
         self._bad = multiprocessing.Value("q", 0)
         self._bad_total = multiprocessing.Value("q", 0)
+        self._bad_seen = multiprocessing.Array("B", (len(dataset) + 7) // 8)
 
     def __len__(self):
         return len(self.dataset)
@@ -115,8 +139,11 @@ class RobustDataset(torch.utils.data.Dataset):
         return self.dataset.collater(samples)
 
     def configure(self, max_bad_fraction: float = 0.01, min_samples_before_limit: int = 100,
-                  max_image_pixels: Optional[int] = None) -> None:
+                  max_image_pixels: Optional[int] = None, max_bad_samples: Optional[int] = None) -> None:
         """Set the limits (the runner applies ``run.max_bad_fraction`` etc. to datasets a builder wrapped)."""
+        if max_bad_samples is not None and int(max_bad_samples) < 0:
+            raise ValueError(f"max_bad_samples={max_bad_samples} must be >= 0")
+        self.max_bad_samples = None if max_bad_samples is None else int(max_bad_samples)
         if not 0.0 <= float(max_bad_fraction) < 1.0:
             raise ValueError(f"max_bad_fraction={max_bad_fraction} must lie in [0, 1)")
         if int(min_samples_before_limit) < 0:
@@ -134,34 +161,40 @@ class RobustDataset(torch.utils.data.Dataset):
             self._attempted.value = 0
         with self._bad.get_lock():
             self._bad.value = 0
+        with self._bad_seen.get_lock():
+            ctypes.memset(ctypes.addressof(self._bad_seen.get_obj()), 0, len(self._bad_seen))
 
     def stats(self) -> dict:
         return {"attempted": self._attempted.value, "bad": self._bad.value, "bad_total": self._bad_total.value}
 
     def load_stats(self, stats: dict) -> None:
-        """Put back counts saved with ``stats()`` (a run resumed inside an epoch keeps counting that epoch)."""
+        """Put back counts saved with ``stats()`` (a run resumed inside an epoch keeps counting that epoch; which
+        files were bad is not saved, so a bad file met both before and after the resume counts twice)."""
         for value, key in ((self._attempted, "attempted"), (self._bad, "bad"), (self._bad_total, "bad_total")):
             with value.get_lock():
                 value.value = int(stats.get(key, 0))
 
+    def _first_time_bad(self, index: int) -> bool:
+        """Mark sample ``index`` bad for this epoch; False when it already was."""
+        byte, bit = divmod(index, 8)
+        with self._bad_seen.get_lock():
+            if self._bad_seen[byte] & (1 << bit):
+                return False
+            self._bad_seen[byte] |= 1 << bit
+        return True
+
     def _record_bad(self, index: int, error: BaseException):
+        if not self._first_time_bad(index):
+            return
         with self._bad.get_lock():
             self._bad.value += 1
         with self._bad_total.get_lock():
             self._bad_total.value += 1
-        logger.warning(
-            "skipping unusable sample %s (%s: %s); replaced by the next usable one",
-            _sample_file(self.dataset, index),
-            type(error).__name__,
-            error,
-        )
+        last = f"{_sample_file(self.dataset, index)} ({type(error).__name__}: {error})"
+        logger.warning("skipping unusable sample %s; replaced by the next usable one", last)
         attempted, bad = self._attempted.value, self._bad.value
-        if attempted >= self.min_samples_before_limit and bad / attempted > self.max_bad_fraction:
-            raise BadSampleLimitExceeded(
-                f"{bad} of {attempted} samples this epoch were unusable ({100.0 * bad / attempted:.1f}% > "
-                f"max_bad_fraction {100.0 * self.max_bad_fraction:.1f}%); last: {_sample_file(self.dataset, index)} "
-                f"({type(error).__name__}: {error}). Fix the data or raise `max_bad_fraction` in the run config."
-            )
+        check_bad_sample_limits(bad, attempted, self.max_bad_fraction, self.max_bad_samples, last,
+                                check_fraction=attempted >= self.min_samples_before_limit)
 
     def __getitem__(self, index: int):
         size = len(self.dataset)

@@ -14,6 +14,7 @@ import os
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -70,15 +71,15 @@ def unfreeze_layernorms(module: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer
 # ----------------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _size_only_vocab_file(vocab_size: int) -> str:
-    """A vocab.txt with the size of bert-base-uncased's and its special tokens at the usual ids."""
+def _size_only_tokenizer(vocab_size: int, truncation_side: str) -> BertTokenizer:
+    """A tokenizer with the size of bert-base-uncased's vocabulary and its special tokens at the usual ids. Its
+    vocab.txt lives in a temporary folder only while the tokenizer reads it (it keeps the vocabulary in memory)."""
     tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tokens += [f"tok{i}" for i in range(vocab_size - len(tokens))]
-    handle = tempfile.NamedTemporaryFile("w", suffix="-vocab.txt", delete=False)
-    handle.write("\n".join(tokens) + "\n")
-    handle.close()
-    return handle.name
+    with tempfile.TemporaryDirectory(suffix="-vocab") as folder:
+        vocab = Path(folder) / "vocab.txt"
+        vocab.write_text("\n".join(tokens) + "\n")
+        return BertTokenizer(vocab_file=str(vocab), do_lower_case=True, truncation_side=truncation_side)
 
 
 def build_bert_tokenizer(name_or_vocab: str, truncation_side: str = "right") -> BertTokenizer:
@@ -90,8 +91,7 @@ def build_bert_tokenizer(name_or_vocab: str, truncation_side: str = "right") -> 
         tokenizer = BertTokenizer.from_pretrained(name_or_vocab, truncation_side=truncation_side)
     else:
         # Only the vocabulary size matters for an architecture built without weights.
-        vocab = _size_only_vocab_file(published.BERT_BASE_UNCASED_VOCAB_SIZE)
-        tokenizer = BertTokenizer(vocab_file=vocab, do_lower_case=True, truncation_side=truncation_side)
+        tokenizer = _size_only_tokenizer(published.BERT_BASE_UNCASED_VOCAB_SIZE, truncation_side)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     return tokenizer
 
@@ -281,18 +281,18 @@ class ConfigBuildersMixin:
     def init_Qformer(self, num_query_token, vision_width, cross_attention_freq=2):
         return build_qformer(self._build_cfg, vision_width)
 
-    # LAVIS's loader ignores `load_pretrained: False` and unpickles arbitrary objects; this one honours the flag,
-    # reads weights only, and says in one line what did not match. A path that cannot be satisfied (a placeholder
-    # such as <job_id>, a missing file) is an error; a paper-scale model left without trained weights says so.
+    # LAVIS's loader ignores `load_pretrained: False`, unpickles arbitrary objects and accepts a file that matches
+    # nothing; this one honours the flag, reads weights only, and refuses a file that lacks trainable tensors. A path
+    # that cannot be satisfied (a placeholder such as <job_id>, a missing file) is an error; a paper-scale model left
+    # without trained weights says so.
     def load_checkpoint_from_config(self, cfg, **kwargs):
         if cfg.get("load_finetuned", False):
             path = cfg.get("finetuned")
             if not path:
                 raise ValueError("load_finetuned is True but the model config has no `finetuned:` path")
-            return load_model_weights(self, _satisfiable("finetuned", path), strict_unexpected=True)
+            return self.load_checkpoint(_satisfiable("finetuned", path))
         if cfg.get("load_pretrained", True) and cfg.get("pretrained"):
-            path = _satisfiable("pretrained", cfg.get("pretrained"))
-            return load_model_weights(self, path, strict_unexpected=False)
+            return self.load_from_pretrained(_satisfiable("pretrained", cfg.get("pretrained")))
         untrained = published.untrained_weights_notice(type(self).__name__, self._build_cfg)
         if untrained:
             logging.warning(untrained)
@@ -300,15 +300,41 @@ class ConfigBuildersMixin:
             logging.info("%s: no pretrained checkpoint loaded (load_pretrained false or no path)", type(self).__name__)
         return None
 
-    def load_from_pretrained(self, url_or_filename):
-        return load_model_weights(self, url_or_filename, strict_unexpected=False)
+    def load_from_pretrained(self, url_or_filename, allow_partial_load: Optional[bool] = None):
+        """The weights a stage starts from (``pretrained``: the previous stage's checkpoint). Its extra tensors (the
+        previous stage's heads) are ignored; it must supply every trainable tensor of this stage that exists, trained,
+        in the source stage: all but the image encoder's (frozen in both pretraining stages, loaded from its own
+        weights) and the LLM projection when the file has none of it (a stage-1 checkpoint: the projection is new in
+        stage 2). ``allow_partial_load`` (default: the config's) turns a refusal into a WARNING."""
+        return load_model_weights(self, url_or_filename, strict_unexpected=False,
+                                  required=self._required_from_previous_stage,
+                                  allow_partial=self._allow_partial_load(allow_partial_load))
 
-    def load_checkpoint(self, url_or_filename):
-        return load_model_weights(self, url_or_filename, strict_unexpected=True)
+    def _required_from_previous_stage(self, state_dict) -> set:
+        """The trainable tensors a ``pretrained`` file must supply (see ``load_from_pretrained``)."""
+        not_required = ("visual_encoder.",)  # frozen in the source stage: loaded from its own weights
+        projection = getattr(self, "llm_projection", None)  # LLMHead's, on stage-2 models
+        if projection and not any(key.startswith(projection + ".") for key in state_dict):
+            not_required += (projection + ".",)  # new in stage 2
+        return {name for name, param in self.named_parameters()
+                if param.requires_grad and not name.startswith(not_required)}
+
+    def load_checkpoint(self, url_or_filename, allow_partial_load: Optional[bool] = None):
+        """The weights of this very model (``finetuned``, evaluation): every trainable tensor, and nothing else
+        (``allow_partial_load``, default: the config's, turns missing ones into a WARNING)."""
+        return load_model_weights(
+            self, url_or_filename, strict_unexpected=True,
+            required=lambda _: {name for name, param in self.named_parameters() if param.requires_grad},
+            allow_partial=self._allow_partial_load(allow_partial_load),
+        )
+
+    def _allow_partial_load(self, override: Optional[bool]) -> bool:
+        return self._build_cfg.allow_partial_load if override is None else bool(override)
 
 
 def _satisfiable(key: str, path) -> str:
-    """``path`` unless it is a placeholder (``<job_id>``) or a local file that does not exist: then a
+    """``path`` unless it is a placeholder (``<job_id>``) or a local file or exported folder (``checkpoints export``)
+    that does not exist: then a
     ``CheckpointError`` naming the key (URLs are left to the downloader)."""
     from lavis_xformer.paths import PLACEHOLDER
 
@@ -317,8 +343,9 @@ def _satisfiable(key: str, path) -> str:
         raise CheckpointError(f"model.{key}={path} is a placeholder: set it to a checkpoint file "
                               f"(--options model.{key}=PATH; python -m lavis_xformer.check names the run that "
                               "writes it)")
-    if not path.startswith(("http://", "https://")) and not os.path.isfile(os.path.expanduser(path)):
-        raise CheckpointError(f"model.{key}={path}: no such checkpoint file (load_{key}: True needs one; "
+    if not path.startswith(("http://", "https://")) and not os.path.exists(os.path.expanduser(path)):
+        raise CheckpointError(f"model.{key}={path}: no such checkpoint file or exported folder (load_{key}: True "
+                              f"needs one; "
                               f"set load_{key}: False to build without it)")
     return os.path.expanduser(path)
 

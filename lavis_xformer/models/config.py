@@ -62,6 +62,9 @@ class BackboneConfig:
     # --- tokenizer ---
     tokenizer: str = "bert-base-uncased"  #: hub name, or a vocab.txt path (relative paths: lavis_xformer/assets)
 
+    # --- checkpoint loading ---
+    allow_partial_load: bool = False  #: let `pretrained`/`finetuned` lack trainable tensors (WARNING lists them)
+
     def __post_init__(self):
         _check_choice("vit_precision", self.vit_precision, ("fp16", "fp32"))
         _check_choice("frozen_cpu_precision", self.frozen_cpu_precision, ("bf16", "fp32"))

@@ -144,6 +144,21 @@ def check_image_batch(samples) -> torch.Tensor:
     if not isinstance(image, torch.Tensor) or image.dim() != 4:
         got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise ValueError(f"samples['image'] must be a [batch, 3, height, width] tensor, got {got}")
+    return check_image_values(image)
+
+
+def check_image_values(image: torch.Tensor) -> torch.Tensor:
+    """The image check every model runs (X-Former's ``check_image`` too): a floating-point tensor (raw uint8 or
+    integer pixels are refused, not converted: the normalisation they need is the processor's), all finite (a
+    NaN / inf image would give empty answers or a NaN loss with no error)."""
+    if not torch.is_floating_point(image):
+        raise ValueError(
+            f"samples['image'] has dtype {image.dtype}; the models take float images normalised by the "
+            "xformer_image_* processors (raw pixels are not converted: apply the processor to the PIL image)"
+        )
+    if not torch.isfinite(image).all():
+        bad = sorted({int(i) for i in (~torch.isfinite(image)).flatten(1).any(1).nonzero().flatten()})
+        raise ValueError(f"samples['image'] holds NaN or inf values (batch items {bad[:10]}); check the data")
     return image
 
 
@@ -389,7 +404,7 @@ class OPTHead(LLMHead):
         return weighted_token_mean(outputs.loss, (labels[:, 1:] != -100).sum(1), weights)
 
     def generate_from_prefix(self, prefix, prefix_atts, prompts, settings):
-        lengths = [len(ids) for ids in self.opt_tokenizer(prompts).input_ids]
+        lengths = [len(ids) for ids in self.opt_tokenizer(prompts, truncation=True, max_length=self.max_txt_len).input_ids]
         if not settings.length_penalty_sees_padding or len(set(lengths)) == 1:
             return self._generate_padded(prefix, prefix_atts, prompts, settings)
         per_image = [None] * len(prompts)
@@ -402,7 +417,9 @@ class OPTHead(LLMHead):
 
     def _generate_padded(self, prefix, prefix_atts, prompts, settings) -> List[str]:
         self.opt_tokenizer.padding_side = "left"  # [prefix | padding | prompt]: every answer starts flush
-        prompt_tokens = self.opt_tokenizer(prompts, padding="longest", return_tensors="pt").to(prefix.device)
+        prompt_tokens = self.opt_tokenizer(  # truncated as in training: an over-long question would pass the positions
+            prompts, padding="longest", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
+        ).to(prefix.device)
         with self.maybe_autocast():
             outputs = self.opt_model.generate(
                 input_ids=prompt_tokens.input_ids,
@@ -467,7 +484,9 @@ class T5Head(LLMHead):
         return weighted_token_mean(outputs.loss, (labels != -100).sum(1), weights)
 
     def generate_from_prefix(self, prefix, prefix_atts, prompts, settings):
-        input_tokens = self.t5_tokenizer(prompts, padding="longest", return_tensors="pt").to(prefix.device)
+        input_tokens = self.t5_tokenizer(
+            prompts, padding="longest", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
+        ).to(prefix.device)
         with self.maybe_autocast(dtype=torch.bfloat16):
             inputs_embeds = torch.cat([prefix, self.t5_model.encoder.embed_tokens(input_tokens.input_ids)], dim=1)
             outputs = self.t5_model.generate(

@@ -41,6 +41,7 @@ from lavis_xformer.models.builders import (
 )
 from lavis_xformer.models.config import XFormerConfig
 from lavis_xformer.models.fusion import FUSIONS, NO_FUSION, Fusion, build_fusion
+from lavis_xformer.models.llm_head import check_image_values
 from lavis_xformer.models.precision import frozen_half_dtype, run_in_half_precision
 from lavis_xformer.models.sdpa import (
     SharedContextProjections,
@@ -197,7 +198,7 @@ class XFormerImageMixin:
                 f"samples['image'] is {tuple(image.shape[-2:])} pixels but the model's image_size is {size}; "
                 f"resize with the xformer_image_* processors (image_size: {size})"
             )
-        return image
+        return check_image_values(image)
 
     def check_texts(self, texts, batch_size: int, key: str = "text_input"):
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):

@@ -16,7 +16,9 @@ import contextlib
 import itertools
 import logging
 import math
+import os
 import random
+import signal
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -373,6 +375,23 @@ class StepGuard:
                     scale_before, scale_after)
 
 
+TEST_KILL_ENV = "LAVIS_XFORMER_TEST_KILL"
+
+
+def test_kill(global_step: int) -> None:
+    """``LAVIS_XFORMER_TEST_KILL=RANK@STEP``: SIGKILL this process in the forward of global step STEP when it is
+    rank RANK, in the first attempt of a torchrun job only (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so the
+    restarted job runs through. A test hook for killing one rank of a distributed run; unset in real runs."""
+    value = os.environ.get(TEST_KILL_ENV, "")
+    if not value or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        return
+    rank, _, step = value.partition("@")
+    if int(rank) == distributed.get_rank() and int(step) == global_step:
+        logger.warning("%s: killing rank %s at global step %d", TEST_KILL_ENV, rank, global_step)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class OutputWatch:
     """A forward hook on the (unwrapped) model that keeps the last training output, so the step guard can name the
     loss term that broke and the runner can log the task's loss terms, and applies the NaN test hook. Inactive
@@ -387,6 +406,7 @@ class OutputWatch:
     def _hook(self, module, inputs, output):
         if self.global_step is None:
             return None
+        test_kill(self.global_step)
         output = self.guard.inject(output, self.global_step)
         self.output = output
         return output

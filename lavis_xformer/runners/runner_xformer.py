@@ -24,7 +24,8 @@ what breaks off-GPU in LAVIS 1.0.2, each citing the line it replaces:
 * ``device`` -- ``device: cuda`` on a machine without CUDA fails with an actionable message, not deep in LAVIS.
 * ``output_dir`` -- LAVIS resolves a relative ``run.output_dir`` against its own package folder, i.e. inside
   site-packages for an installed LAVIS; here it is resolved against the current directory.
-* the job id is taken from rank 0 (LAVIS lets every rank read its own clock, so ranks may disagree on it).
+* the job folder -- LAVIS names it ``now()`` (10-minute resolution, read by every rank), so runs started close
+  together shared a folder; here rank 0 creates a folder of the run's own and broadcasts its name (``common.jobs``).
 
 Iteration mode and logs (run-config keys, optional):
 
@@ -44,16 +45,20 @@ Reliability (run-config keys, all optional):
   every rank's RNG states (python, numpy, torch CPU, all CUDA devices), the data-order state (seed, batch size: the
   order is a function of (run.seed, epoch), see ``reliability.EpochLoader``), the LR schedule's parameters (LAVIS's
   schedulers are stateless functions of epoch and step), the best validation metric, the NaN-guard's and the bad-data
-  counters. ``run.resume_ckpt_path`` takes a file, or ``auto``: the furthest-progressed readable checkpoint in any job
-  folder under ``run.output_dir`` (none: start fresh), so a preempted job is simply requeued with the same command
-  (a folder path searches that folder the same way).
+  counters. ``run.resume_ckpt_path`` takes a file (a weights-only file is refused, saying so), or ``auto``: the
+  furthest-progressed readable checkpoint of the newest run under ``run.output_dir`` that no live run holds (none:
+  start fresh), so a preempted job is simply requeued with the same command (a folder path searches that folder the
+  same way, without the live check). The resumed run writes into a new job folder; README "Reliability" has the rules.
   Resuming from the end of an epoch or from a mid-epoch checkpoint gives bit-identical weights to an uninterrupted
   run on CPU (tests/test_reliability.py). Saves are atomic (temporary file, fsync, ``os.replace``): a process killed
-  mid-save leaves the previous checkpoint intact; resume removes the orphaned temporary file.
+  mid-save leaves the previous checkpoint intact; resume removes the orphaned temporary file once its writer is
+  provably gone.
 * **Bad data.** Train splits are wrapped in ``RobustDataset`` (``run.robust_data``: unset = the plugin's builders
   only, which wrap by default; True = every train dataset, any LAVIS builder; False = none), with
-  ``run.max_bad_fraction`` (0.01), ``run.bad_fraction_min_samples`` (100) and ``run.max_image_pixels`` (PIL's limit).
-  The per-epoch counts, summed over ranks, go to log.txt as ``train_bad_samples`` / ``train_loaded_samples``.
+  ``run.max_bad_fraction`` (0.01), ``run.max_bad_samples`` (none: an absolute count of bad files per epoch),
+  ``run.bad_fraction_min_samples`` (100: loads before the fraction is checked inside an epoch; it is always checked at
+  the end of an epoch, over all ranks) and ``run.max_image_pixels`` (PIL's limit). The per-epoch counts (each bad file
+  once), summed over ranks, go to log.txt as ``train_bad_samples`` / ``train_loaded_samples``.
 * **Non-finite losses.** A NaN/inf in any loss term skips the optimiser step on every rank (one all-reduced flag),
   with a warning naming the terms; ``train_skipped_steps`` is logged per epoch; ``run.max_consecutive_bad_steps``
   (10) in a row stop the run with ``NonFiniteLossError`` naming the loss. Under amp the scaler is neither stepped nor
@@ -61,7 +66,8 @@ Reliability (run-config keys, all optional):
   the scaler's own business (it skips and backs off). Without amp a non-finite gradient also skips the step.
   Test hooks: ``run.debug_nan_steps`` (global steps whose ``run.debug_nan_loss``, default ``loss_itc``, becomes NaN;
   ``run.debug_nan_ranks`` restricts them to some ranks) and the environment variable
-  ``LAVIS_XFORMER_TEST_SAVE_DELAY=SECONDS[@NAME]`` (a save writes half its bytes, then sleeps).
+  ``LAVIS_XFORMER_TEST_SAVE_DELAY=SECONDS[@NAME]`` (a save writes half its bytes, then sleeps) and
+  ``LAVIS_XFORMER_TEST_KILL=RANK@STEP`` (that rank SIGKILLs itself at that global step, in the first torchrun attempt).
 """
 
 import contextlib
@@ -83,6 +89,7 @@ from lavis.tasks.base_task import BaseTask
 
 from lavis_xformer import compat
 from lavis_xformer.checkpoints import (
+    CheckpointError,
     extract_state_dict,
     find_resume_checkpoint,
     load_trainable_state_dict,
@@ -91,9 +98,9 @@ from lavis_xformer.checkpoints import (
     save_checkpoint_atomically,
     trainable_state_dict,
 )
-from lavis_xformer.common import distributed
+from lavis_xformer.common import distributed, jobs
 from lavis_xformer.common.distributed import get_rank, get_world_size, is_main_process
-from lavis_xformer.datasets.robust import RobustDataset
+from lavis_xformer.datasets.robust import RobustDataset, check_bad_sample_limits
 from lavis_xformer.runners.logs import IterationLog
 from lavis_xformer.runners.reliability import (
     EpochLoader,
@@ -136,6 +143,7 @@ def make_train_datasets_robust(datasets: dict, train_splits, run_cfg) -> List[Ro
         max_bad_fraction=float(run_cfg.get("max_bad_fraction", 0.01)),
         min_samples_before_limit=int(run_cfg.get("bad_fraction_min_samples", 100)),
         max_image_pixels=run_cfg.get("max_image_pixels", None),
+        max_bad_samples=run_cfg.get("max_bad_samples", None),
     )
     robust = []
     for name, splits in datasets.items():
@@ -257,9 +265,9 @@ class RunnerXFormer(RunnerBase):
         if not distributed.is_initialized():
             device = distributed.check_device(run_cfg.get("device", "cuda"))
             distributed.init_single_process_group(distributed.backend_for(device))
-        job_id = distributed.broadcast_from_main(job_id)
         output_dir = Path(str(run_cfg.output_dir)).expanduser()
         run_cfg.output_dir = str(output_dir if output_dir.is_absolute() else Path.cwd() / output_dir)
+        job_id = self._claim_job_folder(run_cfg.output_dir)
         super().__init__(cfg=cfg, task=task, model=model, datasets=datasets, job_id=job_id)
 
         self.robust_datasets = make_train_datasets_robust(self.datasets, run_cfg.get("train_splits", []) or [], run_cfg)
@@ -279,6 +287,19 @@ class RunnerXFormer(RunnerBase):
         self._pending_loader = None  # iteration mode: the training loader's position from the checkpoint
         self._iters_per_epoch = None
         self._pending_rng = None  # this rank's RNG states from the checkpoint, restored just before training
+
+    def _claim_job_folder(self, output_dir) -> str:
+        """The run's own job folder under ``output_dir``, created and locked by rank 0 (``common.jobs``), its name
+        broadcast to every rank. LAVIS's ``job_id`` (``now()``, minutes) is not used: two runs started in the same
+        minute shared a folder and overwrote each other's checkpoints."""
+        job_id, self._job_lock = None, None
+        if is_main_process():
+            job_id, self._job_lock = jobs.claim_job_folder(output_dir)
+        return distributed.broadcast_from_main(job_id)
+
+    def _release_job_folder(self) -> None:
+        if getattr(self, "_job_lock", None) is not None:
+            self._job_lock.release()
 
     @property
     def iteration_based(self) -> bool:
@@ -427,6 +448,7 @@ class RunnerXFormer(RunnerBase):
         test_epoch = "best" if len(self.valid_splits) > 0 else cur_epoch
         self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
         logging.info("Training time {}".format(time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time))))
+        self._release_job_folder()
 
     def train_epoch(self, epoch):
         """One epoch of LAVIS's training (the task's ``train_step``, LAVIS's schedule, accumulation, amp and logs)
@@ -642,6 +664,10 @@ class RunnerXFormer(RunnerBase):
             if bad:
                 logging.warning("epoch %s: %d unusable training samples replaced (of %d loaded, %.2f%%)",
                                 epoch, bad, loaded, 100.0 * bad / max(loaded, 1))
+            # the epoch's totals over all ranks (the same on every rank): the limits also hold for an epoch too
+            # small for the in-epoch check (run.bad_fraction_min_samples)
+            first = self.robust_datasets[0]
+            check_bad_sample_limits(bad, loaded, first.max_bad_fraction, first.max_bad_samples)
         return stats
 
     # ------------------------------------------------------------------------------------------------------------
@@ -713,9 +739,11 @@ class RunnerXFormer(RunnerBase):
         if search:
             path = None
             if is_main_process():
-                root = Path(self.config.run_cfg.output_dir) if str(source).lower() == "auto" else Path(str(source))
+                auto = str(source).lower() == "auto"
+                root = Path(self.config.run_cfg.output_dir) if auto else Path(str(source))
                 remove_interrupted_saves(root)
-                path, checkpoint = find_resume_checkpoint(root)
+                # auto: never a folder a live run holds (this run's own included); a named folder is taken as given
+                path, checkpoint = find_resume_checkpoint(root, skip_folder=jobs.folder_in_use if auto else None)
                 logging.info("resume: auto -> %s", path or "no checkpoint under %s, starting fresh" % root)
             path = distributed.broadcast_from_main(path)
             if path is None:
@@ -734,6 +762,11 @@ class RunnerXFormer(RunnerBase):
     def restore_checkpoint_state(self, checkpoint: dict, source: str) -> None:
         """Load weights, optimizer and scaler; with a ``trainer`` state also the position (epoch, iteration), this
         rank's RNG states and counters. Older/LAVIS checkpoints continue after their epoch, not bit-exactly."""
+        if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint or "epoch" not in checkpoint:
+            raise CheckpointError(
+                f"run.resume_ckpt_path={source!r} holds weights only (no optimizer state and epoch), so a run cannot "
+                f"resume from it; give a training checkpoint (checkpoint_*.pth of a run), or start a new run from "
+                f"these weights with model.pretrained={source}")
         load_trainable_state_dict(self.unwrap_dist_model(self.model), extract_state_dict(checkpoint), source)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler is not None and checkpoint.get("scaler"):
