@@ -55,7 +55,9 @@ def test_question_path_equals_lavis_multimodal_queries(finetune_models):
     torch.testing.assert_close(prefix, model.opt_proj(reference), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch, baseline_arch", [("xformer_opt", "blip2_baseline_opt"), ("xformer_t5", "blip2_baseline_t5")])
+@pytest.mark.parametrize(
+    "arch, baseline_arch", [("xformer_opt", "blip2_baseline_opt"), ("xformer_t5", "blip2_baseline_t5")]
+)
 def test_blip2_twin_vqa_loss_equals_xformer_with_the_mae_branch_off(arch, baseline_arch):
     baseline, xformer = paired(arch, baseline_arch, **FINETUNE)
     samples = vqa_batch(answers=(("2", "3", "two"), ("yes", "no")), weights=[0.5, 0.3, 0.2, 0.9, 0.1])
@@ -97,9 +99,8 @@ def test_the_question_changes_the_visual_prefix_and_the_loss(finetune_models, ar
         assert (prefix - other_prefix).abs().max() > 1e-3 * prefix.abs().max()
         # the same LLM prompt and answers, only the question in the Q-Former differs: the loss differs
         prompts, answers = [VQA_PROMPT.format(q) for q in QUESTIONS], ["2", "yes"]
-        assert not torch.isclose(
-            model.prefix_lm_loss(prefix, atts, prompts, answers), model.prefix_lm_loss(other_prefix, atts, prompts, answers)
-        )
+        loss = model.prefix_lm_loss(prefix, atts, prompts, answers)
+        assert not torch.isclose(loss, model.prefix_lm_loss(other_prefix, atts, prompts, answers))
         # through forward: only the questions changed
         assert not torch.isclose(model(vqa_batch()).loss, model(vqa_batch(questions=OTHER_QUESTIONS)).loss)
 
@@ -236,7 +237,8 @@ def test_gradients_reach_exactly_the_trainable_parameters(arch):
     # the Q-Former's text path trains, except the last layer's text feed-forward, whose output nothing reads
     last = len(model.Qformer.bert.encoder.layer) - 1
     text = {n for n, _ in model.named_parameters() if is_qformer_text_part(n)}
-    unread = {n for n in text if n.startswith((f"Qformer.bert.encoder.layer.{last}.intermediate.", f"Qformer.bert.encoder.layer.{last}.output."))}
+    last_layer = f"Qformer.bert.encoder.layer.{last}."
+    unread = {n for n in text if n.startswith((last_layer + "intermediate.", last_layer + "output."))}
     assert "Qformer.bert.embeddings.word_embeddings.weight" in params and unread
     assert text - unread == text & set(params)
 
@@ -295,7 +297,7 @@ def checkpoints(tmp_path_factory):
             param.add_(0.01)  # "trained": differs from stage 1 everywhere
     paths = {"stage1": folder / "stage1.pth", "stage2": folder / "stage2.pth"}
     torch.save({"model": stage1.state_dict()}, paths["stage1"])
-    torch.save({"model": {k: v for k, v in stage2.state_dict().items()}}, paths["stage2"])
+    torch.save({"model": stage2.state_dict()}, paths["stage2"])
     return paths, stage1.state_dict(), stage2.state_dict()
 
 
@@ -324,7 +326,8 @@ def test_text_weights_come_from_the_stage1_checkpoint_the_rest_from_stage2(check
     weights = model.state_dict()
     text = [n for n, p in model.named_parameters() if is_qformer_text_part(n) and p.requires_grad]
     assert text and all(torch.equal(weights[n], stage1[n]) for n in text)
-    others = [k for k in stage2 if k in weights and not is_qformer_text_part(k) and k.startswith(("Qformer.", "dual_block.", "opt_proj."))]
+    trained_in_stage2 = ("Qformer.", "dual_block.", "opt_proj.")
+    others = [k for k in stage2 if k in weights and not is_qformer_text_part(k) and k.startswith(trained_in_stage2)]
     assert others and all(torch.equal(weights[k], stage2[k]) for k in others)
     # a fine-tuned checkpoint holds the text parts itself: loaded as `finetuned`, no stage-1 checkpoint is needed
     finetuned = paths["stage1"].parent / "finetuned.pth"

@@ -291,7 +291,7 @@ class XFormerImageMixin:
         with shared_context_projections(clip_features) as clip_projections:
             # hidden states: ITG's enriched cache re-projects every layer's query states
             qformer_output = self.forward_queries(
-                clip_features, output_hidden_states=True, mae_features=mae_features, text_ids=text_ids, text_atts=text_atts
+                clip_features, True, mae_features=mae_features, text_ids=text_ids, text_atts=text_atts
             )
         queries = qformer_output.last_hidden_state[:, : self.query_tokens.shape[1], :]
         enriched_queries, mae_enriched = self.fusion.enrich(queries, mae_features)
