@@ -296,13 +296,6 @@ def check_hub_weights(config) -> List[Finding]:
 # ---------------------------------------------------------------------------------------------------------------
 # 5. GPU memory (estimate)
 # ---------------------------------------------------------------------------------------------------------------
-def build_on_meta(model_cls, model_cfg):
-    """(model, config) of a run's ``model:`` section, on ``meta`` (sizes only)."""
-    config = model_cls.config_class.from_lavis_cfg(model_cfg)
-    with on_meta():
-        return model_cls(config), config
-
-
 def _meta_samples(batch_size: int, image_size: int) -> dict:
     text = ["a photo of two red circles and a small blue square on a grey table"] * batch_size
     return {
@@ -421,7 +414,8 @@ def check(cfg_path, options=None, training: Optional[bool] = None, memory: bool 
         config = model_cls.config_class.from_lavis_cfg(cfg.model_cfg)
         findings += check_hub_weights(config)
         try:  # the sizes of a local LLM or encoder folder are only known by loading it
-            model = build_on_meta(model_cls, cfg.model_cfg)[0]
+            with on_meta():  # sizes only, no weights read
+                model = model_cls(config)
         except ValueError as error:
             findings.append(Finding("WARNING", f"model not built on the meta device ({error}): checkpoints are not "
                                                "matched against its parameters and memory is not estimated"))

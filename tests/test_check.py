@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from lavis_xformer import check, launch, paths
 from lavis_xformer.check import CheckFailed, Finding
+from lavis_xformer.common.meta import build_on_meta
 from test_pipeline import DEMO_TRAIN, PROJECTS, REPO, shapes_options, subprocess_env
 
 DEMO_STAGE2 = PROJECTS / "demo" / "pretrain_stage2_shapes.yaml"
@@ -183,9 +184,8 @@ def test_memory_estimate_counts_weights_optimizer_and_activations_per_sample(tmp
     from lavis.models import load_model
 
     trainable = sum(p.numel() for p in load_model("xformer", "tiny").parameters() if p.requires_grad)
-    model, config = check.build_on_meta(registry.get_model_class("xformer"),
-                                        OmegaConf.load(registry.get_model_class("xformer").default_config_path("tiny"))
-                                        .model)
+    model = build_on_meta("xformer", "tiny")
+    config = model.config
     (line,) = [f.message for f in check.memory_estimate(model, config, 8, training=True)]
     assert f"{trainable / 1e6:.1f}M trainable" in line and "estimate" in line
     saved = {b: check.saved_activation_bytes(model, b, config.image_size) for b in (2, 4, 8)}
