@@ -34,6 +34,7 @@ from lavis_xformer.models.builders import (
     freeze,
     unfreeze_layernorms,
 )
+from lavis_xformer.models.checkpointing import checkpoint_trainable_layers
 from lavis_xformer.models.config import XFormerConfig
 from lavis_xformer.models.fusion import FUSIONS, NO_FUSION, Fusion, build_fusion
 from lavis_xformer.models.precision import frozen_half_dtype, run_in_half_precision
@@ -387,6 +388,8 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
         self.build_mae_branch(config)
         if config.sdpa_attention:
             use_sdpa_attention(self)
+        if config.checkpoint_trainable_layers:
+            checkpoint_trainable_layers(self)
 
     def generate(self, *args, **kwargs):
         # Blip2Qformer.generate decodes from the Q-Former alone; here it would silently ignore the MAE branch.
