@@ -69,7 +69,7 @@ def test_layers_are_recomputed_in_the_backward_only_when_training():
         def count(*_, name=name):
             calls[name] += 1
 
-        handle = feed_forward.register_forward_hook(count)
+        handle = feed_forward.register_forward_pre_hook(count)
         torch.manual_seed(7)
         model(samples).loss.backward()
         handle.remove()
