@@ -267,3 +267,78 @@ def reconstruction_grid_png(views: Dict[str, torch.Tensor], path: Path, title: s
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")
     return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark charts (analysis.bench), matplotlib: PNG and SVG side by side
+# ----------------------------------------------------------------------------------------------------------------
+def _save_png_and_svg(figure, stem: Path) -> List[Path]:
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    for path in paths:
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+    return paths
+
+
+def component_breakdown_chart(bars: Dict[str, Dict[str, float]], components: Sequence[str], stem, title: str) -> List[Path]:
+    """Stacked horizontal bars, one per (model, operation): seconds per component (``analysis.breakdown``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(bars)
+    figure, axes = plt.subplots(figsize=(9, 0.6 * len(names) + 1.8))
+    left = np.zeros(len(names))
+    colours = plt.get_cmap("tab10")
+    for index, component in enumerate(components):
+        widths = np.array([bars[name].get(component, 0.0) for name in names])
+        if not widths.any():
+            continue
+        axes.barh(names, widths, left=left, color=colours(index % 10), label=component)
+        left += widths
+    axes.invert_yaxis()
+    axes.set_xlabel("seconds per call (profiled self CPU time)")
+    axes.set_title(title)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(names) < 4 else -0.12), ncol=4, frameon=False)
+    paths = _save_png_and_svg(figure, stem)
+    plt.close(figure)
+    return paths
+
+
+def cost_vs_batch_chart(points: Sequence[dict], stem, title: str) -> List[Path]:
+    """Seconds per call (top) and the call's peak memory (bottom) against the batch size, one column per operation
+    and one line per (model, image size); ``points`` are the bench's scaling rows (``operation``, ``row``,
+    ``batch_size``, ``image_size``, ``median_s``, ``peak_mb``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    operations = sorted({p["operation"] for p in points}, reverse=True)  # train_step, then feature_extraction
+    figure, axes = plt.subplots(2, len(operations), figsize=(5.5 * len(operations), 7), squeeze=False)
+    for column, operation in enumerate(operations):
+        lines: Dict[Tuple[str, int], List[dict]] = {}
+        for point in points:
+            if point["operation"] == operation:
+                lines.setdefault((point["row"], point["image_size"]), []).append(point)
+        for (row, image_size), series in sorted(lines.items()):
+            series = sorted(series, key=lambda p: p["batch_size"])
+            batches = [p["batch_size"] for p in series]
+            style = "-" if row.startswith("xformer") else "--"
+            for line, key in ((0, "median_s"), (1, "peak_mb")):
+                axes[line][column].plot(batches, [p[key] for p in series], style, marker="o", label=f"{row}, {image_size} px")
+        for line, ylabel in ((0, "seconds per call"), (1, "peak memory of the call (MB)")):
+            panel = axes[line][column]
+            panel.set_xscale("log", base=2)
+            panel.set_yscale("log")
+            panel.set_xlabel("batch size")
+            panel.set_ylabel(ylabel)
+            panel.grid(True, which="both", alpha=0.3)
+        axes[0][column].set_title(operation)
+        axes[0][column].legend(fontsize=8)
+    figure.suptitle(title)
+    paths = _save_png_and_svg(figure, stem)
+    plt.close(figure)
+    return paths
