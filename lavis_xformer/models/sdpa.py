@@ -5,7 +5,8 @@ borrow: LAVIS's Q-Former ``BertSelfAttention``, LAVIS's EVA ViT ``Attention`` an
 Each subclass keeps its parent's parameters, inputs and outputs; only the attention product is computed by SDPA
 (fused kernels on CPU and GPU; no materialised probability matrix in the backward). Cases SDPA cannot express
 (attention maps requested or saved for Grad-CAM, head masks, relative position embeddings) fall back to the
-parent's code, as do bf16 inputs on a CPU (``_bf16_on_cpu``). ``use_sdpa_attention(module)`` switches a built model
+parent's code, as do bf16 inputs on a CPU (``_bf16_on_cpu``; the MAE's there takes the parent's product without its
+two extra passes over the scores). ``use_sdpa_attention(module)`` switches a built model
 in place (the class of each attention module is swapped; no parameter is touched), ``use_reference_attention``
 switches back. tests/test_sdpa.py proves outputs, losses and gradients equal to the originals to 1e-5.
 
@@ -28,7 +29,7 @@ from transformers.models.vit_mae.modeling_vit_mae import ViTMAESelfAttention
 def _bf16_on_cpu(x: torch.Tensor) -> bool:
     """True where the frozen encoders run in bfloat16 on a CPU (models/precision.py). There the fused SDPA kernel is
     about 2x slower than the plain product the reference classes compute (measured on AVX-512-BF16 cores, head
-    widths 8 to 88, 32 to 257 tokens), so the reference code runs instead; in fp32 and on CUDA, SDPA does."""
+    widths 8 to 88, 32 to 257 tokens), so the reference product runs instead; in fp32 and on CUDA, SDPA does."""
     if x.device.type != "cpu":
         return False
     return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
