@@ -317,7 +317,8 @@ def cost_vs_batch_chart(points: Sequence[dict], stem, title: str) -> List[Path]:
     import matplotlib.pyplot as plt
 
     operations = sorted({p["operation"] for p in points}, reverse=True)  # train_step, then feature_extraction
-    figure, axes = plt.subplots(2, len(operations), figsize=(5.5 * len(operations), 7), squeeze=False)
+    figure, axes = plt.subplots(2, len(operations), figsize=(5.5 * len(operations), 7), squeeze=False, constrained_layout=True)
+    batch_sizes = sorted({p["batch_size"] for p in points})
     for column, operation in enumerate(operations):
         lines: Dict[Tuple[str, int], List[dict]] = {}
         for point in points:
@@ -332,6 +333,7 @@ def cost_vs_batch_chart(points: Sequence[dict], stem, title: str) -> List[Path]:
         for line, ylabel in ((0, "seconds per call"), (1, "peak memory of the call (MB)")):
             panel = axes[line][column]
             panel.set_xscale("log", base=2)
+            panel.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
             panel.set_yscale("log")
             panel.set_xlabel("batch size")
             panel.set_ylabel(ylabel)
