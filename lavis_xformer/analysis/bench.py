@@ -678,7 +678,7 @@ def breakdown_markdown(report: dict) -> List[str]:
         lines += _table(header, table)
     if lines:
         lines = ["## Component breakdown", "",
-                 "Self CPU time per component from `torch.profiler` (`analysis/breakdown.py`; backward ops go to the "
+                 "Self CPU time (on CUDA: kernel time) per component from `torch.profiler` (`analysis/breakdown.py`; backward ops go to the "
                  "component whose forward op created them). Profiling adds its own overhead, so read the shares; the "
                  "timed medians above are the costs.", ""] + lines
     return lines

@@ -13,7 +13,8 @@ model costs nothing extra when not profiled.
 The backward is attributed too: ``torch.profiler`` gives every backward node (``autograd::engine::evaluate_function``)
 the sequence number of the forward op that created it, and that forward op lies inside a component's range. Whatever
 runs outside every component (the losses' own arithmetic, masking, the tokenizer, autograd bookkeeping) is ``other``.
-Times are each op's self CPU time, so nested ranges are not counted twice and the rows add up to the profiled total.
+Times are each op's self CPU time (on CUDA: the time of the kernels it launched), so nested ranges are not counted
+twice and the rows add up to the profiled total.
 """
 
 import contextlib
@@ -97,8 +98,9 @@ def _label_of(event, labels) -> Optional[str]:
     return None
 
 
-def attribute(events, labels=LABELS) -> Dict[str, float]:
-    """Seconds of self CPU time per component from a profiler's ``events()`` (see the module docstring)."""
+def attribute(events, labels=LABELS, device_time: bool = False) -> Dict[str, float]:
+    """Seconds per component from a profiler's ``events()`` (see the module docstring): each op's self CPU time, or
+    with ``device_time`` the GPU time of the kernels it launched."""
     labels = set(labels)
     by_sequence: Dict[int, str] = {}
     backward_node = "autograd::engine::evaluate_function: "
@@ -116,16 +118,22 @@ def attribute(events, labels=LABELS) -> Dict[str, float]:
                 node = node.cpu_parent
             if node is not None:
                 label = by_sequence.get(node.sequence_nr)
-        seconds[label or OTHER] += event.self_cpu_time_total / 1e6
+        own = event.self_device_time_total if device_time else event.self_cpu_time_total
+        seconds[label or OTHER] += own / 1e6
     return seconds
 
 
 def profile_components(fn: Callable[[], None], model: torch.nn.Module, repeats: int = 1) -> Dict[str, float]:
-    """Mean seconds per call of ``fn`` per component (``fn`` already warmed up), with the model's components labelled."""
+    """Mean seconds per call of ``fn`` per component (``fn`` already warmed up), with the model's components labelled:
+    CPU time on a CPU, the kernels' time on CUDA (where an op's CPU time is only its launch)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with component_labels(model), profile(activities=[ProfilerActivity.CPU]) as prof:
+    on_cuda = any(p.is_cuda for p in model.parameters())
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with component_labels(model), profile(activities=activities) as prof:
         for _ in range(repeats):
             fn()
-    seconds = attribute(prof.events())
+        if on_cuda:
+            torch.cuda.synchronize()
+    seconds = attribute(prof.events(), device_time=on_cuda)
     return {label: value / repeats for label, value in seconds.items()}

@@ -299,7 +299,7 @@ def component_breakdown_chart(bars: Dict[str, Dict[str, float]], components: Seq
         axes.barh(names, widths, left=left, color=colours(index % 10), label=component)
         left += widths
     axes.invert_yaxis()
-    axes.set_xlabel("seconds per call (profiled self CPU time)")
+    axes.set_xlabel("seconds per call (profiled self time: CPU, or the kernels on CUDA)")
     axes.set_title(title)
     axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(names) < 4 else -0.12), ncol=4, frameon=False)
     paths = _save_png_and_svg(figure, stem)
