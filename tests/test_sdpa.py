@@ -120,3 +120,24 @@ def test_keys_values_of_clip_features_are_projected_once_per_step(process_group,
     batch = samples["image"].shape[0]
     assert plain_rows == layers * (batch + 3 * batch)  # unimodal B + ITM 3B rows, at every cross-attention
     assert shared_rows == layers * (batch + batch)  # unimodal B + the B hard negatives
+
+
+def test_bf16_mae_encoder_attention_equals_transformers_bit_for_bit():
+    """In bf16 on the CPU the frozen MAE encoder takes ``_half_product_attention`` (in-place scale, bf16 softmax):
+    the encoder's output equals transformers' own attention exactly, masked and unmasked."""
+    from lavis_xformer.models.precision import run_in_half_precision
+
+    torch.manual_seed(0)
+    base = load_model("xformer", "tiny").config.to_dict()
+    model = XFormer(XFormerConfig(**{**base, "sdpa_attention": True, "frozen_cpu_precision": "fp32"})).eval()
+    encoder = run_in_half_precision(model.mae_encoder, torch.bfloat16)
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    for ratio in (0.0, 0.5):
+        noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(6))
+        model.mae_encoder.config.mask_ratio = ratio
+        with torch.no_grad():
+            fast = encoder(pixel_values=pixels, noise=noise).last_hidden_state
+            assert use_reference_attention(encoder) > 0
+            reference = encoder(pixel_values=pixels, noise=noise).last_hidden_state
+            use_sdpa_attention(encoder)
+        assert torch.equal(fast, reference), ratio

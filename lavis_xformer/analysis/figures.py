@@ -137,3 +137,63 @@ def reconstruction_grid_png(views: Dict[str, torch.Tensor], path: Path, title: s
             axes[r, c].set_axis_off()
     figure.suptitle(title, fontsize=9, wrap=True)
     return save_png_and_svg(figure, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark charts (analysis.bench)
+# ----------------------------------------------------------------------------------------------------------------
+def component_breakdown_chart(bars: Dict[str, Dict[str, float]], components: Sequence[str], stem, title: str) -> List[Path]:
+    """Stacked horizontal bars, one per (model, operation): seconds per component (``analysis.breakdown``)."""
+    from matplotlib import colormaps
+
+    names = list(bars)
+    figure = Figure(figsize=(9, 0.6 * len(names) + 1.8))
+    axes = figure.subplots()
+    left = np.zeros(len(names))
+    colours = colormaps["tab10"]
+    for index, component in enumerate(components):
+        widths = np.array([bars[name].get(component, 0.0) for name in names])
+        if not widths.any():
+            continue
+        axes.barh(names, widths, left=left, color=colours(index % 10), label=component)
+        left += widths
+    axes.invert_yaxis()
+    axes.set_xlabel("seconds per call (profiled self time: CPU, or the kernels on CUDA)")
+    axes.set_title(title)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(names) < 4 else -0.12), ncol=4, frameon=False)
+    png = save_png_and_svg(figure, Path(stem).with_suffix(".png"))
+    return [png, png.with_suffix(".svg")]
+
+
+def cost_vs_batch_chart(points: Sequence[dict], stem, title: str) -> List[Path]:
+    """Seconds per call (top) and the call's peak memory (bottom) against the batch size, one column per operation
+    and one line per (model, image size); ``points`` are the bench's scaling rows (``operation``, ``row``,
+    ``batch_size``, ``image_size``, ``median_s``, ``peak_mb``)."""
+    operations = sorted({p["operation"] for p in points}, reverse=True)  # train_step, then feature_extraction
+    figure = Figure(figsize=(5.5 * len(operations), 7), layout="constrained")
+    axes = figure.subplots(2, len(operations), squeeze=False)
+    batch_sizes = sorted({p["batch_size"] for p in points})
+    for column, operation in enumerate(operations):
+        lines: Dict[Tuple[str, int], List[dict]] = {}
+        for point in points:
+            if point["operation"] == operation:
+                lines.setdefault((point["row"], point["image_size"]), []).append(point)
+        for (row, image_size), series in sorted(lines.items()):
+            series = sorted(series, key=lambda p: p["batch_size"])
+            batches = [p["batch_size"] for p in series]
+            style = "-" if row.startswith("xformer") else "--"
+            for line, key in ((0, "median_s"), (1, "peak_mb")):
+                axes[line][column].plot(batches, [p[key] for p in series], style, marker="o", label=f"{row}, {image_size} px")
+        for line, ylabel in ((0, "seconds per call"), (1, "peak memory of the call (MB)")):
+            panel = axes[line][column]
+            panel.set_xscale("log", base=2)
+            panel.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+            panel.set_yscale("log")
+            panel.set_xlabel("batch size")
+            panel.set_ylabel(ylabel)
+            panel.grid(True, which="both", alpha=0.3)
+        axes[0][column].set_title(operation)
+        axes[0][column].legend(fontsize=8)
+    figure.suptitle(title)
+    png = save_png_and_svg(figure, Path(stem).with_suffix(".png"))
+    return [png, png.with_suffix(".svg")]

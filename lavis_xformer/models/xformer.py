@@ -39,6 +39,7 @@ from lavis_xformer.models.builders import (
     freeze,
     unfreeze_layernorms,
 )
+from lavis_xformer.models.checkpointing import checkpoint_trainable_layers
 from lavis_xformer.models.config import XFormerConfig
 from lavis_xformer.models.fusion import FUSIONS, NO_FUSION, Fusion, build_fusion
 from lavis_xformer.models.llm_head import check_image_values
@@ -483,6 +484,8 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
         self.build_mae_branch(config)
         if config.sdpa_attention:
             use_sdpa_attention(self)
+        if config.checkpoint_trainable_layers:
+            checkpoint_trainable_layers(self)
 
     def init_Qformer(self, num_query_token, vision_width, cross_attention_freq=2):
         return build_qformer(self._build_cfg, vision_width, lm_head_class=QueryCacheLMHead)

@@ -27,6 +27,7 @@ from lavis_xformer.models.blip2_baseline_llm import (
     Blip2LLMPartsMixin,
     model_type_configs,
 )
+from lavis_xformer.models.checkpointing import checkpoint_trainable_layers
 from lavis_xformer.models.config_llm import XFormerOPTConfig, XFormerT5Config
 from lavis_xformer.models.llm_head import OPTHead, T5Head
 from lavis_xformer.models.sdpa import use_sdpa_attention
@@ -47,6 +48,8 @@ class XFormerStage2Mixin(XFormerImageMixin):
                     param.requires_grad = False
         if config.sdpa_attention:
             use_sdpa_attention(self)
+        if config.checkpoint_trainable_layers:
+            checkpoint_trainable_layers(self)
 
     def xformer_queries(self, image, noise=None, questions=None):
         """(Z', reconstruction loss or None) for the training objective: ``encode``, the image pathway of stage 1,
