@@ -7,6 +7,7 @@ Each test reproduces one hole found in the first reliability pass (issue 15) and
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,6 @@ from lavis.datasets.datasets.caption_datasets import CaptionDataset
 from omegaconf import OmegaConf
 
 from lavis_xformer.checkpoints import CheckpointError, find_resume_checkpoint, remove_interrupted_saves
-from lavis_xformer.checkpoints import save_checkpoint_atomically
 from lavis_xformer.common import jobs
 from lavis_xformer.compat import AnnotationFileError
 from lavis_xformer.datasets.robust import BadSampleLimitExceeded, RobustDataset
@@ -128,7 +128,6 @@ def test_resume_removes_only_temporary_files_of_dead_writers(tmp_path):
 
 SAVER = """
 import sys, torch
-from lavis_xformer.checkpoints import save_checkpoint_atomically
 save_checkpoint_atomically({"model": {"w": torch.ones(1000)}, "optimizer": {}, "epoch": 0}, sys.argv[1])
 """
 
@@ -324,9 +323,18 @@ def torchrun_args(data_root, output_dir, *options):
 
 
 def run_ok(args, cwd, timeout=300, **env):
-    result = subprocess.run(args, cwd=cwd, env=child_env(**env), capture_output=True, text=True, timeout=timeout)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, f"{' '.join(map(str, args))} failed ({result.returncode}):\n{output[-6000:]}"
+    """Run ``args`` in its own process group; on a timeout the whole group (torchrun and its workers) is killed, so
+    a hung job fails this test instead of leaving workers behind."""
+    process = subprocess.Popen(args, cwd=cwd, env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(map(str, args))} hung for {timeout} s:\n{(stdout + stderr)[-6000:]}")
+    output = stdout + stderr
+    assert process.returncode == 0, f"{' '.join(map(str, args))} failed ({process.returncode}):\n{output[-6000:]}"
     return output
 
 

@@ -1,6 +1,5 @@
 """The SDPA attention switch changes speed, not results: outputs, losses and gradients equal the reference code."""
 
-import pytest
 import torch
 from lavis.models import load_model
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer

@@ -8,7 +8,7 @@ import torch
 from lavis.models import load_model
 from transformers import ViTMAEForPreTraining
 
-from lavis_xformer.checkpoints import CheckpointError, load_state_dict_checked
+from lavis_xformer.checkpoints import CheckpointError
 from lavis_xformer.models.blip2_baseline import Blip2Baseline
 from lavis_xformer.models.builders import mae_config, no_hub
 from lavis_xformer.models.config import BackboneConfig, XFormerConfig

@@ -8,7 +8,7 @@ int, an int is a float); omegaconf's structured configs were not used because th
 
 import dataclasses
 import functools
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional, get_type_hints
 
 from pydantic import TypeAdapter, ValidationError
