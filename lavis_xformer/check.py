@@ -4,7 +4,7 @@
 
 One line per finding, ``ERROR`` / ``WARNING`` / ``OK``, and exit status 1 when there is an error. In order:
 
-1. **The config** (``launch.validate_config``): registered names, required and typed run fields, learning rates
+1. **The config** (``run_config.validate_config``): registered names, required and typed run fields, learning rates
    finite and >= 0 (init_lr > 0), unknown ``run.*`` / ``model.*`` keys with a did-you-mean, malformed ``--options``;
    then the model's typed config.
 2. **Data**: every annotation file and image folder each dataset builder will read, resolved as LAVIS resolves them
@@ -36,7 +36,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lavis_xformer.common.meta import on_meta
-from lavis_xformer.launch import ConfigError
+from lavis_xformer.run_config import ConfigError
 from lavis_xformer.paths import PLACEHOLDER
 
 GIB = 1024 ** 3
@@ -386,7 +386,7 @@ def check(cfg_path, options=None, training: Optional[bool] = None, memory: bool 
     from lavis.common.config import Config
     from lavis.common.registry import registry
 
-    from lavis_xformer import launch
+    from lavis_xformer import run_config
     from lavis_xformer.paths import resolve_cfg_path
 
     cfg_path = resolve_cfg_path(cfg_path)
@@ -397,10 +397,10 @@ def check(cfg_path, options=None, training: Optional[bool] = None, memory: bool 
         if training is None:
             run = OmegaConf.load(cfg_path).get("run", None) or {}
             training = not bool(run.get("evaluate", False))
-        launch.validate_config(cfg_path, options, training=training)
-        cfg = Config(argparse.Namespace(cfg_path=cfg_path, options=launch.dot_list(options)))
-        launch.validate_model_fields(cfg)
-    except (launch.ConfigError, ValueError) as error:
+        run_config.validate_config(cfg_path, options, training=training)
+        cfg = Config(argparse.Namespace(cfg_path=cfg_path, options=run_config.dot_list(options)))
+        run_config.validate_model_fields(cfg)
+    except (run_config.ConfigError, ValueError) as error:
         lines = [line.strip()[2:] if line.strip().startswith("- ") else line for line in str(error).splitlines()]
         lines = [line for line in lines if line and not line.endswith("invalid config:")]
         return [Finding("ERROR", line) for line in lines]

@@ -9,7 +9,8 @@ and the job id (the output sub-folder) is rank 0's on every rank. A config that 
 ``runner_xformer`` (LAVIS's default ``runner_base`` cannot run on CPU).
 
 Before anything is built, ``lavis_xformer.check`` runs (``check_before_launch``: config, data files, checkpoints,
-hub cache; every problem in one ``CheckFailed``, a ``ConfigError``). Its config part is ``validate_config`` here,
+hub cache; every problem in one ``CheckFailed``, a ``ConfigError``). Its config part is ``validate_config``
+(``run_config.py``),
 on the yaml with its ``--options``: a missing or unregistered ``model.arch``, ``model.model_type``, ``run.task``,
 ``run.runner``, ``run.lr_sched`` or dataset name, a missing required run field, a run field of the wrong type, a
 learning rate that is negative or not finite (``init_lr`` must be > 0), an unknown ``run.*`` or ``model.*`` key (with
@@ -20,13 +21,8 @@ checked by its typed config (``models/config.py``), still before datasets or wei
 """
 
 import argparse
-import dataclasses
-import difflib
 import logging
-import math
 import random
-import re
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,11 +34,13 @@ from lavis.common.config import Config
 from lavis.common.dist_utils import get_rank
 from lavis.common.registry import registry
 from lavis.common.utils import now
-from omegaconf import OmegaConf
 
 import lavis_xformer  # noqa: F401  (registers the plugin's models, tasks, runners, datasets; applies compat)
 from lavis_xformer.common import distributed
+from lavis_xformer.check import check_before_launch
 from lavis_xformer.paths import resolve_cfg_path
+# (ConfigError and validate_config are also reached as launch.* by users and tests)
+from lavis_xformer.run_config import ConfigError, dot_list, validate_config, validate_model_fields  # noqa: F401
 
 DEFAULT_RUNNER = "runner_xformer"
 
@@ -84,209 +82,6 @@ def setup_logger():
 # ---------------------------------------------------------------------------------------------------------------
 # Config validation
 # ---------------------------------------------------------------------------------------------------------------
-class ConfigError(ValueError):
-    """A run config that cannot work: every problem found, each with the valid choices."""
-
-
-FLOAT_FIELDS = ("init_lr", "min_lr", "warmup_lr", "weight_decay", "beta2", "lr_decay_rate", "max_bad_fraction",
-                "length_penalty")
-INT_FIELDS = ("max_epoch", "batch_size_train", "batch_size_eval", "num_workers", "warmup_steps", "seed", "log_freq",
-              "accum_grad_iters", "max_consecutive_bad_steps", "checkpoint_every_iters", "bad_fraction_min_samples",
-              "max_image_pixels", "world_size", "k_test", "num_beams", "max_len", "min_len", "max_iters",
-              "iters_per_inner_epoch")
-BOOL_FIELDS = ("amp", "evaluate", "distributed", "robust_data", "use_dist_eval_sampler", "find_unused_parameters",
-               "allow_downloads", "tensorboard")
-# (field, minimum) for the integer fields that have one
-INT_MINIMUM = {"max_epoch": 1, "batch_size_train": 1, "batch_size_eval": 1, "num_workers": 0, "warmup_steps": 0,
-               "log_freq": 1, "accum_grad_iters": 1, "max_consecutive_bad_steps": 1, "checkpoint_every_iters": 0,
-               "bad_fraction_min_samples": 0, "max_image_pixels": 1}
-# Run keys LAVIS 1.0.2 reads (runners, tasks, distributed init: lavis/runners, lavis/tasks, lavis/common).
-LAVIS_RUN_KEYS = frozenset("""
-    accum_grad_iters amp batch_size_eval batch_size_train beta2 device dist_backend dist_url distributed evaluate
-    gpu inference_method init_lr iters_per_inner_epoch k_test log_freq lr_decay_rate lr_sched max_epoch max_iters
-    max_len min_len min_lr num_ans_candidates num_beams num_workers output_dir prompt rank report_metric
-    resume_ckpt_path runner seed task test_splits train_dataset_ratios train_splits use_dist_eval_sampler
-    valid_splits warmup_lr warmup_steps weight_decay world_size
-""".split())
-# The learning rates: finite, >= 0 (warmup_lr may also be LAVIS's -1, "start the warm-up at init_lr"), init_lr > 0.
-LR_FIELDS = ("init_lr", "min_lr", "warmup_lr")
-REQUIRED_TRAINING = ("task", "lr_sched", "init_lr", "min_lr", "weight_decay", "max_epoch", "batch_size_train",
-                     "output_dir", "train_splits")
-REQUIRED_EVALUATION = ("task", "output_dir")
-
-
-def _choices(value, valid) -> str:
-    close = difflib.get_close_matches(str(value), [str(v) for v in valid], n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"{hint}; valid: {', '.join(sorted(map(str, valid)))}"
-
-
-def _type_problem(key, value):
-    if value is None:
-        return None
-    if key in BOOL_FIELDS:
-        if not isinstance(value, bool):
-            return f"run.{key}={value!r} must be true or false"
-        return None
-    if key in INT_FIELDS:
-        try:
-            ok = not isinstance(value, (bool, float)) and str(int(value)) == str(value).strip()
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            return f"run.{key}={value!r} must be an integer"
-        if key in INT_MINIMUM and int(value) < INT_MINIMUM[key]:
-            return f"run.{key}={value!r} must be >= {INT_MINIMUM[key]}"
-        return None
-    if key in FLOAT_FIELDS:
-        try:
-            number = None if isinstance(value, bool) else float(value)  # YAML reads 5e-3 as a string
-        except (TypeError, ValueError):
-            number = None
-        if number is None or not math.isfinite(number):
-            return f"run.{key}={value!r} must be a finite number"
-        if key == "max_bad_fraction" and not 0.0 <= number < 1.0:
-            return f"run.max_bad_fraction={value!r} must lie in [0, 1)"
-        if key == "init_lr" and number <= 0:
-            return f"run.init_lr={value!r} must be > 0 (the peak learning rate)"
-        if key in LR_FIELDS and number < 0 and not (key == "warmup_lr" and number == -1):
-            extra = " (or -1: start the warm-up at init_lr)" if key == "warmup_lr" else ""
-            return f"run.{key}={value!r} must be >= 0{extra}"
-        if key == "weight_decay" and number < 0:
-            return f"run.weight_decay={value!r} must be >= 0"
-    return None
-
-
-def known_run_keys() -> frozenset:
-    """Every ``run.*`` key something reads: LAVIS's (``LAVIS_RUN_KEYS``) and the plugin's, found in its own source
-    (``run_cfg.get("<key>"`` / ``run_cfg.<key>``), so a key the plugin starts reading is known without a second list."""
-    pattern = re.compile(r"run_cfg(?:\.get\(\s*[\"'](\w+)[\"']|\.(\w+))")
-    plugin = set()
-    for path in Path(__file__).resolve().parent.rglob("*.py"):
-        for match in pattern.finditer(path.read_text(encoding="utf-8")):
-            plugin.add(match.group(1) or match.group(2))
-    return LAVIS_RUN_KEYS | (plugin - {"get"})
-
-
-def _unknown_key(section: str, key, valid) -> str:
-    close = difflib.get_close_matches(str(key), sorted(valid), n=2, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(f'{section}.{c}' for c in close)}?" if close else ""
-    return f"{section}.{key} is not a known {section} setting{hint}"
-
-
-def _model_key_problems(model) -> list:
-    """Unknown keys of a plugin model's ``model:`` section (the fields of its typed config, plus LAVIS's loading
-    keys), each with a did-you-mean. LAVIS's own architectures read arbitrary keys and are not checked."""
-    from lavis_xformer.models.config import LAVIS_LOADING_KEYS
-
-    config_class = getattr(registry.get_model_class(str(model.get("arch"))), "config_class", None)
-    if config_class is None or not dataclasses.is_dataclass(config_class):
-        return []
-    valid = {f.name for f in dataclasses.fields(config_class)} | set(LAVIS_LOADING_KEYS) | {"arch", "model_type"}
-    return [_unknown_key("model", key, valid) for key in model if str(key) not in valid]
-
-
-def validate_config(cfg_path, options=None, training: bool = True) -> None:
-    """Check a run config (yaml plus ``--options``) before anything is built; raise ``ConfigError`` listing every
-    problem with the valid choices. Checks: model arch and type, task, runner, lr schedule and dataset names
-    against LAVIS's registry (the plugin's included), required run fields, and run field types."""
-    merged = OmegaConf.merge(OmegaConf.load(str(cfg_path)), OmegaConf.from_dotlist(dot_list(options)))
-    problems = []
-
-    model = merged.get("model", None)
-    if model is None:
-        problems.append("the config has no `model:` section (needs model.arch and model.model_type)")
-    else:
-        arch = model.get("arch", None)
-        if arch is None:
-            problems.append(f"model.arch is missing{_choices('', registry.list_models())}")
-        elif registry.get_model_class(str(arch)) is None:
-            choices = _choices(arch, registry.list_models())
-            problems.append(f"model.arch={arch!r} is not a registered architecture{choices}")
-        else:
-            types = list(getattr(registry.get_model_class(str(arch)), "PRETRAINED_MODEL_CONFIG_DICT", {}) or {})
-            model_type = model.get("model_type", None)
-            if model_type is None:
-                problems.append(f"model.model_type is missing; {arch} has the types {', '.join(sorted(types))}")
-            elif types and str(model_type) not in types:
-                problems.append(f"model.model_type={model_type!r} is not a type of {arch}{_choices(model_type, types)}")
-            problems += _model_key_problems(model)
-
-    datasets = merged.get("datasets", None)
-    if not datasets:
-        problems.append(f"the config has no `datasets:` section{_choices('', registry.list_datasets())}")
-    else:
-        for name in datasets:
-            builder = registry.get_builder_class(str(name))
-            if builder is None:
-                choices = _choices(name, registry.list_datasets())
-                problems.append(f"dataset {name!r} is not a registered builder{choices}")
-                continue
-            kind = (datasets[name] or {}).get("type", "default")
-            kinds = list(getattr(builder, "DATASET_CONFIG_DICT", {}) or {})
-            if kinds and kind not in kinds:
-                problems.append(f"datasets.{name}.type={kind!r} is not a config type of {name}{_choices(kind, kinds)}")
-
-    run = merged.get("run", None)
-    if run is None:
-        problems.append("the config has no `run:` section")
-    else:
-        training = training and not bool(run.get("evaluate", False))
-        for key in REQUIRED_TRAINING if training else REQUIRED_EVALUATION:
-            if key == "max_epoch" and run.get("max_iters", None) is not None:
-                continue  # an iteration-based run counts iterations instead
-            if run.get(key, None) is None:
-                problems.append(f"run.{key} is missing (required for {'training' if training else 'evaluation'})")
-        checks = (
-            ("task", registry.get_task_class, registry.list_tasks),
-            ("runner", registry.get_runner_class, registry.list_runners),
-            ("lr_sched", registry.get_lr_scheduler_class, registry.list_lr_schedulers),
-        )
-        for key, lookup, listing in checks:
-            value = run.get(key, None)
-            if value is not None and lookup(str(value)) is None:
-                problems.append(f"run.{key}={value!r} is not registered{_choices(value, listing())}")
-        valid_keys = known_run_keys()
-        for key in run:
-            if str(key) not in valid_keys:
-                problems.append(_unknown_key("run", key, valid_keys))
-                continue
-            problem = _type_problem(str(key), run.get(key))
-            if problem:
-                problems.append(problem)
-
-    if problems:
-        raise ConfigError(f"{cfg_path}: invalid config:\n  - " + "\n  - ".join(problems))
-
-
-def dot_list(options):
-    """LAVIS's ``--options`` as a dot list: ``k=v`` items, or ``k v`` pairs as LAVIS also accepts (LAVIS decides by
-    the first item). Anything else raises ``ConfigError`` saying which item and what form is expected (LAVIS would
-    drop a lone key silently or fail inside omegaconf)."""
-    options = [str(item) for item in options or []]
-    if not options:
-        return options
-    expected = "expected key=value items, e.g. --options run.max_epoch=1 run.init_lr=1e-4"
-    if "=" in options[0]:
-        bad = [item for item in options if "=" not in item or item.startswith("=")]
-        if bad:
-            raise ConfigError(f"--options {' '.join(bad)}: {expected} (every item needs '=' and a key)")
-        return options
-    keys, values = options[0::2], options[1::2]
-    if len(options) % 2 or any("=" in key for key in keys):
-        raise ConfigError(f"--options {' '.join(options)}: {expected} (or key value pairs: run.max_epoch 1)")
-    return [f"{key}={value}" for key, value in zip(keys, values)]
-
-
-def validate_model_fields(cfg) -> None:
-    """The plugin's models check their own fields (typed configs) before any weight is built; run that check now,
-    before the datasets are built."""
-    model_cls = registry.get_model_class(cfg.model_cfg.arch)
-    config_class = getattr(model_cls, "config_class", None)
-    if config_class is not None and hasattr(config_class, "from_lavis_cfg"):
-        config_class.from_lavis_cfg(cfg.model_cfg)
-
-
 def runner_class(cfg):
     name = cfg.run_cfg.get("runner", None) or DEFAULT_RUNNER
     runner_cls = registry.get_runner_class(name)
@@ -300,8 +95,6 @@ def build_runner(argv=None, description="Training"):
     job_id = now()
     args = parse_args(argv, description)
     args.cfg_path = resolve_cfg_path(args.cfg_path)  # also a project path inside an installed wheel
-    from lavis_xformer.check import check_before_launch  # (check imports this module)
-
     check_before_launch(args.cfg_path, args.options, training=description == "Training")
     args.options = dot_list(args.options)
     cfg = Config(args)
