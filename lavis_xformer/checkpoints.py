@@ -112,8 +112,11 @@ def _group(keys: Iterable[str]) -> str:
     return ", ".join(f"{prefix} ({n})" for prefix, n in sorted(counts.items())) or "none"
 
 
-def load_state_dict_checked(model, state_dict, source: str, strict_unexpected: bool):
-    """``load_state_dict(strict=False)`` with shape checks and a one-line summary; returns the keys result."""
+def load_state_dict_checked(model, state_dict, source: str, strict_unexpected: bool,
+                            required: Optional[Iterable[str]] = None, allow_partial: bool = False):
+    """``load_state_dict(strict=False)`` with shape checks and a one-line summary; returns the keys result. Every
+    check runs before anything is loaded, so a refused file leaves the model as it was: shapes, a file matching no
+    tensor, unknown keys (``strict_unexpected``), then the ``required`` keys (``check_required_keys``)."""
     own = model.state_dict()
     mismatched = [
         f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
@@ -123,16 +126,19 @@ def load_state_dict_checked(model, state_dict, source: str, strict_unexpected: b
     if mismatched:
         shown = "; ".join(mismatched[:10]) + (f"; ... {len(mismatched) - 10} more" if len(mismatched) > 10 else "")
         raise CheckpointError(f"checkpoint {source!r} does not fit {type(model).__name__}: shape mismatch in {shown}")
-    result = model.load_state_dict(state_dict, strict=False)
-    if len(state_dict) == len(result.unexpected_keys):
+    unexpected = [key for key in state_dict if key not in own]
+    if len(state_dict) == len(unexpected):
         raise CheckpointError(
             f"checkpoint {source!r} matches no tensor of {type(model).__name__} ({len(state_dict)} tensors: "
             f"{_group(state_dict)}; the model's: {_group(own)}): it is not a checkpoint of this model"
         )
-    if strict_unexpected and result.unexpected_keys:
+    if strict_unexpected and unexpected:
         raise CheckpointError(
-            f"checkpoint {source!r} has keys {type(model).__name__} does not know: {result.unexpected_keys[:10]}"
+            f"checkpoint {source!r} has keys {type(model).__name__} does not know: {_group_detail(unexpected)}"
         )
+    if required is not None:
+        check_required_keys(state_dict, required, source, type(model).__name__, allow_partial)
+    result = model.load_state_dict(state_dict, strict=False)
     logger.info(
         "loaded %s into %s: %d tensors; missing: %s; unexpected: %s",
         source,
@@ -149,16 +155,16 @@ def load_model_weights(model, path: str, strict_unexpected: bool = False,
     """Read ``path`` safely and load its weights into ``model`` (see ``load_state_dict_checked``). ``required``: a
     function of the file's state dict giving the keys it must supply (see ``check_required_keys``)."""
     state_dict = extract_state_dict(read_checkpoint(path))
-    result = load_state_dict_checked(model, state_dict, path, strict_unexpected)
-    if required is not None:
-        check_required_keys(result, required(state_dict), path, type(model).__name__, allow_partial)
-    return result
+    return load_state_dict_checked(model, state_dict, path, strict_unexpected,
+                                   required=None if required is None else required(state_dict),
+                                   allow_partial=allow_partial)
 
 
-def check_required_keys(result, required: Iterable[str], source: str, model_name: str, allow_partial: bool) -> None:
-    """The keys of ``required`` that a load (``result`` of ``load_state_dict``) left missing are an error naming
-    their modules, or with ``allow_partial`` a WARNING listing them (they keep their initial values)."""
-    missing = sorted(set(required) & set(result.missing_keys))
+def check_required_keys(state_dict, required: Iterable[str], source: str, model_name: str,
+                        allow_partial: bool) -> None:
+    """The keys of ``required`` that ``state_dict`` lacks are an error naming their modules, or with
+    ``allow_partial`` a WARNING listing them (they keep their initial values)."""
+    missing = sorted(set(required) - set(state_dict))
     if not missing:
         return
     modules = _group([".".join(key.split(".")[:2]) for key in missing])

@@ -1,3 +1,4 @@
+import logging
 import os
 
 import pytest
@@ -20,3 +21,28 @@ def process_group():
         store = dist.HashStore()
         dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     yield
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def checkpoint_log():
+    """The records ``lavis_xformer.checkpoints`` emits during a test, each once: a handler on that logger itself, so
+    that root handlers left by in-process runs of earlier tests (LAVIS's ``basicConfig(force=True)``) cannot
+    duplicate or drop them as they can caplog's."""
+    logger = logging.getLogger("lavis_xformer.checkpoints")
+    handler, level = _Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler.records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
