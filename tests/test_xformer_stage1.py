@@ -461,8 +461,8 @@ def spy_on_encode(model, shift=0.0):
     calls = []
     original = model.encode
 
-    def encode(image, mask_ratio=None, noise=None):
-        path = original(image, mask_ratio, noise)
+    def encode(image, mask_ratio=None, noise=None, **text):  # text: VQA fine-tuning's question (text_ids, text_atts)
+        path = original(image, mask_ratio, noise, **text)
         if shift:
             path.enriched_queries = path.enriched_queries + shift
         calls.append((mask_ratio, noise, path))

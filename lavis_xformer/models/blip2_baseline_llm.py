@@ -15,7 +15,8 @@ generation LAVIS's where LAVIS is right (tests/test_stage2.py); ``llm_head`` lis
 trains the frozen CLIP-ViT's layer norms, for these baselines and the X-Former stage-2 classes alike.
 """
 
-from typing import Sequence
+import logging
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from lavis.common.registry import registry
@@ -25,7 +26,7 @@ from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
 from lavis_xformer.models.builders import ConfigBuildersMixin, freeze, unfreeze_layernorms
 from lavis_xformer.models.config_llm import Blip2OPTConfig, Blip2T5Config
-from lavis_xformer.models.llm_builders import drop_qformer_text_parts
+from lavis_xformer.models.llm_builders import drop_qformer_text_parts, is_qformer_text_part, keep_qformer_text_parts
 from lavis_xformer.models.llm_head import OPTHead, T5Head
 from lavis_xformer.models.sdpa import use_sdpa_attention
 from lavis_xformer.paths import model_config_path
@@ -42,20 +43,33 @@ def model_type_configs(arch: str, model_types: Sequence[str]) -> dict:
 # ================================================================================================================
 # Construction: what Blip2OPT.__init__ / Blip2T5.__init__ build, by the plugin's builders
 # ================================================================================================================
-def blip2_query_outputs(model, image: torch.Tensor) -> torch.Tensor:
-    """BLIP-2's query outputs for a batch of images without text (CLIP-ViT, ``ln_vision``, Q-Former), as every
-    LAVIS BLIP-2 class (Q-Former, OPT, T5) computes them before its own head or projection."""
+def blip2_query_outputs(model, image: torch.Tensor, text_ids=None, text_atts=None) -> torch.Tensor:
+    """BLIP-2's query outputs for a batch of images (CLIP-ViT, ``ln_vision``, Q-Former), as every LAVIS BLIP-2 class
+    (Q-Former, OPT, T5) computes them before its own head or projection. Without text the pass is unimodal; with
+    text (``text_ids`` / ``text_atts``, a VQA question) queries and text attend to each other and the query
+    positions of the output are returned, as LAVIS's InstructBLIP does."""
     with model.maybe_autocast():
         image_embeds = model.ln_vision(model.visual_encoder(image))
     image_embeds = image_embeds.float()
     image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)
+    query_tokens = model.query_tokens.expand(image_embeds.shape[0], -1, -1)
+    attention_mask = None
+    if text_ids is not None:
+        query_atts = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=image.device)
+        attention_mask = torch.cat([query_atts, text_atts], dim=1)
     query_output = model.Qformer.bert(
-        query_embeds=model.query_tokens.expand(image_embeds.shape[0], -1, -1),
+        text_ids,
+        query_embeds=query_tokens,
+        attention_mask=attention_mask,
         encoder_hidden_states=image_embeds,
         encoder_attention_mask=image_atts,
         return_dict=True,
     )
-    return query_output.last_hidden_state
+    return query_output.last_hidden_state[:, : query_tokens.shape[1], :]
+
+
+class QFormerTextWeightsMissing(ValueError):
+    """``qformer_text_input`` is on but the Q-Former's text parts were supplied by no checkpoint."""
 
 
 class Blip2LLMPartsMixin(ConfigBuildersMixin):
@@ -68,7 +82,8 @@ class Blip2LLMPartsMixin(ConfigBuildersMixin):
         self.config = config
 
     def build_blip2_parts(self, config):
-        """Tokenizer, frozen CLIP-ViT + ``ln_vision``, and the Q-Former without its text parts, as LAVIS does."""
+        """Tokenizer, frozen CLIP-ViT + ``ln_vision``, and the Q-Former without its text parts, as LAVIS does (with
+        them for VQA fine-tuning, ``qformer_text_input``)."""
         self.tokenizer = self.init_tokenizer()
         self.visual_encoder, self.ln_vision = self.init_vision_encoder(
             "eva_clip_g", config.image_size, config.drop_path_rate, config.use_grad_checkpoint, config.vit_precision
@@ -80,7 +95,67 @@ class Blip2LLMPartsMixin(ConfigBuildersMixin):
         self.Qformer, self.query_tokens = self.init_Qformer(
             config.num_query_token, self.visual_encoder.num_features, config.cross_attention_freq
         )
-        drop_qformer_text_parts(self.Qformer)  # stage 2 feeds no text to the Q-Former
+        if config.qformer_text_input:
+            keep_qformer_text_parts(self.Qformer, len(self.tokenizer))
+        else:
+            drop_qformer_text_parts(self.Qformer)  # stage 2 feeds no text to the Q-Former
+
+    def qformer_text(self, questions: Optional[List[str]], device) -> Tuple[Optional[torch.Tensor], ...]:
+        """(token ids, attention mask) of the questions for the Q-Former with ``qformer_text_input``, else
+        (None, None): the pass is then BLIP-2's stage 2, queries only. Tokenised as LAVIS's InstructBLIP does."""
+        if not self.config.qformer_text_input:
+            return None, None
+        if questions is None:
+            raise ValueError(
+                "this model feeds the question to the Q-Former (qformer_text_input: True): give the questions in "
+                "samples['text_input']"
+            )
+        tokens = self.tokenizer(
+            list(questions), padding="longest", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
+        ).to(device)
+        return tokens.input_ids, tokens.attention_mask
+
+    # ---- loading: the Q-Former's text parts of VQA fine-tuning ----------------------------------------------------
+    def load_checkpoint_from_config(self, cfg, **kwargs):
+        """LAVIS's entry point (``ConfigBuildersMixin``'s loader); then, with ``qformer_text_input``, the Q-Former
+        text parts the loaded checkpoint lacks (a stage-2 checkpoint has none) come from ``qformer_text_init``."""
+        result = super().load_checkpoint_from_config(cfg, **kwargs)
+        if self.config.qformer_text_input:
+            self.supply_qformer_text_parts(cfg, result)
+        return result
+
+    def supply_qformer_text_parts(self, cfg, result) -> None:
+        """Load the text parts missing after ``result`` (None: no checkpoint was loaded, the whole model is its
+        initialisation) from ``qformer_text_init``; ``QFormerTextWeightsMissing`` if it is not set or lacks them."""
+        from lavis_xformer.checkpoints import extract_state_dict, load_state_dict_checked, read_checkpoint
+
+        text_init = self.config.qformer_text_init
+        # the trainable ones: the last layer's text feed-forward is frozen and unread (keep_qformer_text_parts)
+        text_parts = [name for name, p in self.named_parameters() if is_qformer_text_part(name) and p.requires_grad]
+        if result is None:
+            missing = text_parts if text_init else []
+        else:
+            missing = sorted(set(result.missing_keys) & set(text_parts))
+        if not missing:
+            return
+        source = cfg.get("finetuned") if cfg.get("load_finetuned", False) else cfg.get("pretrained")
+        if not text_init:
+            raise QFormerTextWeightsMissing(
+                f"{type(self).__name__}: qformer_text_input is True (the question enters the Q-Former), but the "
+                f"checkpoint {source!r} has no Q-Former text weights ({len(missing)} tensors, e.g. {missing[0]}): "
+                "stage-2 checkpoints drop them. Set model.qformer_text_init to the stage-1 checkpoint the model was "
+                "trained from (X-Former `xformer` or BLIP-2 stage 1), whose word/position embeddings and text "
+                "feed-forwards are loaded."
+            )
+        state_dict = extract_state_dict(read_checkpoint(text_init))
+        absent = [name for name in missing if name not in state_dict]
+        if absent:
+            raise QFormerTextWeightsMissing(
+                f"{type(self).__name__}: qformer_text_init={text_init!r} lacks {len(absent)} of the Q-Former text "
+                f"weights (e.g. {absent[0]}); name a stage-1 checkpoint (X-Former `xformer` or BLIP-2 stage 1)"
+            )
+        load_state_dict_checked(self, {name: state_dict[name] for name in missing}, text_init, strict_unexpected=True)
+        logging.info("%s: %d Q-Former text tensors from %s", type(self).__name__, len(missing), text_init)
 
     def build_blip2_llm(self, config):
         """Everything ``Blip2OPT.__init__`` / ``Blip2T5.__init__`` build: the BLIP-2 parts, then the LLM head's."""
@@ -101,10 +176,11 @@ class Blip2BaselineLLM(Blip2LLMPartsMixin):
         if config.sdpa_attention:  # off by default: the baseline is LAVIS's code as shipped
             use_sdpa_attention(self)
 
-    def llm_image_inputs(self, image):
+    def llm_image_inputs(self, image, questions=None):
         """BLIP-2's visual prefix: the Q-Former's query outputs, projected (LAVIS's ``generate`` inline); also the
-        training prefix, as in LAVIS's ``forward``."""
-        prefix = self.project_to_llm(blip2_query_outputs(self, image))
+        training prefix, as in LAVIS's ``forward``. With ``qformer_text_input`` the questions enter the Q-Former."""
+        text_ids, text_atts = self.qformer_text(questions, image.device)
+        prefix = self.project_to_llm(blip2_query_outputs(self, image, text_ids, text_atts))
         return prefix, torch.ones(prefix.shape[:-1], dtype=torch.long, device=image.device)
 
 

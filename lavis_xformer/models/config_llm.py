@@ -15,6 +15,7 @@ from typing import Optional
 from lavis_xformer.models.config import BackboneConfig, XFormerConfig, _check_choice
 
 LLM_PRECISIONS = ("fp16", "bf16", "fp32")
+VQA_PROMPT = "Question: {} Short answer:"  # the paper's VQA prompt (supplement section 2)
 
 
 @dataclass
@@ -23,9 +24,16 @@ class FrozenLLMConfig(BackboneConfig):
 
     The ``llm_*`` sizes build a random LLM when no hub checkpoint is named (the ``tiny`` types); a named checkpoint
     brings its own architecture (from the hub, or from ``published_llm.py`` inside ``no_hub()``).
+
+    VQA fine-tuning (``qformer_text_input: True``): as BLIP-2 does for VQA (and LAVIS's InstructBLIP code), the
+    question enters the Q-Former together with the queries (bi-directional self-attention, the query positions of
+    the output are the image queries). The Q-Former keeps the text parts stage 2 otherwise removes (word and
+    position embeddings, each layer's text feed-forward) and they train. A stage-2 checkpoint does not hold them:
+    ``qformer_text_init`` names the stage-1 checkpoint (X-Former ``xformer`` or BLIP-2 stage 1) they are read from;
+    loading a checkpoint without them and no ``qformer_text_init`` raises ``QFormerTextWeightsMissing``.
     """
 
-    max_txt_len: int = 32  #: LLM tokens per training text (the Q-Former sees no text in stage 2)
+    max_txt_len: int = 32  #: LLM tokens per training text; also the question's Q-Former tokens (qformer_text_input)
     prompt: str = ""  #: text after the image queries at generation, e.g. "a photo of"; OPT excludes it from the loss
     llm_tokenizer: Optional[str] = None  #: None = the checkpoint's hub tokenizer; else a file prefix in assets/
     llm_precision: str = "fp16"  #: frozen LLM weights' dtype when CUDA is available (LAVIS: OPT fp16); CPU: fp32
@@ -35,9 +43,24 @@ class FrozenLLMConfig(BackboneConfig):
     llm_ffn_dim: int = 128  #: feed-forward width of a random LLM
     llm_vocab_size: Optional[int] = None  #: vocabulary of a random LLM; None = the tokenizer's size
 
+    # --- VQA fine-tuning (supplement section 2; BLIP-2 section 3.4): the question also enters the Q-Former ---
+    qformer_text_input: bool = False  #: the question enters the Q-Former with the queries; keeps its text parts
+    qformer_text_init: Optional[str] = None  #: stage-1 checkpoint supplying the Q-Former text parts `pretrained` lacks
+    vqa_prompt: str = VQA_PROMPT  #: LLM prompt of VQA fine-tuning and predict_answers' default
+
     def _check_llm(self, checkpoint: Optional[str], checkpoint_field: str):
         BackboneConfig.__post_init__(self)
         _check_choice("llm_precision", self.llm_precision, LLM_PRECISIONS)
+        if self.qformer_text_init and not self.qformer_text_input:
+            raise ValueError(
+                f"qformer_text_init={self.qformer_text_init!r} is set but qformer_text_input is False: the Q-Former "
+                "text parts are only kept when the question enters the Q-Former (set qformer_text_input: True)"
+            )
+        if self.vqa_prompt and self.vqa_prompt.count("{}") != 1:
+            raise ValueError(
+                f"vqa_prompt={self.vqa_prompt!r} must contain exactly one '{{}}' where the question goes "
+                "(or be empty: the question alone)"
+            )
         if self.max_txt_len < 1:
             raise ValueError(f"max_txt_len={self.max_txt_len} must be at least 1")
         if checkpoint is None:

@@ -13,6 +13,7 @@ code relies on) from a typed config:
 
 import itertools
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -46,6 +47,31 @@ def freeze_llm(model: nn.Module) -> nn.Module:
     for param in model.parameters():
         param.requires_grad = False
     return model
+
+
+# The Q-Former's text path: what ``drop_qformer_text_parts`` removes besides the MLM head (which no stage 2 runs).
+_QFORMER_TEXT_PART = re.compile(
+    r"(^|\.)Qformer\.bert\.(embeddings\.(word|position)_embeddings|encoder\.layer\.\d+\.(intermediate|output))\."
+)
+
+
+def is_qformer_text_part(name: str) -> bool:
+    """Whether the parameter ``name`` belongs to the Q-Former's text path: word and position embeddings, each layer's
+    text feed-forward (``intermediate`` / ``output``; not the queries' ``intermediate_query`` / ``output_query``)."""
+    return bool(_QFORMER_TEXT_PART.search(name))
+
+
+def keep_qformer_text_parts(qformer, vocab_size: int) -> None:
+    """The Q-Former of VQA fine-tuning (``qformer_text_input``), as LAVIS's InstructBLIP builds it: the text path
+    stays, the embeddings sized to the tokenizer with BLIP-2's [DEC] token (as in stage 1, so that stage-1 weights
+    load), and the MLM head, which nothing runs, is removed. The last layer's text feed-forward still runs (LAVIS's
+    ``BertLayer`` has no switch) but nothing reads its output, the query positions being the model's output: it
+    is frozen, since no gradient reaches it (and DDP refuses trainable parameters without one)."""
+    qformer.resize_token_embeddings(vocab_size)
+    qformer.cls = None
+    last_layer = qformer.bert.encoder.layer[-1]
+    for unread in (last_layer.intermediate, last_layer.output):
+        unread.requires_grad_(False)
 
 
 def drop_qformer_text_parts(qformer) -> None:

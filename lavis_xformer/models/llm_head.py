@@ -40,12 +40,13 @@ Generation (``generate`` / ``predict_answers`` keep LAVIS's keyword arguments an
    plain sampling for both LLMs, as ``Blip2OPT`` and the docstring have it.
 4. ``Blip2T5.__init__`` casts T5 to bf16 unconditionally (fails on CPU): the builders keep the LLM in fp32 where
    CUDA is absent (``llm_precision``), and the bf16 autocast below is CUDA-only (``maybe_autocast``).
-The VQA prompt defaults to the paper's "Question: {} Short answer:" for both LLMs (``Blip2T5``'s default is "", but
-LAVIS's tasks always pass their ``run.prompt``); the VQA length penalty to
+The VQA prompt defaults to the config's ``vqa_prompt``, the paper's "Question: {} Short answer:", for both LLMs
+(``Blip2T5``'s default is "", but LAVIS's tasks always pass their ``run.prompt``); the VQA length penalty to
 LAVIS's per-LLM default (OPT 0, as LAVIS's later ``Blip2OPT.predict_answers``; T5 -1, ``Blip2T5``'s), because
 LAVIS's own ``vqa`` task never passes one (the plugin's ``xformer_vqa`` task does).
 """
 
+import itertools
 from dataclasses import dataclass, fields
 from typing import List, Optional, Sequence, Tuple
 
@@ -53,10 +54,8 @@ import torch
 import torch.nn as nn
 from transformers.modeling_outputs import ModelOutput
 
-from lavis_xformer.models.config_llm import Blip2OPTConfig, Blip2T5Config
+from lavis_xformer.models.config_llm import VQA_PROMPT, Blip2OPTConfig, Blip2T5Config
 from lavis_xformer.models.llm_builders import build_opt, build_t5
-
-VQA_PROMPT = "Question: {} Short answer:"
 
 
 # ================================================================================================================
@@ -169,14 +168,8 @@ def prompts_for_batch(prompt, batch_size: int) -> List[str]:
     return list(prompt)
 
 
-def vqa_prompts(samples, prompt: str, batch_size: int, inference_method: str = "generate") -> List[str]:
-    """Each question in ``samples["text_input"]`` formatted into ``prompt``: the LLM input of ``predict_answers``,
-    and of VQA fine-tuning, which must see the same prompt."""
-    if inference_method != "generate":
-        raise ValueError(
-            f"inference_method={inference_method!r} is not supported: the stage-2 models answer by generation "
-            "(inference_method='generate'); answer_list and num_ans_candidates are not used"
-        )
+def vqa_questions(samples, batch_size: int) -> List[str]:
+    """The questions of a VQA batch, ``samples["text_input"]`` (one string is one question), checked."""
     questions = samples.get("text_input")
     if isinstance(questions, str):
         questions = [questions]
@@ -186,6 +179,17 @@ def vqa_prompts(samples, prompt: str, batch_size: int, inference_method: str = "
         raise ValueError("samples['text_input'] is an empty list of questions; give one question per image")
     if len(questions) != batch_size:
         raise ValueError(f"batch size mismatch: {batch_size} images but {len(questions)} questions")
+    return list(questions)
+
+
+def vqa_prompts(questions: List[str], prompt: str, inference_method: str = "generate") -> List[str]:
+    """Each question formatted into ``prompt``: the LLM input of ``predict_answers``, and of VQA fine-tuning, which
+    must see the same prompt."""
+    if inference_method != "generate":
+        raise ValueError(
+            f"inference_method={inference_method!r} is not supported: the stage-2 models answer by generation "
+            "(inference_method='generate'); answer_list and num_ans_candidates are not used"
+        )
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string such as {VQA_PROMPT!r}, got {prompt!r}")
     if not prompt:
@@ -208,6 +212,35 @@ def split_captions(captions: Sequence[str], generator: Optional[torch.Generator]
         prefixes.append(" ".join(words[:cut]))
         suffixes.append(" ".join(words[cut:]))
     return prefixes, suffixes
+
+
+def draw_answers(answers, weights, n_answers, generator: Optional[torch.Generator] = None) -> List[str]:
+    """One answer per question, drawn by its weight (supplement section 2: "we randomly select one of the answers").
+
+    The inputs are LAVIS's VQA collater's: ``answers`` is the flat list of every question's distinct answers,
+    ``weights`` their weights (VQAv2: the share of the 10 annotators who gave it, so the draw is uniform over the
+    annotations; Visual Genome: one answer), ``n_answers`` how many belong to each question. The draw uses torch's
+    generator (the global one by default, whose state exact resume restores), on the CPU whatever the batch's device.
+    """
+    n_answers = [int(n) for n in torch.as_tensor(n_answers).reshape(-1).tolist()]
+    weights = torch.as_tensor(weights, dtype=torch.float).reshape(-1).cpu()
+    if isinstance(answers, str) or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"samples['answer'] must be the flat list of answer strings, got {answers!r:.80}")
+    if min(n_answers, default=0) < 1 or sum(n_answers) != len(answers) or len(answers) != len(weights):
+        raise ValueError(
+            f"samples['answer'] ({len(answers)}), samples['weight'] ({len(weights)}) and samples['n_answers'] "
+            f"{n_answers} disagree: each question needs >= 1 answer and the counts must sum to the answers given"
+        )
+    if not torch.isfinite(weights).all() or (weights < 0).any():
+        raise ValueError(f"samples['weight'] must be finite and >= 0, got {weights.tolist()}")
+    per_question = torch.zeros(len(n_answers), max(n_answers))
+    starts = [0] + list(itertools.accumulate(n_answers))[:-1]
+    for row, (start, n) in enumerate(zip(starts, n_answers)):
+        per_question[row, :n] = weights[start : start + n]
+    if not (per_question.sum(1) > 0).all():
+        raise ValueError("every question needs an answer of positive weight in samples['weight']")
+    drawn = torch.multinomial(per_question, 1, generator=generator).squeeze(1).tolist()
+    return [answers[start + i] for start, i in zip(starts, drawn)]
 
 
 def weighted_token_mean(token_loss_sums, token_counts, weights=None) -> torch.Tensor:
@@ -236,13 +269,16 @@ class LLMHead:
     vqa_length_penalty: float = 0.0  # predict_answers' default (module docstring)
 
     # ---- the visual prefix, supplied by the model ------------------------------------------------------------
-    def llm_image_inputs(self, image) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(prefix [B, Q, D_llm], attention mask [B, Q]) at inference."""
+    def llm_image_inputs(self, image, questions: Optional[List[str]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(prefix [B, Q, D_llm], attention mask [B, Q]) at inference; ``questions`` enter the Q-Former when the model
+        was built with ``qformer_text_input`` (VQA fine-tuning) and are ignored otherwise."""
         raise NotImplementedError
 
-    def llm_training_inputs(self, image, samples) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    def llm_training_inputs(
+        self, image, samples, questions: Optional[List[str]] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(prefix, attention mask, reconstruction loss or None) for the training objective."""
-        prefix, prefix_atts = self.llm_image_inputs(image)
+        prefix, prefix_atts = self.llm_image_inputs(image, questions)
         return prefix, prefix_atts, None
 
     def project_to_llm(self, queries) -> torch.Tensor:
@@ -250,18 +286,38 @@ class LLMHead:
 
     # ---- training ----------------------------------------------------------------------------------------------
     def forward(self, samples) -> LLMOutput:
-        """Caption batches (``text_input``): ``caption_loss``. Batches with ``text_output`` (LAVIS's convention for
-        instruction data): ``prefix_lm_loss`` with ``text_input`` as the prompts and ``text_output`` as targets."""
+        """Three kinds of batch, told apart by their keys (LAVIS's conventions):
+
+        * VQA (``answer``, ``weight``, ``n_answers``: LAVIS's VQA collater): VQA fine-tuning. One answer per
+          question is drawn by its weight (``draw_answers``), and ``prefix_lm_loss`` trains the LLM on
+          ``vqa_prompt`` with the question -> that answer, the prompt ``predict_answers`` uses at test time;
+        * instruction data (``text_output``): ``prefix_lm_loss`` with ``text_input`` as prompts, ``text_output``
+          as targets;
+        * captions (``text_input`` only): ``caption_loss``.
+
+        With ``qformer_text_input`` the question (``text_input`` of a VQA or instruction batch) also enters the
+        Q-Former; a caption batch is refused, since the Q-Former would see the caption it is trained to produce.
+        """
         image = check_image_batch(samples)
         texts = check_texts(samples.get("text_input"), image.shape[0], "text_input")
-        targets = samples.get("text_output")
-        if targets is not None:
-            targets = check_texts(targets, image.shape[0], "text_output")
-        prefix, prefix_atts, loss_rec = self.llm_training_inputs(image, samples)
+        if samples.get("answer") is not None:
+            prompts = vqa_prompts(texts, self.config.vqa_prompt)
+            targets = draw_answers(samples["answer"], samples.get("weight"), samples.get("n_answers"))
+        elif samples.get("text_output") is not None:
+            prompts, targets = texts, check_texts(samples.get("text_output"), image.shape[0], "text_output")
+        else:
+            if self.config.qformer_text_input:
+                raise ValueError(
+                    "qformer_text_input feeds the question to the Q-Former, but this batch has captions only (no "
+                    "'answer' or 'text_output'): the Q-Former would see the text it is trained to produce. Train "
+                    "VQA batches (LAVIS's VQA datasets) with this model, or set qformer_text_input: False"
+                )
+            prompts = targets = None
+        prefix, prefix_atts, loss_rec = self.llm_training_inputs(image, samples, texts if prompts else None)
         if targets is None:
             loss_lm = self.caption_loss(prefix, prefix_atts, texts)
         else:
-            loss_lm = self.prefix_lm_loss(prefix, prefix_atts, texts, targets)
+            loss_lm = self.prefix_lm_loss(prefix, prefix_atts, prompts, targets)
         loss = loss_lm if loss_rec is None else loss_lm + self.config.loss_weight_rec * loss_rec
         return LLMOutput(loss=loss, loss_lm=loss_lm, loss_rec=loss_rec)
 
@@ -269,11 +325,13 @@ class LLMHead:
     @torch.no_grad()
     def generate(self, samples, **kwargs) -> List[str]:
         """LAVIS's ``generate`` (keyword arguments: ``GenerationSettings``' fields); ``samples["prompt"]`` may be one
-        string or one per image. Returns ``num_captions`` texts per image, image by image."""
+        string or one per image. Returns ``num_captions`` texts per image, image by image. With
+        ``qformer_text_input`` the Q-Former reads ``samples["text_input"]``, or the prompts (LAVIS's InstructBLIP)."""
         settings = GenerationSettings.from_kwargs(kwargs)
         image = check_image_batch(samples)
         prompts = prompts_for_batch(samples.get("prompt", self.prompt), image.shape[0])
-        return self.generate_from_prefix(*self.llm_image_inputs(image), prompts, settings)
+        questions = samples.get("text_input", prompts)
+        return self.generate_from_prefix(*self.llm_image_inputs(image, questions), prompts, settings)
 
     @torch.no_grad()
     def predict_answers(
@@ -285,20 +343,25 @@ class LLMHead:
         min_len=1,
         num_ans_candidates=128,
         answer_list=None,
-        prompt=VQA_PROMPT,
+        prompt=None,
         length_penalty=None,
         **kwargs,
     ) -> List[str]:
-        """LAVIS's ``predict_answers`` signature: each question in ``prompt``, answered by beam search (zero-shot VQA
-        as the paper evaluates it). ``answer_list``, ``num_ans_candidates`` and other keywords are ignored, as by
-        LAVIS's generative VQA; ``length_penalty=None`` is the LLM's default (module docstring)."""
+        """LAVIS's ``predict_answers`` signature: each question in ``prompt`` (None: the config's ``vqa_prompt``, the
+        VQA fine-tuning prompt), answered by beam search (VQA as the paper evaluates it); with
+        ``qformer_text_input`` the question also enters the Q-Former, as in fine-tuning. ``answer_list``,
+        ``num_ans_candidates`` and other keywords are ignored, as by LAVIS's generative VQA;
+        ``length_penalty=None`` is the LLM's default (module docstring)."""
         length_penalty = self.vqa_length_penalty if length_penalty is None else length_penalty
+        prompt = self.config.vqa_prompt if prompt is None else prompt
         settings = GenerationSettings(
             num_beams=num_beams, max_length=max_len, min_length=min_len, length_penalty=length_penalty
         )
         image = check_image_batch(samples)
-        prompts = vqa_prompts(samples, prompt, image.shape[0], inference_method)
-        return self.postprocess_answers(self.generate_from_prefix(*self.llm_image_inputs(image), prompts, settings))
+        questions = vqa_questions(samples, image.shape[0])
+        prompts = vqa_prompts(questions, prompt, inference_method)
+        prefix, prefix_atts = self.llm_image_inputs(image, questions)
+        return self.postprocess_answers(self.generate_from_prefix(prefix, prefix_atts, prompts, settings))
 
     def postprocess_answers(self, answers: List[str]) -> List[str]:
         return answers

@@ -251,15 +251,25 @@ class XFormerImageMixin:
     # ------------------------------------------------------------------------------------------------------------
     # Q-Former and the image pathway
     # ------------------------------------------------------------------------------------------------------------
-    def forward_queries(self, clip_features, output_hidden_states: bool = False, mae_features=None):
-        """Z_q: the learnable queries through the Q-Former, cross-attending to C (unimodal: no text).
+    def forward_queries(
+        self, clip_features, output_hidden_states: bool = False, mae_features=None, text_ids=None, text_atts=None
+    ):
+        """The learnable queries through the Q-Former, cross-attending to C. Without text the pass is unimodal (Z_q);
+        with text (``text_ids`` / ``text_atts``: ITM's captions, a VQA question) queries and text attend to each other
+        (bi-directional mask) and the first ``num_query_token`` positions of the output are the queries'.
 
         ``mae_features``: M, which the concat and early-CA fusions read inside the Q-Former (unused otherwise).
         """
         query_tokens = self.query_tokens.expand(clip_features.shape[0], -1, -1)
         context, context_atts = self.fusion.qformer_context(clip_features, mae_features)
+        attention_mask = None
+        if text_ids is not None:
+            query_atts = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=clip_features.device)
+            attention_mask = torch.cat([query_atts, text_atts], dim=1)
         return self.Qformer.bert(
+            text_ids,
             query_embeds=query_tokens,
+            attention_mask=attention_mask,
             encoder_hidden_states=context,
             encoder_attention_mask=context_atts,
             use_cache=True,
@@ -267,19 +277,23 @@ class XFormerImageMixin:
             return_dict=True,
         )
 
-    def encode(self, image, mask_ratio: Optional[float] = None, noise=None) -> ImagePath:
+    def encode(self, image, mask_ratio: Optional[float] = None, noise=None, text_ids=None, text_atts=None) -> ImagePath:
         """The image pathway: C and M from the frozen encoders, Z_q from the Q-Former, (Z', M') from the fusion.
 
         ``mask_ratio``: the fraction of MAE patches hidden (None: ``mask_ratio`` in training, ``eval_mask_ratio``
-        otherwise); ``noise`` ([B, num_patches], as transformers takes it) fixes the masking.
+        otherwise); ``noise`` ([B, num_patches], as transformers takes it) fixes the masking. ``text_ids`` /
+        ``text_atts``: a question entering the Q-Former with the queries (VQA fine-tuning, ``qformer_text_input``);
+        Z_q is then the query positions of that pass, and goes through the fusion with M as always.
         """
         clip_features, mae = self.forward_encoders(self.check_image(image), mask_ratio, noise)
         mae_features = mae.features if mae is not None else None
         # ITM (stage 1) reads C again: each cross-attention keeps its keys/values of C for it.
         with shared_context_projections(clip_features) as clip_projections:
             # hidden states: ITG's enriched cache re-projects every layer's query states
-            qformer_output = self.forward_queries(clip_features, output_hidden_states=True, mae_features=mae_features)
-        queries = qformer_output.last_hidden_state
+            qformer_output = self.forward_queries(
+                clip_features, output_hidden_states=True, mae_features=mae_features, text_ids=text_ids, text_atts=text_atts
+            )
+        queries = qformer_output.last_hidden_state[:, : self.query_tokens.shape[1], :]
         enriched_queries, mae_enriched = self.fusion.enrich(queries, mae_features)
         return ImagePath(
             clip_features=clip_features,
@@ -476,18 +490,8 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
         """The ITM representation of (image, text) pairs: ``encode``'s Q-Former pass and fusion, with the text in.
         The bi-directional pass over [queries; text] cross-attends to C (and M for concat / early CA), then the
         fusion (the dual block) enriches the queries with the image's own M."""
-        query_tokens = self.query_tokens.expand(text_ids.shape[0], -1, -1)
-        query_atts = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=clip_features.device)
-        context, context_atts = self.fusion.qformer_context(clip_features, mae_features)
-        output = self.Qformer.bert(
-            text_ids,
-            query_embeds=query_tokens,
-            attention_mask=torch.cat([query_atts, text_atts], dim=1),
-            encoder_hidden_states=context,
-            encoder_attention_mask=context_atts,
-            return_dict=True,
-        )
-        queries, _ = self.fusion.enrich(output.last_hidden_state[:, : query_tokens.shape[1], :], mae_features)
+        output = self.forward_queries(clip_features, mae_features=mae_features, text_ids=text_ids, text_atts=text_atts)
+        queries, _ = self.fusion.enrich(output.last_hidden_state[:, : self.query_tokens.shape[1], :], mae_features)
         return queries
 
     def itg_cache(self, path: ImagePath):

@@ -5,7 +5,7 @@
     xformer_t5:  [Z' | caption prefix]   -> T5 encoder, the caption's suffix is the decoder target (LAVIS Blip2T5)
 
 Only the X-Former (Q-Former, queries, dual block, ``ln_vision``) and the projection train. No ITC/ITM, no text into
-the Q-Former; the reconstruction loss is an off-by-default switch (Table 6 ablation). MAE masking follows
+the Q-Former (except the question in VQA fine-tuning, ``qformer_text_input``); the reconstruction loss is an off-by-default switch (Table 6 ablation). MAE masking follows
 ``mask_ratio`` (0 by default in stage 2: see ``XFormerStage2Config``); at inference the MAE sees the whole image
 (``eval_mask_ratio``).
 
@@ -48,25 +48,30 @@ class XFormerStage2Mixin(XFormerImageMixin):
         if config.sdpa_attention:
             use_sdpa_attention(self)
 
-    def xformer_queries(self, image, noise=None):
-        """(Z', reconstruction loss or None) for the training objective: ``encode``, the image pathway of stage 1.
+    def xformer_queries(self, image, noise=None, questions=None):
+        """(Z', reconstruction loss or None) for the training objective: ``encode``, the image pathway of stage 1,
+        with the questions in the Q-Former when the model was built with ``qformer_text_input``.
 
         Like stage 1, the objective is defined on the image masked by ``mask_ratio`` in training and validation
         alike; ``noise`` ([B, num_patches]) fixes that masking.
         """
-        path = self.encode(image, self.config.mask_ratio, noise)
+        text_ids, text_atts = self.qformer_text(questions, image.device)
+        path = self.encode(image, self.config.mask_ratio, noise, text_ids=text_ids, text_atts=text_atts)
         return path.enriched_queries, self.reconstruction_loss_of(path)
 
-    def llm_image_inputs(self, image):
+    def llm_image_inputs(self, image, questions=None):
         """The LLM's visual prefix at inference: projected Z' (the MAE sees ``eval_mask_ratio`` of masking in eval
-        mode, i.e. the whole image by default) and its attention mask."""
-        prefix = self.project_to_llm(self.encode(image).enriched_queries)
+        mode, i.e. the whole image by default) and its attention mask; with ``qformer_text_input`` the questions
+        enter the Q-Former."""
+        text_ids, text_atts = self.qformer_text(questions, image.device)
+        path = self.encode(image, text_ids=text_ids, text_atts=text_atts)
+        prefix = self.project_to_llm(path.enriched_queries)
         return prefix, torch.ones(prefix.shape[:-1], dtype=torch.long, device=prefix.device)
 
-    def llm_training_inputs(self, image, samples):
+    def llm_training_inputs(self, image, samples, questions=None):
         """The LLM head's training prefix: projected Z' of ``xformer_queries`` (``samples["mae_noise"]`` fixes the
         MAE masking), its attention mask, and the reconstruction loss (or None)."""
-        queries, loss_rec = self.xformer_queries(self.check_image(image), noise=samples.get("mae_noise"))
+        queries, loss_rec = self.xformer_queries(self.check_image(image), samples.get("mae_noise"), questions)
         prefix = self.project_to_llm(queries)
         return prefix, torch.ones(prefix.shape[:-1], dtype=torch.long, device=prefix.device), loss_rec
 
