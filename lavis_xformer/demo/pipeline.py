@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 # ================================================================================================================
 # What runs
@@ -37,22 +37,22 @@ class Stage:
     title: str
     yaml: str  #: file name stem in the config folder (the model's suffix is appended)
     entry: str  #: lavis_xformer.train or lavis_xformer.evaluate
-    weights_key: Optional[str]  #: model config key that receives the previous stage's checkpoint
+    weights: Tuple[Tuple[str, str], ...] = ()  #: (model config key, stage) pairs: the key gets that stage's checkpoint
 
 
 STAGES = (
     Stage("stage1", "stage 1: pre-training (ITC, ITM, ITG; X-Former: + reconstruction)", "pretrain_stage1_shapes",
-          "lavis_xformer.train", None),
+          "lavis_xformer.train"),
     Stage("retrieval", "zero-shot image-text retrieval (stage-1 checkpoint)", "ret_shapes_eval",
-          "lavis_xformer.evaluate", "finetuned"),
+          "lavis_xformer.evaluate", (("finetuned", "stage1"),)),
     Stage("stage2", "stage 2: alignment with a frozen OPT (LM loss)", "pretrain_stage2_shapes",
-          "lavis_xformer.train", "pretrained"),
+          "lavis_xformer.train", (("pretrained", "stage1"),)),
     Stage("vqa", "zero-shot VQA (stage-2 checkpoint; measures the LLM's prior)", "vqa_shapes_eval",
-          "lavis_xformer.evaluate", "pretrained"),
+          "lavis_xformer.evaluate", (("pretrained", "stage2"),)),
+    # the Q-Former's text parts, which stage 2 drops, come back from stage 1 (qformer_text_init)
     Stage("vqa_ft", "VQA fine-tuning with the answers (stage-2 checkpoint), then VQA on the test split",
-          "vqa_ft_shapes", "lavis_xformer.train", "pretrained"),
+          "vqa_ft_shapes", "lavis_xformer.train", (("pretrained", "stage2"), ("qformer_text_init", "stage1"))),
 )
-WEIGHTS_FROM = {"retrieval": "stage1", "stage2": "stage1", "vqa": "stage2", "vqa_ft": "stage2"}  # last checkpoint of
 TRAINED = ("stage1", "stage2", "vqa_ft")  # the stages that train (their per-epoch losses are plotted)
 
 # --smoke: the same pipeline on a few images and epochs (applied on top of the yamls).
@@ -154,9 +154,8 @@ class Runner:
         yaml = settings.config_dir / f"{stage.yaml}{self.model.suffix}.yaml"
         options = [f"run.output_dir={self.run_dir(stage.key)}"]
         options += settings.stage_options(stage.key, yaml, self.model, self.seed)
-        if stage.weights_key is not None:
-            source = self.results[WEIGHTS_FROM[stage.key]]
-            options.append(f"model.{stage.weights_key}={last_checkpoint(source.job_dir)}")
+        for key, source in stage.weights:  # each the last checkpoint of an earlier stage of this pipeline
+            options.append(f"model.{key}={last_checkpoint(self.results[source].job_dir)}")
         return [sys.executable, "-m", stage.entry, "--cfg-path", str(yaml), "--options", *options]
 
     def run_dir(self, stage_key: str) -> Path:

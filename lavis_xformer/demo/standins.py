@@ -185,9 +185,10 @@ def pretrain_clip(settings: DemoSettings, console: Console) -> Optional[dict]:
         losses, accuracies = _train_clip(clip, images, tokens, recipe, generator, device, console)
     settings.clip_weights = path = save_standin(clip.vit, settings, "clip_vit")
     digest = sha256_of(path)
-    chance = math.log(recipe.batch_size)
+    batch = min(recipe.batch_size, len(images))
+    chance = math.log(batch)
     console.say(f"CLIP-ViT stand-in saved to {path} (sha256 {digest[:12]}, {time.time() - start:.0f}s; chance-level "
-                f"loss ln {recipe.batch_size} = {chance:.3f}); both models' runs get model.vit_weights={path}")
+                f"loss ln {batch} = {chance:.3f}); both models' runs get model.vit_weights={path}")
     return {"recipe": asdict(recipe), "epoch_losses": losses, "epoch_batch_accuracy": accuracies,
             "chance_loss": chance, "file": str(path), "sha256": digest, "seconds": round(time.time() - start, 1)}
 
