@@ -82,6 +82,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def xformer_config(settings: DemoSettings, stage, config_class):
+    """A stage's LAVIS config for X-Former (without stand-ins) and its typed model config: the sizes a stand-in
+    is built with."""
+    from omegaconf import OmegaConf
+
+    cfg = settings.lavis_config(stage, MODELS[0], standins=False)
+    return cfg, config_class.from_lavis_cfg(OmegaConf.to_container(cfg.model_cfg, resolve=True))
+
+
 def training_images(cfg, folder: Path) -> Tuple[torch.Tensor, List[dict]]:
     """Every training image as the models are given it (the eval processor's resize and CLIP normalisation), and
     the scenes they show, in the order of ``scenes_train``."""
@@ -158,14 +167,12 @@ def pretrain_clip(settings: DemoSettings, console: Console) -> Optional[dict]:
     training images and their captions, saves its state dict and passes it to every run of both models as
     ``model.vit_weights``: one file, frozen in every stage and seed, the same for both models.
     """
-    from omegaconf import OmegaConf
 
     from lavis_xformer.datasets import shapes
     from lavis_xformer.models.builders import build_bert_tokenizer, build_clip_vit
     from lavis_xformer.models.config import XFormerConfig
 
-    cfg = settings.lavis_config(STAGES[0], MODELS[0], standins=False)
-    typed = XFormerConfig.from_lavis_cfg(OmegaConf.to_container(cfg.model_cfg, resolve=True))
+    cfg, typed = xformer_config(settings, STAGES[0], XFormerConfig)
     if typed.vit_weights is not None:
         return None
     recipe = SMOKE_CLIP if settings.smoke else CLIP_STANDIN
@@ -252,13 +259,11 @@ def pretrain_mae(settings: DemoSettings, console: Console) -> Optional[dict]:
     MAE weights (``mae_weights``) is used as it is.
     """
     import torch.nn.functional as F
-    from omegaconf import OmegaConf
 
     from lavis_xformer.models.builders import build_mae
     from lavis_xformer.models.config import XFormerConfig
 
-    cfg = settings.lavis_config(STAGES[0], MODELS[0], standins=False)
-    typed = XFormerConfig.from_lavis_cfg(OmegaConf.to_container(cfg.model_cfg, resolve=True))
+    cfg, typed = xformer_config(settings, STAGES[0], XFormerConfig)
     if typed.mae_weights or not typed.use_mae or typed.mae_source != "mae":
         return None
     recipe = SMOKE_MAE if settings.smoke else MAE_STANDIN
@@ -337,13 +342,11 @@ def pretrain_llm(settings: DemoSettings, console: Console) -> Optional[dict]:
     and handed to both models' stage-2 and VQA runs as ``model.opt_model``, where it stays frozen. What it cannot
     know is the test image: answering from the image is left to each model's visual prefix.
     """
-    from omegaconf import OmegaConf
 
     from lavis_xformer.models.config_llm import XFormerOPTConfig
     from lavis_xformer.models.llm_builders import build_opt
 
-    cfg = settings.lavis_config(STAGES[2], MODELS[0], standins=False)
-    typed = XFormerOPTConfig.from_lavis_cfg(OmegaConf.to_container(cfg.model_cfg, resolve=True))
+    cfg, typed = xformer_config(settings, STAGES[2], XFormerOPTConfig)
     if typed.opt_model is not None:
         return None
     recipe = SMOKE_LLM if settings.smoke else LLM_STANDIN
