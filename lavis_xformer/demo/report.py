@@ -556,7 +556,7 @@ def write_report(settings: DemoSettings, results: Dict[int, Dict[str, Dict[str, 
     console.say(f"Means over {len(settings.seeds)} seeds ({settings.seeds}):")
     console.say(text_table(rows))
     console.say("")
-    console.say("Headline (" + textwrap.fill(STATISTICS_NOTE, 118) + ")\n")
+    console.say("Headline: X-Former vs BLIP-2 over the seeds\n" + textwrap.fill(STATISTICS_NOTE, 118) + "\n")
     console.say(headline_table(lines))
     console.say("")
     for line in lines:
