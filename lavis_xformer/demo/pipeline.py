@@ -54,6 +54,7 @@ STAGES = (
           "vqa_ft_shapes", "lavis_xformer.train", (("pretrained", "stage2"), ("qformer_text_init", "stage1"))),
 )
 TRAINED = ("stage1", "stage2", "vqa_ft")  # the stages that train (their per-epoch losses are plotted)
+EVALUATED = ("retrieval", "vqa", "vqa_ft")  # the stages that score the test split (evaluate.txt)
 
 # --smoke: the same pipeline on a few images and epochs (applied on top of the yamls).
 SMOKE_SHAPES = {"num_train": 48, "num_val": 4, "num_test": 12}
@@ -252,22 +253,24 @@ def eval_metrics(job_dir: Path) -> Dict[str, float]:
 
 
 def summary_line(stage_key: str, result: RunResult) -> str:
+    """What a finished run printed: the last epoch's losses (training runs), the test metrics (evaluated runs)."""
     took = f"({result.seconds:.0f}s)"
-    line = ""
+    lines = []
     if stage_key in TRAINED:
         epochs = epoch_stats(result.job_dir)
         terms = "  ".join(f"{k[len('train_'):]} {v:.3f}" for k, v in epochs[-1].items() if k.startswith("train_loss"))
-        line = f"    done {took}: {len(epochs)} epochs; last epoch's averages: {terms}"
-        if stage_key != "vqa_ft":
-            return line
-        took = "      then"
-    metrics = eval_metrics(result.job_dir)
-    if stage_key == "retrieval":
-        return (f"    done {took}: image->text R@1 {metrics['txt_r1']:.1f}  text->image R@1 {metrics['img_r1']:.1f}  "
-                f"mean recall {metrics['r_mean']:.1f}")
-    parts = [f"overall {metrics['agg_metrics']:.2f}"]
-    parts += [f"{key[len('vqa_'):]} {metrics[t]:.2f}" for key, t in ANSWER_TYPE_OF.items() if t in metrics]
-    return (line + "\n" if line else "") + f"    done {took}: VQA accuracy " + "  ".join(parts)
+        lines.append(f"    done {took}: {len(epochs)} epochs; last epoch's averages: {terms}")
+    if stage_key in EVALUATED:
+        metrics = eval_metrics(result.job_dir)
+        head = "    test split:" if lines else f"    done {took}:"
+        if stage_key == "retrieval":
+            lines.append(f"{head} image->text R@1 {metrics['txt_r1']:.1f}  text->image R@1 {metrics['img_r1']:.1f}  "
+                         f"mean recall {metrics['r_mean']:.1f}")
+        else:
+            parts = [f"overall {metrics['agg_metrics']:.2f}"]
+            parts += [f"{key[len('vqa_'):]} {metrics[t]:.2f}" for key, t in ANSWER_TYPE_OF.items() if t in metrics]
+            lines.append(f"{head} VQA accuracy " + "  ".join(parts))
+    return "\n".join(lines)
 
 
 # ================================================================================================================
