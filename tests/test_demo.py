@@ -107,7 +107,8 @@ def test_smoke_demo_figures_are_valid_images(smoke_demo, name):
 def test_smoke_demo_runs_through_lavis_entry_points(smoke_demo):
     out, output = smoke_demo
     for model in ("X-Former", "BLIP-2"):
-        assert f"[{model}]" in output
+        for seed in (0, 1):
+            assert f"[{model} seed {seed}]" in output
     assert "Train: data epoch" in output and "Evaluation" in output  # LAVIS's MetricLogger, streamed
     for seed in (0, 1):
         for model in pipeline.MODELS:
