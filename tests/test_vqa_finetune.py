@@ -11,9 +11,10 @@ from omegaconf import OmegaConf
 
 import lavis_xformer  # noqa: F401  (registers the plugin)
 from lavis_xformer.models.blip2_baseline_llm import QFormerTextWeightsMissing
+from lavis_xformer.models.builders import no_hub
 from lavis_xformer.models.llm_builders import is_qformer_text_part
 from lavis_xformer.models.llm_head import VQA_PROMPT, draw_answers
-from test_stage2 import LLM_OF, images, model_config, paired, responsive, tiny, trainable
+from test_stage2 import LLM_OF, count, images, model_config, paired, responsive, tiny, trainable
 
 FINETUNE = dict(qformer_text_input=True, freeze_vit_layernorms=False)
 QUESTIONS = ["how many circles are there in the image?", "is there a red square in the image?"]
@@ -244,6 +245,38 @@ def test_gradients_reach_exactly_the_trainable_parameters(arch):
     assert no_grad == [], f"trainable parameters without gradient: {no_grad}"
     reached_frozen = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
     assert reached_frozen == []
+
+
+def test_paper_scale_finetuning_count_and_the_papers_216m():
+    """What trains in VQA fine-tuning at paper scale (OPT-2.7B), and how it relates to the supplement's 216M.
+
+    Trained: the stage-2 X-Former and projection, plus the Q-Former's text path and the CLIP-ViT's layer norms
+    (203.04M). The paper's 216M is matched, within 3%, by the count of the whole stage-1 X-Former made trainable
+    plus the projection and the layer norms (209.77M); the difference is exactly the parameters that nothing in VQA
+    fine-tuning reads (no gradient reaches them): the MLM head, the last layer's text feed-forward, the ITC / ITM
+    heads and temperature, and the reconstruction projection (the rest of the gap is the dual block, 19.9M here
+    and about 22M in the paper, as in stage 2)."""
+    with torch.device("meta"), no_hub():
+        vqa = registry.get_model_class("xformer_opt")(model_config("xformer_opt", "vqa_ft_opt2.7b"))
+        stage2 = registry.get_model_class("xformer_opt")(model_config("xformer_opt", "pretrain_opt2.7b"))
+        stage1 = registry.get_model_class("xformer")(model_config("xformer", "pretrain"))
+    assert vqa.config.image_size == 490 and vqa.config.qformer_text_input and not vqa.config.freeze_vit_layernorms
+    trained = count(trainable(vqa).values())
+    text = count(p for n, p in trainable(vqa).items() if is_qformer_text_part(n))
+    clip_norms = count(p for n, p in trainable(vqa).items() if n.startswith("visual_encoder."))
+    assert clip_norms == 39 * 2 * 2 * 1408  # EVA ViT-g: two layer norms in each of the 39 blocks kept
+    assert text == 30523 * 768 + 512 * 768 + 11 * (768 * 3072 + 3072 + 3072 * 768 + 768 + 2 * 768)
+    assert trained == count(trainable(stage2).values()) + text + clip_norms
+    assert not any(p.requires_grad for n, p in vqa.named_parameters() if n.startswith(("mae_encoder.", "opt_model.")))
+
+    projection = count(vqa.opt_proj.parameters())
+    whole = count(trainable(stage1).values()) + projection + clip_norms
+    assert abs(whole / 1e6 / 216 - 1) <= 0.03, f"{whole / 1e6:.2f}M vs the paper's 216M"
+    last = f"Qformer.bert.encoder.layer.{len(stage1.Qformer.bert.encoder.layer) - 1}."
+    unread = ("Qformer.cls.", last + "intermediate.", last + "output.", "vision_proj.", "text_proj.", "itm_head.")
+    unread += ("temp", "mae_out_proj.")
+    assert whole - trained == count(p for n, p in trainable(stage1).items() if n.startswith(unread))
+    assert round(trained / 1e6, 2) == 203.04 and round(whole / 1e6, 2) == 209.77  # the figures the README quotes
 
 
 # ------------------------------------------------------------------------------------------------------------------

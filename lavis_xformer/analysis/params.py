@@ -47,6 +47,7 @@ def paper_trainable() -> dict:
         ("blip2_baseline_opt", "pretrain_opt6.7b"): 108.0,  # Table 1, supplement Table 3
         ("xformer_opt", "pretrain_opt2.7b"): 129.0,  # Table 1
         ("xformer_opt", "pretrain_opt6.7b"): 130.0,  # Table 1, supplement Table 3
+        ("xformer_opt", "vqa_ft_opt2.7b"): 216.0,  # supplement section 2, VQA fine-tuning (LLM not stated)
     }
     for variant in VARIANTS.values():  # supplement Table 3: Concat 110M, Early CA 183M
         for base, figure in variant.paper_trainable.items():
@@ -176,7 +177,9 @@ def to_markdown(rows: List[Row]) -> str:
     lines += [
         "Built on the `meta` device from each model type's yaml (`load_model(architecture, model type)` builds the "
         "same model with weights). Trainable: parameters with `requires_grad`; frozen: CLIP-ViT, MAE-ViT (and "
-        "decoder), LLM. Paper: Table 1 (OPT-2.7B / OPT-6.7B), supplement Table 3 (OPT-6.7B).",
+        "decoder), LLM. Paper: Table 1 (OPT-2.7B / OPT-6.7B), supplement Table 3 (OPT-6.7B), supplement section 2 "
+        "(VQA fine-tuning, 216M; `vqa_ft_*` types: the stage-2 count plus the Q-Former's text path and the "
+        "CLIP-ViT's layer norms; README \"VQA fine-tuning\" explains the difference).",
     ]
     return "\n".join(lines)
 

@@ -31,8 +31,15 @@ from lavis_xformer.models.llm_head import OPTHead, T5Head
 from lavis_xformer.models.sdpa import use_sdpa_attention
 from lavis_xformer.paths import model_config_path
 
-OPT_MODEL_TYPES = ("pretrain_opt2.7b", "pretrain_opt6.7b", "caption_coco_opt2.7b", "caption_coco_opt6.7b", "tiny")
-T5_MODEL_TYPES = ("pretrain_flant5xl", "caption_coco_flant5xl", "tiny")
+OPT_MODEL_TYPES = (
+    "pretrain_opt2.7b",
+    "pretrain_opt6.7b",
+    "caption_coco_opt2.7b",
+    "caption_coco_opt6.7b",
+    "vqa_ft_opt2.7b",  # VQA fine-tuning (supplement section 2): the question into the Q-Former, 490 px
+    "tiny",
+)
+T5_MODEL_TYPES = ("pretrain_flant5xl", "caption_coco_flant5xl", "vqa_ft_flant5xl", "tiny")
 
 
 def model_type_configs(arch: str, model_types: Sequence[str]) -> dict:
@@ -125,17 +132,17 @@ class Blip2LLMPartsMixin(ConfigBuildersMixin):
         return result
 
     def supply_qformer_text_parts(self, cfg, result) -> None:
-        """Load the text parts missing after ``result`` (None: no checkpoint was loaded, the whole model is its
-        initialisation) from ``qformer_text_init``; ``QFormerTextWeightsMissing`` if it is not set or lacks them."""
+        """Load the text parts the checkpoint of ``result`` lacked from ``qformer_text_init``;
+        ``QFormerTextWeightsMissing`` if it is not set or lacks them. With no checkpoint loaded (``result`` None:
+        ``load_pretrained: False``) nothing is loaded: the whole model is its initialisation, text path included."""
         from lavis_xformer.checkpoints import extract_state_dict, load_state_dict_checked, read_checkpoint
 
+        if result is None:
+            return
         text_init = self.config.qformer_text_init
         # the trainable ones: the last layer's text feed-forward is frozen and unread (keep_qformer_text_parts)
         text_parts = [name for name, p in self.named_parameters() if is_qformer_text_part(name) and p.requires_grad]
-        if result is None:
-            missing = text_parts if text_init else []
-        else:
-            missing = sorted(set(result.missing_keys) & set(text_parts))
+        missing = sorted(set(result.missing_keys) & set(text_parts))
         if not missing:
             return
         source = cfg.get("finetuned") if cfg.get("load_finetuned", False) else cfg.get("pretrained")
