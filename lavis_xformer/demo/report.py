@@ -192,7 +192,9 @@ def predicted_answers(job_dir: Path) -> Dict[int, str]:
 
 def baselines(folder: Path, workdir: Path) -> dict:
     """What a model that ignores the image scores: the training split's most frequent answer per answer type
-    (counting, identification) given to every test question of that type, and chance retrieval R@1."""
+    (counting, identification) given to every test question of that type; the best constant answer per type
+    chosen on the test split itself (an upper bound of any image-blind constant answer: a small test split's
+    answer mix can differ from the training split's); and chance retrieval R@1."""
     from collections import Counter
 
     from lavis_xformer.datasets import shapes
@@ -209,8 +211,17 @@ def baselines(folder: Path, workdir: Path) -> dict:
     for key, answer_type in ANSWER_TYPE_OF.items():
         typed = [s["score"] for s in scores.values() if s["answer_type"] == answer_type]
         accuracy[key[len("vqa_"):]] = 100 * sum(typed) / len(typed)
+    test_answers: Dict[str, Counter] = {}
+    for annotation in shapes.read_annotation(folder, "vqa_test_annotations")["annotations"]:
+        test_answers.setdefault(annotation["answer_type"], Counter())[annotation["multiple_choice_answer"]] += 1
+    best_constant = {t: counts.most_common(1)[0] for t, counts in test_answers.items()}
+    best_accuracy = {"overall": 100 * sum(n for _, n in best_constant.values()) / len(scores)}
+    for key, answer_type in ANSWER_TYPE_OF.items():
+        best_accuracy[key[len("vqa_"):]] = 100 * best_constant[answer_type][1] / sum(test_answers[answer_type].values())
     num_images = len(shapes.read_annotation(folder, "scenes_test"))
-    return {"majority_answer": majority, "majority_accuracy": accuracy, "chance_r1": 100.0 / num_images,
+    return {"majority_answer": majority, "majority_accuracy": accuracy,
+            "best_constant_answer": {t: answer for t, (answer, _) in best_constant.items()},
+            "best_constant_accuracy": best_accuracy, "chance_r1": 100.0 / num_images,
             "num_test_images": num_images, "num_test_questions": len(scores)}
 
 
@@ -256,8 +267,8 @@ def headline(rows_by_seed: Dict[int, List[dict]], outcomes, baseline: dict) -> L
                             "bootstrap_low": test.ci_low, "bootstrap_high": test.ci_high,
                             "pairs": test.num_questions, "only_xformer_correct": test.mcnemar.only_b_correct,
                             "only_blip2_correct": test.mcnemar.only_a_correct}
-            line["baseline"] = {"name": "majority answer",
-                                "value": baseline["majority_accuracy"][key.split("_")[-1]]}
+            line["baseline"] = {"name": "majority answer", "value": baseline["majority_accuracy"][key.split("_")[-1]],
+                                "best_constant": baseline["best_constant_accuracy"][key.split("_")[-1]]}
         else:
             line["test"] = {"name": "paired t-test over seeds",
                             "p_value": stats.paired_t_p_value(per_model[blip2], per_model[xformer])}
@@ -286,6 +297,10 @@ def verdict(line: dict) -> str:
     beats = [m.label for m in MODELS if line[m.key]["mean"] > line["baseline"]["value"]]
     above = (f"{' and '.join(beats)} above" if beats else "neither model above") + \
         f" the {line['baseline']['name']} baseline ({line['baseline']['value']:.1f})"
+    if "best_constant" in line["baseline"]:
+        best = [m.label for m in MODELS if line[m.key]["mean"] > line["baseline"]["best_constant"]]
+        above += (f", {' and '.join(best) if best else 'neither'} above the best constant answer on the test split "
+                  f"({line['baseline']['best_constant']:.1f})")
     return (f"{line['label']}: X-Former - BLIP-2 = {difference['mean']:+.2f} ({interval}), {finding}; {above}.")
 
 
@@ -373,6 +388,9 @@ def markdown_report(report: dict) -> str:
         f"Baselines: the majority answer per type of the training split "
         f"({', '.join(f'{t}: {a}' for t, a in sorted(report['baselines']['majority_answer'].items()))}) scores "
         + ", ".join(f"{k} {v:.2f}" for k, v in report["baselines"]["majority_accuracy"].items())
+        + "; the best constant answer per type chosen on the test split itself ("
+        + ", ".join(f"{t}: {a}" for t, a in sorted(report["baselines"]["best_constant_answer"].items()))
+        + ") scores " + ", ".join(f"{k} {v:.2f}" for k, v in report["baselines"]["best_constant_accuracy"].items())
         + f"; chance retrieval R@1 is {report['baselines']['chance_r1']:.2f} "
         f"({report['baselines']['num_test_images']} test images, {report['baselines']['num_test_questions']} "
         "questions).",
