@@ -1,6 +1,6 @@
 """The demo (``make demo``): X-Former and BLIP-2, trained and evaluated side by side on the embedded shapes data.
 
-    python -m lavis_xformer.demo                      # CPU, 3 seeds; output/demo/
+    python -m lavis_xformer.demo                      # CPU, 3 seeds: about 14 min on 2 idle cores; output/demo/
     python -m lavis_xformer.demo --seeds 5            # more seeds: narrower intervals
     python -m lavis_xformer.demo --smoke --out /tmp/d # the same pipeline on a few images, 2 seeds (the test suite's)
     python -m lavis_xformer.demo --device cuda --jobs 1 --options run.batch_size_train=128
