@@ -43,7 +43,7 @@ writes to ``--out``:
   with the first and last epoch's reconstruction loss, retrieval R@1/5/10, LM losses, VQA per question type) and
   every seed's rows; a few example answers;
 * ``loss_curves.png`` -- every seed's per-epoch training losses of both models (stage 1: total and each term;
-  stage 2: LM; VQA fine-tuning);
+  stage 2: LM; the VQA fine-tuning losses are in the json's ``epochs``: ``analysis.figures`` draws fixed panels);
 * ``reconstructions.png`` -- test images, their MAE masks (ratio 0.5, a fixed draw) and what the first seed's
   trained X-Former reconstructs from M' through the frozen MAE decoder;
 * ``runs/seed<k>/<model>/<stage>/`` -- the LAVIS output folders, ``logs/seed<k>/<model>_<stage>.log`` -- each run's
