@@ -446,6 +446,23 @@ def test_bootstrap_interval():
         stats.compare_paired([1.0, 0.0], [1.0])
 
 
+def test_t_interval_over_seeds_and_paired_t_test():
+    # known values: mean 2, sd 1, n 3 -> half width t(0.975, 2) / sqrt(3) = 4.302653 / 1.732051
+    mean, low, high = stats.mean_t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and high - mean == pytest.approx(4.302652729749464 / 3 ** 0.5)
+    assert mean - low == pytest.approx(high - mean)
+    assert stats.mean_t_interval([5.0]) == (5.0, None, None)  # one seed: no spread, no interval
+    assert stats.mean_t_interval([1.0, 2.0, 3.0], confidence=0.5)[2] < high
+    with pytest.raises(ValueError, match="non-empty"):
+        stats.mean_t_interval([])
+    from scipy.stats import ttest_rel
+
+    a, b = [10.0, 12.0, 11.0, 13.0], [11.0, 15.0, 11.5, 16.0]
+    assert stats.paired_t_p_value(a, b) == pytest.approx(ttest_rel(b, a).pvalue)
+    assert stats.paired_t_p_value(a, a) == 1.0 and stats.paired_t_p_value(a, [x + 1 for x in a]) == 0.0
+    assert stats.paired_t_p_value([1.0], [2.0]) is None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command line pieces
 # ---------------------------------------------------------------------------------------------------------------

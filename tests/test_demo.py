@@ -1,5 +1,6 @@
-"""The demo (``make demo`` = ``python -m lavis_xformer.demo``): its whole pipeline at smoke size, through the real
-entry points (stage 1, retrieval, stage 2, VQA for X-Former and BLIP-2), its report and figures; the pieces the
+"""The demo (``make demo`` = ``python -m lavis_xformer.demo``): its whole pipeline at smoke size (two seeds),
+through the real entry points (stage 1, retrieval, stage 2, zero-shot VQA, VQA fine-tuning for X-Former and BLIP-2),
+its multi-seed report (intervals, paired tests, verdicts) and figures; the shared CLIP-ViT stand-in; the pieces the
 reconstruction figure is made of; the demo yamls."""
 
 import json
@@ -9,14 +10,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hashlib
+
 import pytest
 import torch
 from lavis.models import load_model
 from omegaconf import OmegaConf
 from PIL import Image
 
+from lavis_xformer.analysis import stats
 from lavis_xformer.demo import pipeline
 from lavis_xformer.demo import report as demo_report
+from lavis_xformer.demo import standins
 from lavis_xformer.datasets import shapes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,7 +36,8 @@ def subprocess_env():
 
 @pytest.fixture(scope="module")
 def smoke_demo(tmp_path_factory):
-    """``python -m lavis_xformer.demo --smoke`` once (about a minute and a half on 2 CPU cores): (folder, output)."""
+    """``python -m lavis_xformer.demo --smoke`` once (two seeds; about two minutes on 2 idle CPU cores):
+    (folder, output)."""
     out = tmp_path_factory.mktemp("demo")
     command = [sys.executable, "-m", "lavis_xformer.demo", "--smoke", "--out", str(out), "--data-root", str(out / "data")]
     result = subprocess.run(command, cwd=out, env=subprocess_env(), capture_output=True, text=True, timeout=600)
@@ -65,7 +71,9 @@ def test_smoke_demo_table_has_both_models_with_every_metric(smoke_demo):
     for stage in ("stage1", "stage2"):
         assert rows["xformer"][f"params_{stage}_trainable"] > rows["blip2"][f"params_{stage}_trainable"]
     assert rows["xformer"]["stage1_loss_rec"] > 0
-    assert set(report["epochs"]["xformer"]) == {"stage1", "stage2"} and len(report["epochs"]["xformer"]["stage1"]) == 2
+    assert sorted(report["epochs"]) == ["0", "1"]  # --smoke: two seeds
+    for seed_epochs in report["epochs"].values():
+        assert set(seed_epochs["xformer"]) == set(pipeline.TRAINED) and len(seed_epochs["xformer"]["stage1"]) == 2
     assert report["examples"] and all(set(e["predictions"]) == {"X-Former", "BLIP-2"} for e in report["examples"])
 
     # the printed table: both models side by side, every metric a line
@@ -99,17 +107,131 @@ def test_smoke_demo_figures_are_valid_images(smoke_demo, name):
 def test_smoke_demo_runs_through_lavis_entry_points(smoke_demo):
     out, output = smoke_demo
     for model in ("X-Former", "BLIP-2"):
-        assert f"[{model}]" in output
+        for seed in (0, 1):
+            assert f"[{model} seed {seed}]" in output
     assert "Train: data epoch" in output and "Evaluation" in output  # LAVIS's MetricLogger, streamed
-    for model in pipeline.MODELS:
-        for stage in pipeline.STAGES:
-            (job,) = [p for p in (out / "runs" / model.key / stage.key).iterdir() if p.is_dir()]
-            if stage.key.startswith("stage"):
-                assert pipeline.last_checkpoint(job).name == "checkpoint_1.pth"
-            else:
-                assert (job / "evaluate.txt").is_file()
-        assert (out / "logs" / f"{model.key}_vqa.log").is_file()
+    for seed in (0, 1):
+        for model in pipeline.MODELS:
+            for stage in pipeline.STAGES:
+                (job,) = [p for p in (out / "runs" / f"seed{seed}" / model.key / stage.key).iterdir() if p.is_dir()]
+                if stage.key in pipeline.TRAINED:
+                    assert pipeline.last_checkpoint(job).name == "checkpoint_1.pth"
+                    assert run_config(job)["run"]["seed"] == seed  # every trainable run retrained with the seed
+                if stage.key in pipeline.EVALUATED:
+                    assert (job / "evaluate.txt").is_file()
+            assert (out / "logs" / f"seed{seed}" / f"{model.key}_vqa_ft.log").is_file()
     assert not list((out / "data").glob(".*tmp*"))  # the data was generated once, before the runs
+
+
+def run_config(job: Path) -> dict:
+    """The config a LAVIS training run logged (the first json object of its log.txt)."""
+    return json.JSONDecoder().raw_decode((job / "log.txt").read_text())[0]
+
+
+def test_smoke_demo_both_models_use_the_same_pretrained_clip_vit(smoke_demo):
+    out, _ = smoke_demo
+    report = json.loads((out / "demo_results.json").read_text())
+    clip = report["clip_standin"]
+    assert clip["epoch_losses"][-1] < clip["epoch_losses"][0]  # the stand-in was trained
+    assert hashlib.sha256(Path(clip["file"]).read_bytes()).hexdigest() == clip["sha256"]
+    for seed in ("0", "1"):
+        for model in ("xformer", "blip2"):
+            for stage in pipeline.TRAINED:
+                config = run_config(Path(report["runs"][seed][model][stage]))
+                weights = Path(config["model"]["vit_weights"])
+                assert hashlib.sha256(weights.read_bytes()).hexdigest() == clip["sha256"], (seed, model, stage)
+    assert report["mae_standin"]["epoch_losses"][-1] < report["mae_standin"]["epoch_losses"][0]
+
+
+def test_smoke_demo_headline_has_intervals_tests_and_matching_verdicts(smoke_demo):
+    out, output = smoke_demo
+    report = json.loads((out / "demo_results.json").read_text())
+    lines = {line["key"]: line for line in report["headline"]}
+    assert list(lines) == [key for key, _, _ in demo_report.HEADLINE]
+    for key, line in lines.items():
+        for entry in (line["xformer"], line["blip2"], line["difference"]):
+            assert len(entry["per_seed"]) == 2
+            assert entry["t_low"] <= entry["mean"] <= entry["t_high"]  # a t interval over the two seeds
+            mean, low, high = stats.mean_t_interval(entry["per_seed"])
+            assert (entry["mean"], entry["t_low"], entry["t_high"]) == pytest.approx((mean, low, high))
+        # the per-seed values are those of the per-seed rows, and the difference is X-Former - BLIP-2
+        for seed_index, seed in enumerate(("0", "1")):
+            rows = {row["key"]: row for row in report["seeds"][seed]}
+            assert line["xformer"]["per_seed"][seed_index] == rows["xformer"][key]
+            assert line["difference"]["per_seed"][seed_index] == pytest.approx(rows["xformer"][key] - rows["blip2"][key])
+        p = line["test"]["p_value"]
+        assert 0.0 <= p <= 1.0
+        significant = "not significant" not in line["verdict"]
+        assert significant == (p < demo_report.SIGNIFICANCE), line["verdict"]
+        assert f"p = {p:.3g}" in line["verdict"] and line["verdict"] in output.replace("\n    ", " ")
+        assert f"{line['baseline']['value']:.1f}" in line["verdict"]
+    # the VQA tests are McNemar's on the pooled per-question outcomes, recomputed here from LAVIS's result files
+    folder = next((out / "data").glob("shapes-*"))
+    for key, _, vqa in demo_report.HEADLINE:
+        if vqa is None:
+            continue
+        stage, answer_type = vqa
+        pooled = {}
+        for model in ("xformer", "blip2"):
+            per_seed = [demo_report.score_answers(folder, demo_report.predicted_answers(Path(report["runs"][seed][model][stage])),
+                                                  out / "rescore" / seed / model / stage)
+                        for seed in ("0", "1")]
+            pooled[model] = demo_report.pooled_scores(per_seed, answer_type)
+        expected = stats.compare_paired(pooled["blip2"], pooled["xformer"])
+        assert lines[key]["test"]["p_value"] == pytest.approx(expected.mcnemar.p_value)
+        assert lines[key]["test"]["pairs"] == expected.num_questions
+    # the baselines printed beside the results: chance R@1 = one image in the test split, majority per answer type
+    baselines = report["baselines"]
+    assert baselines["chance_r1"] == pytest.approx(100.0 / baselines["num_test_images"])
+    assert set(baselines["majority_answer"]) == {"number", "yes/no"}
+    assert "Headline" in output and "majority answer" in output and "chance" in output
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The CLIP-ViT stand-in's weights
+# ------------------------------------------------------------------------------------------------------------------
+def test_vit_weights_file_loads_into_both_models_and_refuses_a_mismatch(tmp_path):
+    torch.manual_seed(0)
+    reference = load_model("xformer", "tiny").visual_encoder
+    trained = {k: torch.randn_like(v) for k, v in reference.state_dict().items()}
+    path = tmp_path / "clip_vit.pth"
+    torch.save(trained, path)
+    from lavis.common.registry import registry
+
+    for arch in ("xformer", "blip2_baseline"):
+        cfg = OmegaConf.load(registry.get_model_class(arch).default_config_path("tiny")).model
+        cfg.vit_weights = str(path)
+        model = registry.get_model_class(arch).from_config(cfg)
+        loaded = model.visual_encoder.state_dict()
+        assert all(torch.equal(loaded[k], trained[k]) for k in trained), arch
+        assert not any(p.requires_grad for p in model.visual_encoder.parameters())  # frozen, as hub weights
+    cfg.vit_embed_dim = 48  # a file of other sizes: a clear error, no silent partial load
+    with pytest.raises(ValueError, match="does not fit the CLIP-ViT of this config"):
+        registry.get_model_class("blip2_baseline").from_config(cfg)
+    cfg.vit_embed_dim, cfg.vit_weights = 32, str(tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="neither 'eva_clip_g', null .* nor an existing file"):
+        registry.get_model_class("blip2_baseline").from_config(cfg)
+
+
+def test_clip_standin_loss_is_clips_symmetric_cross_entropy():
+    from lavis_xformer.models.builders import build_clip_vit
+    from lavis_xformer.models.config import BackboneConfig
+
+    torch.manual_seed(0)
+    typed = BackboneConfig.from_lavis_cfg(dict(image_size=32, vit_weights=None, vit_patch_size=8, vit_embed_dim=32,
+                                                vit_depth=2, vit_num_heads=2, vit_mlp_ratio=2.0, vit_precision="fp32",
+                                                freeze_vit=False))
+    clip = standins.ClipStandIn(build_clip_vit(typed), vocab_size=100, embed_dim=16, max_positions=16).eval()
+    images, ids, mask = torch.randn(4, 3, 32, 32), torch.randint(5, 100, (4, 6)), torch.ones(4, 6, dtype=torch.long)
+    loss, _ = clip(images, ids, mask)
+    image = torch.nn.functional.normalize(clip.image_proj(clip.image_norm(clip.vit(images).mean(1))), dim=-1)
+    text = torch.nn.functional.normalize(clip.text_proj(clip.text(ids, mask).last_hidden_state[:, 0]), dim=-1)
+    logits = clip.logit_scale.exp() * image @ text.t()
+    labels = torch.arange(4)
+    expected = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.t(), labels)) / 2
+    torch.testing.assert_close(loss, expected)
+    # the pairing matters: the same images with the captions shuffled give another loss
+    assert not torch.allclose(clip(images, ids.flip(0), mask)[0], loss)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ for exact-match scores, the answer matched).
 """
 
 from dataclasses import asdict, dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy.stats import binomtest, bootstrap
@@ -153,3 +153,37 @@ def compare_paired(
         seed=seed,
         mcnemar=mcnemar_exact(is_correct(a), is_correct(b)),
     )
+
+
+# ================================================================================================================
+# Over repeated runs (seeds)
+# ================================================================================================================
+def mean_t_interval(
+    values: Sequence[float], confidence: float = DEFAULT_CONFIDENCE
+) -> Tuple[float, Optional[float], Optional[float]]:
+    """(mean, low, high): Student's t interval of the mean of independent runs (e.g. one value per seed);
+    ``low = high = None`` with fewer than two runs (no spread to estimate)."""
+    from scipy import stats as scipy_stats
+
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"need a non-empty 1-d sequence of per-run values, got shape {x.shape}")
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, None, None
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    return mean, mean - half, mean + half
+
+
+def paired_t_p_value(values_a: Sequence[float], values_b: Sequence[float]) -> Optional[float]:
+    """Two-sided p-value of the paired t-test of ``b - a`` over runs (None with fewer than two runs; 1.0 when every
+    difference is the same zero, NaN-free)."""
+    from scipy import stats as scipy_stats
+
+    a, b = _paired_arrays(values_a, values_b)
+    if a.size < 2:
+        return None
+    differences = b - a
+    if np.all(differences == differences[0]):
+        return 1.0 if differences[0] == 0 else 0.0
+    return float(scipy_stats.ttest_rel(b, a).pvalue)

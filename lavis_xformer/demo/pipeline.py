@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 # ================================================================================================================
 # What runs
@@ -37,19 +37,24 @@ class Stage:
     title: str
     yaml: str  #: file name stem in the config folder (the model's suffix is appended)
     entry: str  #: lavis_xformer.train or lavis_xformer.evaluate
-    weights_key: Optional[str]  #: model config key that receives the previous stage's checkpoint
+    weights: Tuple[Tuple[str, str], ...] = ()  #: (model config key, stage) pairs: the key gets that stage's checkpoint
 
 
 STAGES = (
     Stage("stage1", "stage 1: pre-training (ITC, ITM, ITG; X-Former: + reconstruction)", "pretrain_stage1_shapes",
-          "lavis_xformer.train", None),
+          "lavis_xformer.train"),
     Stage("retrieval", "zero-shot image-text retrieval (stage-1 checkpoint)", "ret_shapes_eval",
-          "lavis_xformer.evaluate", "finetuned"),
+          "lavis_xformer.evaluate", (("finetuned", "stage1"),)),
     Stage("stage2", "stage 2: alignment with a frozen OPT (LM loss)", "pretrain_stage2_shapes",
-          "lavis_xformer.train", "pretrained"),
-    Stage("vqa", "zero-shot VQA (stage-2 checkpoint)", "vqa_shapes_eval", "lavis_xformer.evaluate", "pretrained"),
+          "lavis_xformer.train", (("pretrained", "stage1"),)),
+    Stage("vqa", "zero-shot VQA (stage-2 checkpoint; measures the LLM's prior)", "vqa_shapes_eval",
+          "lavis_xformer.evaluate", (("pretrained", "stage2"),)),
+    # the Q-Former's text parts, which stage 2 drops, come back from stage 1 (qformer_text_init)
+    Stage("vqa_ft", "VQA fine-tuning with the answers (stage-2 checkpoint), then VQA on the test split",
+          "vqa_ft_shapes", "lavis_xformer.train", (("pretrained", "stage2"), ("qformer_text_init", "stage1"))),
 )
-WEIGHTS_FROM = {"retrieval": "stage1", "stage2": "stage1", "vqa": "stage2"}  # which run's last checkpoint
+TRAINED = ("stage1", "stage2", "vqa_ft")  # the stages that train (their per-epoch losses are plotted)
+EVALUATED = ("retrieval", "vqa", "vqa_ft")  # the stages that score the test split (evaluate.txt)
 
 # --smoke: the same pipeline on a few images and epochs (applied on top of the yamls).
 SMOKE_SHAPES = {"num_train": 48, "num_val": 4, "num_test": 12}
@@ -58,7 +63,10 @@ SMOKE_OPTIONS = {
     "retrieval": ["run.k_test=8", "run.batch_size_eval=12"],
     "stage2": ["run.max_epoch=2", "run.batch_size_train=16", "run.warmup_steps=2", "run.log_freq=1"],
     "vqa": ["run.batch_size_eval=12", "run.num_beams=2", "run.max_len=4"],
+    "vqa_ft": ["run.max_epoch=2", "run.batch_size_train=16", "run.warmup_steps=2", "run.log_freq=1",
+               "run.batch_size_eval=12", "run.num_beams=2", "run.max_len=4"],
 }
+SMOKE_SEEDS = 2  # --smoke: two seeds (the multi-seed table and its intervals, at the smallest size that has them)
 # shapes VQA answer types (the official files' answer_type) -> the question types they are
 ANSWER_TYPE_OF = {"vqa_counting": "number", "vqa_identification": "yes/no"}
 
@@ -72,7 +80,7 @@ class Console:
     def __init__(self, verbose: bool = False):
         self.lock = threading.Lock()
         self.verbose = verbose
-        self.width = max(len(m.label) for m in MODELS) + 2
+        self.width = max(len(m.label) for m in MODELS) + 10
 
     def say(self, message: str = "", prefix: str = "") -> None:
         with self.lock:
@@ -117,8 +125,10 @@ def child_env(threads: Optional[int]) -> Dict[str, str]:
 class Runner:
     """Runs one model's stages one after the other; ``stop()`` ends the current one (another pipeline failed)."""
 
-    def __init__(self, settings: "DemoSettings", model: DemoModel, console: Console, threads: Optional[int]):
-        self.settings, self.model, self.console, self.threads = settings, model, console, threads
+    def __init__(self, settings: "DemoSettings", model: DemoModel, seed: int, console: Console,
+                 threads: Optional[int]):
+        self.settings, self.model, self.seed, self.console, self.threads = settings, model, seed, console, threads
+        self.label = f"[{model.label} seed {seed}]"
         self.process: Optional[subprocess.Popen] = None
         self.stopped = threading.Event()
         self.results: Dict[str, RunResult] = {}
@@ -136,7 +146,7 @@ class Runner:
                 if self.stopped.is_set():
                     return
                 self.results[stage.key] = self.run_stage(stage)
-                self.console.say(summary_line(stage.key, self.results[stage.key]), prefix=f"[{self.model.label}]")
+                self.console.say(summary_line(stage.key, self.results[stage.key]), prefix=self.label)
         except BaseException as error:  # reported by the main thread
             self.error = error
 
@@ -144,22 +154,21 @@ class Runner:
         settings = self.settings
         yaml = settings.config_dir / f"{stage.yaml}{self.model.suffix}.yaml"
         options = [f"run.output_dir={self.run_dir(stage.key)}"]
-        options += settings.stage_options(stage.key, yaml, self.model)
-        if stage.weights_key is not None:
-            source = self.results[WEIGHTS_FROM[stage.key]]
-            options.append(f"model.{stage.weights_key}={last_checkpoint(source.job_dir)}")
+        options += settings.stage_options(stage.key, yaml, self.model, self.seed)
+        for key, source in stage.weights:  # each the last checkpoint of an earlier stage of this pipeline
+            options.append(f"model.{key}={last_checkpoint(self.results[source].job_dir)}")
         return [sys.executable, "-m", stage.entry, "--cfg-path", str(yaml), "--options", *options]
 
     def run_dir(self, stage_key: str) -> Path:
-        return self.settings.out_dir / "runs" / self.model.key / stage_key
+        return self.settings.out_dir / "runs" / f"seed{self.seed}" / self.model.key / stage_key
 
     def run_stage(self, stage: Stage) -> RunResult:
-        prefix = f"[{self.model.label}]"
+        prefix = self.label
         command = self.command(stage)
         run_dir = self.run_dir(stage.key)
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a previous demo's run: LAVIS would add a second job folder next to it
-        log_path = self.settings.out_dir / "logs" / f"{self.model.key}_{stage.key}.log"
+        log_path = self.settings.out_dir / "logs" / f"seed{self.seed}" / f"{self.model.key}_{stage.key}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.console.say(f"--- {stage.title}\n    {' '.join(_short(c) for c in command)}", prefix=prefix)
         start = time.time()
@@ -221,7 +230,9 @@ def last_checkpoint(job_dir: Path) -> Path:
 
 
 def epoch_stats(job_dir: Path) -> List[Dict[str, float]]:
-    """The per-epoch training averages LAVIS appends to log.txt (``{"train_loss": ..., "epoch": ...}``)."""
+    """The per-epoch training averages LAVIS appends to log.txt (``{"train_loss": ..., "epoch": ...}``).
+
+    The only reader of LAVIS's training log: the losses in the table and the curves all come from here."""
     epochs = []
     for line in (Path(job_dir) / "log.txt").read_text().splitlines():
         if line.startswith('{"train'):
@@ -242,18 +253,24 @@ def eval_metrics(job_dir: Path) -> Dict[str, float]:
 
 
 def summary_line(stage_key: str, result: RunResult) -> str:
+    """What a finished run printed: the last epoch's losses (training runs), the test metrics (evaluated runs)."""
     took = f"({result.seconds:.0f}s)"
-    if stage_key in ("stage1", "stage2"):
+    lines = []
+    if stage_key in TRAINED:
         epochs = epoch_stats(result.job_dir)
         terms = "  ".join(f"{k[len('train_'):]} {v:.3f}" for k, v in epochs[-1].items() if k.startswith("train_loss"))
-        return f"    done {took}: {len(epochs)} epochs; last epoch's averages: {terms}"
-    metrics = eval_metrics(result.job_dir)
-    if stage_key == "retrieval":
-        return (f"    done {took}: image->text R@1 {metrics['txt_r1']:.1f}  text->image R@1 {metrics['img_r1']:.1f}  "
-                f"mean recall {metrics['r_mean']:.1f}")
-    parts = [f"overall {metrics['agg_metrics']:.2f}"]
-    parts += [f"{key[len('vqa_'):]} {metrics[t]:.2f}" for key, t in ANSWER_TYPE_OF.items() if t in metrics]
-    return f"    done {took}: VQA accuracy " + "  ".join(parts)
+        lines.append(f"    done {took}: {len(epochs)} epochs; last epoch's averages: {terms}")
+    if stage_key in EVALUATED:
+        metrics = eval_metrics(result.job_dir)
+        head = "    test split:" if lines else f"    done {took}:"
+        if stage_key == "retrieval":
+            lines.append(f"{head} image->text R@1 {metrics['txt_r1']:.1f}  text->image R@1 {metrics['img_r1']:.1f}  "
+                         f"mean recall {metrics['r_mean']:.1f}")
+        else:
+            parts = [f"overall {metrics['agg_metrics']:.2f}"]
+            parts += [f"{key[len('vqa_'):]} {metrics[t]:.2f}" for key, t in ANSWER_TYPE_OF.items() if t in metrics]
+            lines.append(f"{head} VQA accuracy " + "  ".join(parts))
+    return "\n".join(lines)
 
 
 # ================================================================================================================
@@ -269,7 +286,10 @@ class DemoSettings:
     data_root: Optional[str] = None
     options: List[str] = field(default_factory=list)  #: applied to every run
     verbose: bool = False
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])  #: run.seed of every trainable run, one pipeline each
     grid_images: int = 8
+    pretrain_clip: bool = True  #: pretrain the frozen CLIP-ViT first (standins.CLIP_STANDIN); False: the random one
+    clip_weights: Optional[Path] = None  #: set once the CLIP-ViT is pretrained: passed as model.vit_weights (all runs)
     pretrain_mae: bool = True  #: pretrain X-Former's frozen MAE first (standins.MAE_STANDIN); False: the random one
     mae_weights: Optional[Path] = None  #: set once the MAE is pretrained: passed as model.mae_weights
     pretrain_llm: bool = True  #: pretrain the frozen OPT first (standins.LLM_STANDIN); False: the random one
@@ -280,9 +300,11 @@ class DemoSettings:
 
         return list(OmegaConf.load(yaml).datasets)
 
-    def stage_options(self, stage_key: str, yaml: Path, model: Optional[DemoModel] = None) -> List[str]:
-        """``--options`` for a run: smoke sizes, data root, device, the frozen MAE (X-Former), then the user's."""
-        options = []
+    def stage_options(self, stage_key: str, yaml: Path, model: Optional[DemoModel] = None,
+                      seed: Optional[int] = None) -> List[str]:
+        """``--options`` for a run: smoke sizes, data root, device, the seed, the frozen stand-ins (CLIP-ViT: both
+        models; MAE: X-Former; OPT: the LLM stages), then the user's."""
+        options = [] if seed is None else [f"run.seed={seed}"]
         for name in self.dataset_names(yaml):
             if self.smoke:
                 options += [f"datasets.{name}.shapes.{k}={v}" for k, v in SMOKE_SHAPES.items()]
@@ -292,15 +314,17 @@ class DemoSettings:
             options += SMOKE_OPTIONS[stage_key]
         if self.device:
             options.append(f"run.device={self.device}")
+        if self.clip_weights is not None and model is not None:
+            options.append(f"model.vit_weights={self.clip_weights}")
         if self.mae_weights is not None and model is not None and model.key == "xformer":
             options.append(f"model.mae_weights={self.mae_weights}")
-        if self.opt_weights is not None and model is not None and stage_key in ("stage2", "vqa"):
+        if self.opt_weights is not None and model is not None and stage_key in ("stage2", "vqa", "vqa_ft"):
             options.append(f"model.opt_model={self.opt_weights}")
         return options + list(self.options)
 
     def lavis_config(self, stage: Stage, model: DemoModel, standins: bool = True):
         """LAVIS's ``Config`` of a stage's yaml with the run's options (model defaults and dataset defaults merged);
-        ``standins=False``: without the pretrained frozen MAE and OPT (the random ones of the same sizes)."""
+        ``standins=False``: without the pretrained frozen encoders (the random ones of the same sizes)."""
         from lavis.common.config import Config
 
         yaml = self.config_dir / f"{stage.yaml}{model.suffix}.yaml"
@@ -358,9 +382,19 @@ def data_folder(cfg) -> Path:
 # ================================================================================================================
 # Both models' pipelines
 # ================================================================================================================
-def run_pipelines(settings: DemoSettings, console: Console) -> Dict[str, Dict[str, RunResult]]:
+def run_pipelines(settings: DemoSettings, console: Console) -> Dict[int, Dict[str, Dict[str, RunResult]]]:
+    """Every seed's pipelines, one seed after the other: ``{seed: {model key: {stage key: RunResult}}}``."""
+    results = {}
+    for seed in settings.seeds:
+        console.header(f"Seed {seed} (run.seed={seed} in every run; the frozen stand-ins are the same for all seeds)")
+        results[seed] = run_seed(settings, seed, console)
+    return results
+
+
+def run_seed(settings: DemoSettings, seed: int, console: Console) -> Dict[str, Dict[str, RunResult]]:
+    """Both models' pipelines for one seed (side by side with ``jobs`` = 2)."""
     threads = threads_per_job(settings)
-    runners = [Runner(settings, model, console, threads) for model in MODELS]
+    runners = [Runner(settings, model, seed, console, threads) for model in MODELS]
     if settings.jobs >= 2:
         workers = [threading.Thread(target=r.run_all, name=r.model.key, daemon=True) for r in runners]
         for worker in workers:

@@ -1,8 +1,15 @@
-"""The demo's stand-ins for the frozen encoders' hub weights: a tiny MAE pretrained with MAE's objective on the
-training images (X-Former's frozen MAE) and a tiny OPT pretrained as a text LM on the training captions and
-question-answer pairs (both models' frozen LLM). Each is saved with ``save_pretrained`` and handed to the runs."""
+"""The demo's stand-ins for the frozen encoders' hub weights, each pretrained once on the shapes training split and
+then frozen in every run of every seed, as hub weights would be:
+
+* the CLIP-ViT (both models): CLIP's contrastive objective on the training images and captions, with a tiny BERT
+  text tower built for the purpose and discarded afterwards;
+* the MAE (X-Former): MAE's own objective on the training images;
+* the OPT (both models): a text LM on the training captions and question-answer pairs.
+
+The MAE and the OPT are saved with ``save_pretrained`` (a folder), the CLIP-ViT as a state dict (``vit_weights``)."""
 
 import contextlib
+import hashlib
 import math
 import shutil
 import time
@@ -51,34 +58,187 @@ def one_thread_on_cpu(device: torch.device):
 
 
 def save_standin(model, settings: DemoSettings, name: str) -> Path:
-    """``<out>/pretrained/<name>`` with ``save_pretrained`` (a previous demo's folder replaced): what the runs load."""
+    """What the runs load (a previous demo's replaced): ``<out>/pretrained/<name>`` with ``save_pretrained`` for a
+    transformers model, ``<out>/pretrained/<name>.pth`` (the state dict) for any other module."""
+    model = model.eval().to("cpu")
+    if not hasattr(model, "save_pretrained"):
+        path = settings.out_dir / "pretrained" / f"{name}.pth"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+        return path
     folder = settings.out_dir / "pretrained" / name
     if folder.exists():
         shutil.rmtree(folder)
-    model.eval().to("cpu").save_pretrained(str(folder))
+    model.save_pretrained(str(folder))
     return folder
 
 
-# ================================================================================================================
-# X-Former's frozen MAE
-# ================================================================================================================
-MAE_STANDIN = StandInRecipe(epochs=30, lr=2e-3, betas=(0.9, 0.95), warmup_epochs=1.0)
-SMOKE_MAE = replace(MAE_STANDIN, epochs=2)
+def sha256_of(path: Path) -> str:
+    """The stand-in's fingerprint (a file, or every file of a folder in name order): what the report records."""
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).rglob("*")) if Path(path).is_dir() else [Path(path)]:
+        if file.is_file():
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
-def mae_training_images(cfg, folder: Path) -> torch.Tensor:
-    """Every training image as the X-Former's MAE sees it: the eval processor's resize and CLIP normalisation
-    (what the model is given), then ``mae_pixels``' re-normalisation to ImageNet's statistics."""
+def xformer_config(settings: DemoSettings, stage, config_class):
+    """A stage's LAVIS config for X-Former (without stand-ins) and its typed model config: the sizes a stand-in
+    is built with."""
+    from omegaconf import OmegaConf
+
+    cfg = settings.lavis_config(stage, MODELS[0], standins=False)
+    return cfg, config_class.from_lavis_cfg(OmegaConf.to_container(cfg.model_cfg, resolve=True))
+
+
+def training_images(cfg, folder: Path) -> Tuple[torch.Tensor, List[dict]]:
+    """Every training image as the models are given it (the eval processor's resize and CLIP normalisation), and
+    the scenes they show, in the order of ``scenes_train``."""
     from lavis.common.registry import registry
     from PIL import Image
 
     from lavis_xformer.datasets import shapes
-    from lavis_xformer.models.xformer import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 
     processor_cfg = next(iter(cfg.datasets_cfg.values())).vis_processor.eval
     processor = registry.get_processor_class(processor_cfg.name).from_config(processor_cfg)
     scenes = shapes.read_annotation(folder, "scenes_train")
     images = torch.stack([processor(Image.open(folder / "images" / s["image"]).convert("RGB")) for s in scenes])
+    return images, scenes
+
+
+def random_hflip(batch: torch.Tensor, generator) -> torch.Tensor:
+    """Each image flipped left-right with probability 1/2 (no caption or question of the shapes data says left or
+    right, so the flip changes no text)."""
+    flip = torch.rand(len(batch), generator=generator).to(batch.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
+
+
+# ================================================================================================================
+# The frozen CLIP-ViT (both models)
+# ================================================================================================================
+# Measured (2048 images): the loss leaves chance level (ln 64 = 4.16) after ~10 epochs and ends near 1.45, 40% in-batch
+# image->text accuracy (many captions repeat within a batch); about 35 s of one CPU core.
+CLIP_STANDIN = StandInRecipe(epochs=40, lr=3e-3, betas=(0.9, 0.98), warmup_epochs=1.0, batch_size=64, weight_decay=0.1)
+SMOKE_CLIP = replace(CLIP_STANDIN, epochs=2)
+CLIP_TEXT_TOWER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+
+
+class ClipStandIn(torch.nn.Module):
+    """CLIP (Radford et al. 2021) at the demo's size: the config's EVA ViT as the image tower (kept), a tiny BERT
+    on the project's local vocabulary as the text tower (discarded after pretraining), linear projections to a
+    shared space and a learnable temperature; the loss is CLIP's symmetric cross-entropy over the batch.
+
+    The image embedding pools every ViT output token (CLIP pools its class token): the Q-Former cross-attends to
+    all of them, so the objective should shape all of them, and with two blocks the last block's patch outputs
+    would otherwise get no gradient at all.
+    """
+
+    def __init__(self, vit, vocab_size: int, embed_dim: int, max_positions: int):
+        from transformers import BertConfig, BertModel
+
+        super().__init__()
+        self.vit = vit
+        self.image_norm = torch.nn.LayerNorm(vit.num_features)
+        self.image_proj = torch.nn.Linear(vit.num_features, embed_dim, bias=False)
+        text = BertConfig(vocab_size=vocab_size, max_position_embeddings=max_positions, **CLIP_TEXT_TOWER)
+        self.text = BertModel(text, add_pooling_layer=False)
+        self.text_proj = torch.nn.Linear(text.hidden_size, embed_dim, bias=False)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+
+    def forward(self, images, input_ids, attention_mask):
+        import torch.nn.functional as F
+
+        image = F.normalize(self.image_proj(self.image_norm(self.vit(images).mean(dim=1))), dim=-1)
+        text = F.normalize(self.text_proj(self.text(input_ids, attention_mask).last_hidden_state[:, 0]), dim=-1)
+        logits = self.logit_scale.clamp(max=math.log(100)).exp() * image @ text.t()
+        labels = torch.arange(len(images), device=images.device)
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        accuracy = (logits.argmax(dim=1) == labels).float().mean()  # image -> text, within the batch
+        return loss, accuracy
+
+
+def pretrain_clip(settings: DemoSettings, console: Console) -> Optional[dict]:
+    """Train the stand-in CLIP-ViT (``CLIP_STANDIN``) and point ``settings.clip_weights`` at it; None when the
+    config already names CLIP weights (``vit_weights``).
+
+    Both models' frozen CLIP-ViT is EVA-CLIP at paper scale. The ``tiny`` types' is random, which would leave the
+    comparison unfair (X-Former's MAE pretrained, BLIP-2's only image encoder random) and give both Q-Formers
+    nothing but random features of the image. So the demo pretrains the tiny ViT as CLIP was pretrained, on the
+    training images and their captions, saves its state dict and passes it to every run of both models as
+    ``model.vit_weights``: one file, frozen in every stage and seed, the same for both models.
+    """
+
+    from lavis_xformer.datasets import shapes
+    from lavis_xformer.models.builders import build_bert_tokenizer, build_clip_vit
+    from lavis_xformer.models.config import XFormerConfig
+
+    cfg, typed = xformer_config(settings, STAGES[0], XFormerConfig)
+    if typed.vit_weights is not None:
+        return None
+    recipe = SMOKE_CLIP if settings.smoke else CLIP_STANDIN
+    start = time.time()
+    folder = data_folder(cfg)
+    images, scenes = training_images(cfg, folder)
+    caption_of = {entry["image"]: entry["caption"] for entry in shapes.read_annotation(folder, "caption_train")}
+    texts = [caption_of[scene["image"]] for scene in scenes]
+    tokenizer = build_bert_tokenizer(typed.tokenizer)
+    tokens = tokenizer(texts, padding="longest", truncation=True, max_length=typed.max_txt_len, return_tensors="pt")
+    torch.manual_seed(recipe.seed)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    device = torch.device(settings.run_device)
+    vit = build_clip_vit(replace(typed, freeze_vit=False))  # the random stand-in of this config, trained from here
+    clip = ClipStandIn(vit, len(tokenizer), typed.embed_dim, typed.qformer_max_positions).to(device).train()
+    with one_thread_on_cpu(device):
+        losses, accuracies = _train_clip(clip, images, tokens, recipe, generator, device, console)
+    settings.clip_weights = path = save_standin(clip.vit, settings, "clip_vit")
+    digest = sha256_of(path)
+    batch = min(recipe.batch_size, len(images))
+    chance = math.log(batch)
+    console.say(f"CLIP-ViT stand-in saved to {path} (sha256 {digest[:12]}, {time.time() - start:.0f}s; chance-level "
+                f"loss ln {batch} = {chance:.3f}); both models' runs get model.vit_weights={path}")
+    return {"recipe": asdict(recipe), "epoch_losses": losses, "epoch_batch_accuracy": accuracies,
+            "chance_loss": chance, "file": str(path), "sha256": digest, "seconds": round(time.time() - start, 1)}
+
+
+def _train_clip(clip, images, tokens, recipe: StandInRecipe, generator, device, console):
+    optimizer, schedule = recipe.optimizer_and_schedule(clip.parameters(), len(images))
+    losses, accuracies = [], []
+    for epoch in range(recipe.epochs):
+        order, epoch_loss, epoch_accuracy = torch.randperm(len(images), generator=generator), 0.0, 0.0
+        for first in range(0, len(images), recipe.batch_size):
+            rows = order[first : first + recipe.batch_size]
+            batch = random_hflip(images[rows], generator).to(device)
+            loss, accuracy = clip(batch, tokens.input_ids[rows].to(device), tokens.attention_mask[rows].to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            epoch_loss, epoch_accuracy = epoch_loss + loss.item() * len(rows), epoch_accuracy + accuracy.item() * len(rows)
+        losses.append(epoch_loss / len(images))
+        accuracies.append(epoch_accuracy / len(images))
+        if epoch == 0 or (epoch + 1) % 10 == 0 or epoch + 1 == recipe.epochs:
+            console.say(f"CLIP-ViT stand-in: epoch {epoch + 1}/{recipe.epochs}  contrastive loss {losses[-1]:.4f}  "
+                        f"in-batch image->text accuracy {accuracies[-1]:.2f}")
+    return losses, accuracies
+
+
+# ================================================================================================================
+# X-Former's frozen MAE
+# ================================================================================================================
+# With 8-pixel patches on 32-pixel images a masked patch often holds a whole shape that no visible patch shows:
+# 30 epochs then only learn the background (0.389 vs 0.399 for the mean colour). The demo yamls give X-Former's
+# MAE 4-pixel patches (mae_patch_size: 4), where masked parts of a shape have visible neighbours; 80 epochs at
+# 4e-3 reach 0.235 (measured), reconstructing the shapes. About 80 s of one CPU core.
+MAE_STANDIN = StandInRecipe(epochs=80, lr=4e-3, betas=(0.9, 0.95), warmup_epochs=1.0)
+SMOKE_MAE = replace(MAE_STANDIN, epochs=2)
+
+
+def mae_training_images(cfg, folder: Path) -> torch.Tensor:
+    """Every training image as the X-Former's MAE sees it: what the model is given (``training_images``), then
+    ``mae_pixels``' re-normalisation to ImageNet's statistics."""
+    from lavis_xformer.models.xformer import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+
+    images, _ = training_images(cfg, folder)
 
     def stats(values):
         return torch.tensor(values).view(1, 3, 1, 1)
@@ -99,13 +259,11 @@ def pretrain_mae(settings: DemoSettings, console: Console) -> Optional[dict]:
     MAE weights (``mae_weights``) is used as it is.
     """
     import torch.nn.functional as F
-    from omegaconf import OmegaConf
 
     from lavis_xformer.models.builders import build_mae
     from lavis_xformer.models.config import XFormerConfig
 
-    cfg = settings.lavis_config(STAGES[0], MODELS[0], standins=False)
-    typed = XFormerConfig.from_lavis_cfg(OmegaConf.to_container(cfg.model_cfg, resolve=True))
+    cfg, typed = xformer_config(settings, STAGES[0], XFormerConfig)
     if typed.mae_weights or not typed.use_mae or typed.mae_source != "mae":
         return None
     recipe = SMOKE_MAE if settings.smoke else MAE_STANDIN
@@ -133,9 +291,8 @@ def _train_mae(mae, pixels, recipe: StandInRecipe, generator, device, console) -
     for epoch in range(recipe.epochs):
         order, epoch_loss = torch.randperm(len(pixels), generator=generator), 0.0
         for first in range(0, len(pixels), recipe.batch_size):
-            batch = pixels[order[first : first + recipe.batch_size]].to(device)
-            flip = torch.rand(len(batch), generator=generator).to(device) < 0.5  # MAE's only augmentation here
-            batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
+            batch = random_hflip(pixels[order[first : first + recipe.batch_size]], generator).to(device)  # MAE's only
+            # augmentation here
             noise = torch.rand(len(batch), mae.vit.embeddings.num_patches, generator=generator).to(device)
             loss = mae(pixel_values=batch, noise=noise).loss  # mask_ratio of the stage-1 config
             optimizer.zero_grad()
@@ -185,13 +342,11 @@ def pretrain_llm(settings: DemoSettings, console: Console) -> Optional[dict]:
     and handed to both models' stage-2 and VQA runs as ``model.opt_model``, where it stays frozen. What it cannot
     know is the test image: answering from the image is left to each model's visual prefix.
     """
-    from omegaconf import OmegaConf
 
     from lavis_xformer.models.config_llm import XFormerOPTConfig
     from lavis_xformer.models.llm_builders import build_opt
 
-    cfg = settings.lavis_config(STAGES[2], MODELS[0], standins=False)
-    typed = XFormerOPTConfig.from_lavis_cfg(OmegaConf.to_container(cfg.model_cfg, resolve=True))
+    cfg, typed = xformer_config(settings, STAGES[2], XFormerOPTConfig)
     if typed.opt_model is not None:
         return None
     recipe = SMOKE_LLM if settings.smoke else LLM_STANDIN

@@ -117,7 +117,8 @@ def _linspace_on_cpu():
 
 
 def build_clip_vit(cfg) -> nn.Module:
-    """LAVIS's EVA ViT: ``create_eva_vit_g`` with its weights, or the same class from the config's sizes.
+    """LAVIS's EVA ViT: ``create_eva_vit_g`` with its weights, or the same class from the config's sizes (random,
+    or a local state dict: ``vit_weights: <file>.pth``).
 
     A frozen ViT runs in half precision (``precision.frozen_half_dtype``: fp16 with CUDA as LAVIS does, bf16 on a
     CPU-only machine where LAVIS would stay fp32); a trainable one stays fp32.
@@ -127,8 +128,10 @@ def build_clip_vit(cfg) -> nn.Module:
         # fp32 here: LAVIS's own fp16 cast would also run on a CPU, where fp16 has no kernels worth the name.
         vit = create_eva_vit_g(cfg.image_size, cfg.drop_path_rate, cfg.use_grad_checkpoint, "fp32")
         return run_in_half_precision(vit, half)
-    if cfg.vit_weights not in (None, "eva_clip_g"):
-        raise ValueError(f"vit_weights={cfg.vit_weights!r} is not valid; choose 'eva_clip_g' or null (random)")
+    weights_file = None if cfg.vit_weights in (None, "eva_clip_g") else Path(cfg.vit_weights).expanduser()
+    if weights_file is not None and not weights_file.is_file():
+        raise ValueError(f"vit_weights={cfg.vit_weights!r} is neither 'eva_clip_g', null (random) nor an existing "
+                         "file; pass the path of a CLIP-ViT state dict saved with torch.save(vit.state_dict(), path)")
     on_meta = torch.get_default_device().type == "meta"
     with _linspace_on_cpu() if on_meta else contextlib.nullcontext(), standin_weights("clip_vit"):
         vit = VisionTransformer(
@@ -144,7 +147,27 @@ def build_clip_vit(cfg) -> nn.Module:
             norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
             use_checkpoint=cfg.use_grad_checkpoint,
         )
+    if weights_file is not None and not on_meta:
+        load_clip_vit_weights(vit, weights_file)
     return run_in_half_precision(vit, half)
+
+
+def load_clip_vit_weights(vit: nn.Module, path: Path) -> None:
+    """A local CLIP-ViT state dict (``vit_weights: <file>.pth``) into the ViT built from the config's sizes: every
+    tensor present with the config's shape, or a ValueError that names the differences."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    expected = vit.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = [f"{k} {tuple(state[k].shape)} (config: {tuple(v.shape)})"
+                for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"vit_weights={str(path)!r} does not fit the CLIP-ViT of this config (vit_embed_dim, vit_depth, "
+            f"vit_patch_size, image_size, ...): missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"other shapes {reshaped[:5]}; set the model's vit_* sizes to those the file was trained with"
+        )
+    vit.load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------------------------------------------

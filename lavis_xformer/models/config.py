@@ -30,7 +30,7 @@ class BackboneConfig:
 
     # --- frozen CLIP-ViT (LAVIS's EVA ViT class) ---
     image_size: int = 224  #: input resolution of the CLIP-ViT
-    vit_weights: Optional[str] = "eva_clip_g"  #: "eva_clip_g" loads LAVIS's EVA-CLIP ViT-g weights; None = random
+    vit_weights: Optional[str] = "eva_clip_g"  #: "eva_clip_g" (EVA-CLIP ViT-g), a .pth ViT state dict, None = random
     vit_patch_size: int = published.EVA_VIT_G["patch_size"]  #: CLIP-ViT patch size
     vit_embed_dim: int = published.EVA_VIT_G["embed_dim"]  #: CLIP-ViT width
     vit_depth: int = published.EVA_VIT_G["depth"]  #: blocks kept (EVA-g has 40; 39 = second-to-last layer output)
