@@ -14,6 +14,7 @@ import math
 import re
 from pathlib import Path
 
+import lavis.common.optims  # noqa: F401  (registers LAVIS's lr schedulers, which run.lr_sched names)
 from lavis.common.registry import registry
 from omegaconf import OmegaConf
 

@@ -13,7 +13,7 @@ import torch
 from lavis.common.registry import registry
 from omegaconf import OmegaConf
 
-from lavis_xformer import check, launch, paths
+from lavis_xformer import check, launch, paths, run_config
 from lavis_xformer.check import CheckFailed, Finding
 from lavis_xformer.common.meta import build_on_meta
 from test_pipeline import DEMO_TRAIN, PROJECTS, REPO, shapes_options, subprocess_env
@@ -158,7 +158,7 @@ def test_malformed_options_say_what_form_is_expected(options, tmp_path):
 
 
 def test_plugin_run_keys_are_known_without_a_second_list():
-    known = launch.known_run_keys()
+    known = run_config.known_run_keys()
     assert {"checkpoint_every_iters", "max_bad_fraction", "robust_data", "allow_downloads"} <= known
     assert {"max_epoch", "k_test", "dist_url", "train_dataset_ratios"} <= known
 

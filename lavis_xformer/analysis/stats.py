@@ -21,6 +21,7 @@ when its score is at least ``CORRECT_AT`` (0.5: for VQAv2, at least two of the t
 for exact-match scores, the answer matched).
 """
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Sequence, Tuple
 

@@ -131,6 +131,15 @@ class Blip2LLMPartsMixin(ConfigBuildersMixin):
             self.supply_qformer_text_parts(cfg, result)
         return result
 
+    def _required_from_previous_stage(self, state_dict) -> set:
+        """The strict ``pretrained`` load's required tensors, less the Q-Former text parts when the question enters
+        the Q-Former: a stage-2 checkpoint has none of them, and ``supply_qformer_text_parts`` loads them from
+        ``qformer_text_init`` (or refuses with ``QFormerTextWeightsMissing``)."""
+        required = super()._required_from_previous_stage(state_dict)
+        if self.config.qformer_text_input:
+            required = {name for name in required if not is_qformer_text_part(name)}
+        return required
+
     def supply_qformer_text_parts(self, cfg, result) -> None:
         """Load the text parts the checkpoint of ``result`` lacked from ``qformer_text_init``;
         ``QFormerTextWeightsMissing`` if it is not set or lacks them. With no checkpoint loaded (``result`` None:
