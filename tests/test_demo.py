@@ -141,6 +141,14 @@ def test_smoke_demo_both_models_use_the_same_pretrained_clip_vit(smoke_demo):
                 weights = Path(config["model"]["vit_weights"])
                 assert hashlib.sha256(weights.read_bytes()).hexdigest() == clip["sha256"], (seed, model, stage)
     assert report["mae_standin"]["epoch_losses"][-1] < report["mae_standin"]["epoch_losses"][0]
+    # the OPT stand-in: one folder for every LLM run of both models, and what it scores with and without context
+    llm = report["llm_standin"]
+    assert set(llm["answer_loss"]) == {"with_context", "without_context"}
+    for seed in ("0", "1"):
+        for model in ("xformer", "blip2"):
+            for stage in ("stage2", "vqa_ft"):
+                config = run_config(Path(report["runs"][seed][model][stage]))
+                assert config["model"]["opt_model"] == llm["folder"], (seed, model, stage)
 
 
 def test_smoke_demo_headline_has_intervals_tests_and_matching_verdicts(smoke_demo):
@@ -232,6 +240,50 @@ def test_clip_standin_loss_is_clips_symmetric_cross_entropy():
     torch.testing.assert_close(loss, expected)
     # the pairing matters: the same images with the captions shuffled give another loss
     assert not torch.allclose(clip(images, ids.flip(0), mask)[0], loss)
+
+
+def test_llm_standin_documents_put_the_context_before_the_bos_and_the_loss_on_the_text_alone():
+    from lavis_xformer.models.llm_builders import build_opt
+    from lavis_xformer.models.config_llm import XFormerOPTConfig
+
+    section = OmegaConf.to_container(OmegaConf.load(REPO / "configs/models/xformer_opt/xformer_opt_tiny.yaml").model)
+    tokenizer, opt = build_opt(XFormerOPTConfig.from_lavis_cfg(section))
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    documents = [standins.ContextDocument("two red circles", "two red circles\n"),
+                 standins.ContextDocument("a blue square", " yes\n", prompt="Question: is there a square? Short answer:")]
+    input_ids, attention_mask, labels = standins.context_lm_batch(tokenizer, documents, max_length=32)
+    first = ids("two red circles") + [tokenizer.bos_token_id] + ids("two red circles\n")
+    second = ids("a blue square") + [tokenizer.bos_token_id] + ids("Question: is there a square? Short answer:") + ids(" yes\n")
+    assert input_ids[0, : len(first)].tolist() == first and input_ids[1, : len(second)].tolist() == second
+    assert attention_mask.sum(1).tolist() == [len(first), len(second)]
+    # the labels: the text alone (not the context, the BOS, the prompt or the padding)
+    assert [t for t in labels[0].tolist() if t != -100] == ids("two red circles\n")
+    assert [t for t in labels[1].tolist() if t != -100] == ids(" yes\n")
+    assert (labels[attention_mask == 0] == -100).all()
+    # drop_context: the same document from its BOS on
+    dropped, _, _ = standins.context_lm_batch(tokenizer, documents[:1], 32, drop_context=[True])
+    assert dropped[0].tolist() == [tokenizer.bos_token_id] + ids("two red circles\n")
+    # the context reaches the loss of the text (the slot a visual prefix takes is read)
+    other = [standins.ContextDocument("a green triangle", documents[0].text)]
+    with torch.no_grad():
+        losses = [opt(input_ids=i, attention_mask=m, labels=l).loss
+                  for i, m, l in (standins.context_lm_batch(tokenizer, d, 32) for d in (documents[:1], other))]
+    assert not torch.allclose(*losses)
+
+
+def test_llm_standin_corpus_pairs_every_training_caption_and_question_with_its_images_caption(tmp_path):
+    folder = shapes.ensure_generated(shapes.ShapesSpec(image_size=32, num_train=8, num_val=2, num_test=2), tmp_path)
+    documents = standins.llm_training_documents(folder)
+    scenes = shapes.read_annotation(folder, "scenes_train")
+    assert len(documents) == len(scenes) * (1 + shapes.QUESTIONS_PER_IMAGE)
+    captions = [d for d in documents if not d.text.startswith("Question:")]
+    assert all(d.text == d.context + "\n" for d in captions)  # stage 2's task: the caption from the context
+    questions = [d for d in documents if d.text.startswith("Question:")]
+    assert {d.context for d in questions} == {d.context for d in captions}
+    assert all(re.fullmatch(r"Question: .+\? Short answer: (yes|no|\d)\n", d.text) for d in questions)
 
 
 # ------------------------------------------------------------------------------------------------------------------

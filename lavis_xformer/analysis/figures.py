@@ -82,6 +82,7 @@ LOSS_PANELS = [  # (title, stage, loss term)
     ("Stage 1: ITG", "stage1", "loss_lm"),
     ("Stage 1: reconstruction (X-Former)", "stage1", "loss_rec"),
     ("Stage 2: LM loss", "stage2", "loss_lm"),
+    ("VQA fine-tuning: answer loss", "vqa_ft", "loss"),
 ]
 
 
@@ -98,10 +99,13 @@ def loss_series(records: Sequence[dict], term: str, or_total: bool = False) -> T
 
 
 def loss_curves_png(stats: Dict[str, Dict[str, List[dict]]], labels: Dict[str, str], path: Path) -> Path:
-    """Losses of every model: stage 1 total and each term, stage 2 LM loss (``stats[model][stage]``: per-iteration
-    lines or per-epoch averages, see ``loss_series``); ``labels[model]`` names a model in the legend."""
-    figure = Figure(figsize=(11, 6.4), layout="constrained")
-    axes = figure.subplots(2, 3).ravel()
+    """Losses of every model: stage 1 total and each term, stage 2 LM loss, VQA fine-tuning's answer loss
+    (``stats[model][stage]``: per-iteration lines or per-epoch averages, see ``loss_series``); ``labels[model]``
+    names a model in the legend."""
+    figure = Figure(figsize=(14, 6.4), layout="constrained")
+    axes = figure.subplots(2, 4).ravel()
+    for ax in axes[len(LOSS_PANELS):]:
+        ax.set_axis_off()
     per_iteration = any("iter" in r for per_stage in stats.values() for rs in per_stage.values() for r in rs)
     for ax, (title, stage, term) in zip(axes, LOSS_PANELS):
         ax.set_title(title, fontsize=10)

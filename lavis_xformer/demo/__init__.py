@@ -11,7 +11,8 @@ a frozen MAE decoder to reconstruct with and no language for a visual prefix to 
 for all seeds, the tiny CLIP-ViT (``standins.CLIP_STANDIN``: CLIP's contrastive objective on the training images and
 captions, with a tiny BERT text tower that is then discarded), the tiny MAE (``standins.MAE_STANDIN``: MAE's own
 objective on the training images) and the tiny OPT (``standins.LLM_STANDIN``: a text LM on the training captions
-and question-answer pairs), and passes them to the runs as ``model.vit_weights`` (every run of both models: one
+and question-answer pairs, each after its image's caption placed before the BOS token, the slot the visual prefix
+takes, so that the LM learns to read that slot), and passes them to the runs as ``model.vit_weights`` (every run of both models: one
 file, the same CLIP for both), ``model.mae_weights`` (X-Former) and ``model.opt_model`` (the LLM stages), frozen
 like hub weights (``--random-clip``, ``--random-mae``, ``--random-llm``: keep the random ones).
 
@@ -23,7 +24,7 @@ folder)::
     1. stage 1   python -m lavis_xformer.train    --cfg-path pretrain_stage1_shapes.yaml    (ITC, ITM, ITG [, rec])
     2. retrieval python -m lavis_xformer.evaluate --cfg-path ret_shapes_eval.yaml           (zero-shot, test split)
     3. stage 2   python -m lavis_xformer.train    --cfg-path pretrain_stage2_shapes.yaml    (LM loss, frozen OPT)
-    4. VQA       python -m lavis_xformer.evaluate --cfg-path vqa_shapes_eval.yaml           (zero-shot: the LLM prior)
+    4. VQA       python -m lavis_xformer.evaluate --cfg-path vqa_shapes_eval.yaml           (zero-shot, test split)
     5. VQA FT    python -m lavis_xformer.train    --cfg-path vqa_ft_shapes.yaml             (answers; then test split)
 
 each stage starting from the checkpoint of the one before (``model.finetuned`` / ``model.pretrained``; VQA
@@ -42,8 +43,8 @@ writes to ``--out``:
   baseline and a verdict sentence; then the per-metric table of means over seeds (parameter counts, stage-1 losses
   with the first and last epoch's reconstruction loss, retrieval R@1/5/10, LM losses, VQA per question type) and
   every seed's rows; a few example answers;
-* ``loss_curves.png`` -- every seed's per-epoch training losses of both models (stage 1: total and each term;
-  stage 2: LM; the VQA fine-tuning losses are in the json's ``epochs``: ``analysis.figures`` draws fixed panels);
+* ``loss_curves.png`` -- every seed's training losses of both models (stage 1: total and each term; stage 2: LM;
+  VQA fine-tuning: the answer loss);
 * ``reconstructions.png`` -- test images, their MAE masks (ratio 0.5, a fixed draw) and what the first seed's
   trained X-Former reconstructs from M' through the frozen MAE decoder;
 * ``runs/seed<k>/<model>/<stage>/`` -- the LAVIS output folders, ``logs/seed<k>/<model>_<stage>.log`` -- each run's

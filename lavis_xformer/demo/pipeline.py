@@ -47,7 +47,7 @@ STAGES = (
           "lavis_xformer.evaluate", (("finetuned", "stage1"),)),
     Stage("stage2", "stage 2: alignment with a frozen OPT (LM loss)", "pretrain_stage2_shapes",
           "lavis_xformer.train", (("pretrained", "stage1"),)),
-    Stage("vqa", "zero-shot VQA (stage-2 checkpoint; measures the LLM's prior)", "vqa_shapes_eval",
+    Stage("vqa", "zero-shot VQA (stage-2 checkpoint)", "vqa_shapes_eval",
           "lavis_xformer.evaluate", (("pretrained", "stage2"),)),
     # the Q-Former's text parts, which stage 2 drops, come back from stage 1 (qformer_text_init)
     Stage("vqa_ft", "VQA fine-tuning with the answers (stage-2 checkpoint), then VQA on the test split",
