@@ -64,7 +64,7 @@ def test_smoke_demo_table_has_both_models_with_every_metric(smoke_demo):
             elif kind == "params":
                 assert value > 0
             else:
-                assert value > 0  # losses
+                assert value > 0  # losses, query diversity
         for direction in ("txt", "img"):
             assert row[f"{direction}_r1"] <= row[f"{direction}_r5"] <= row[f"{direction}_r10"]
     # X-Former = BLIP-2 + the dual block (and the frozen MAE): more parameters in both stages
@@ -80,6 +80,33 @@ def test_smoke_demo_table_has_both_models_with_every_metric(smoke_demo):
     assert re.search(r"metric +X-Former +BLIP-2", output)
     for _, label, _ in demo_report.METRICS:
         assert label.strip() in output
+
+
+def test_smoke_demo_query_diversity_is_the_image_text_measure_of_each_seeds_stage1_model(smoke_demo):
+    """Supplement section 6 on the shapes test split: seed 0's X-Former row equals the measure recomputed here from
+    its stage-1 checkpoint over every (test image, one of its captions) pair."""
+    from lavis.common.registry import registry
+
+    from lavis_xformer.analysis import query_diversity
+
+    out, _ = smoke_demo
+    report = json.loads((out / "demo_results.json").read_text())
+    settings = pipeline.DemoSettings(out_dir=out, smoke=True, data_root=str(out / "data"),
+                                     clip_weights=Path(report["clip_standin"]["file"]),
+                                     mae_weights=Path(report["mae_standin"]["folder"]))
+    folder = pipeline.data_folder(settings.lavis_config(pipeline.STAGES[0], pipeline.MODELS[0]))
+    annotations = shapes.read_annotation(folder, "caption_test")
+    images = demo_report.load_test_images(settings.lavis_config(pipeline.STAGES[0], pipeline.MODELS[0]), folder,
+                                          len(annotations))
+    text = registry.get_processor_class("blip_caption").from_config(None)
+    pairs = [(images[i : i + 1].repeat(len(a["caption"]), 1, 1, 1), [text(c) for c in a["caption"]])
+             for i, a in enumerate(annotations)]
+    job = Path(report["runs"]["0"]["xformer"]["stage1"])
+    model = demo_report.trained_stage1_model(settings, pipeline.MODELS[0], pipeline.last_checkpoint(job))
+    expected = query_diversity.measure_image_text(model, pairs, "X-Former").diversity
+    rows = {row["key"]: row for row in report["seeds"]["0"]}
+    assert rows["xformer"]["query_diversity"] == pytest.approx(expected, rel=1e-6)
+    assert rows["xformer"]["query_diversity"] != rows["blip2"]["query_diversity"]
 
 
 def test_smoke_demo_markdown_has_both_rows_in_every_table(smoke_demo):

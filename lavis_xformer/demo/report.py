@@ -18,6 +18,7 @@ from lavis_xformer.demo.pipeline import (
     TRAINED,
     Console,
     DemoError,
+    DemoModel,
     DemoSettings,
     RunResult,
     data_folder,
@@ -28,7 +29,7 @@ from lavis_xformer.demo.pipeline import (
 from lavis_xformer.common.meta import build_on_meta, build_without_checkpoints, count_parameters
 from lavis_xformer.runners.logs import read_iteration_log
 
-# The table: (key, label, format). Formats: "params", "loss", "recall", "acc".
+# The table: (key, label, format). Formats: "params", "loss", "recall", "acc", "score" (4 decimals).
 METRICS = (
     ("params_stage1_trainable", "params, stage 1 trainable", "params"),
     ("params_stage1_total", "params, stage 1 total", "params"),
@@ -44,6 +45,7 @@ METRICS = (
     ("img_r1", "retrieval text->image R@1", "recall"),
     ("img_r5", "retrieval text->image R@5", "recall"),
     ("img_r10", "retrieval text->image R@10", "recall"),
+    ("query_diversity", "query diversity, image vs text queries", "score"),
     ("params_stage2_trainable", "params, stage 2 trainable", "params"),
     ("params_stage2_total", "params, stage 2 total", "params"),
     ("stage2_loss_lm", "stage 2 final LM loss", "loss"),
@@ -61,6 +63,7 @@ TABLE_GROUPS = (
     ("Stage 1 (pre-training)", ("params_stage1_trainable", "params_stage1_total", "stage1_loss", "stage1_loss_itc",
                                 "stage1_loss_itm", "stage1_loss_lm", "stage1_loss_rec", "stage1_loss_rec_first")),
     ("Zero-shot retrieval (shapes test split)", ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10")),
+    ("Query diversity (supplement section 6; stage 1, shapes test split)", ("query_diversity",)),
     ("Stage 2 and zero-shot VQA (shapes test split)", ("params_stage2_trainable",
                                                                        "params_stage2_total", "stage2_loss_lm",
                                                                        "vqa_overall", "vqa_counting",
@@ -345,13 +348,15 @@ def format_value(value, kind: str) -> str:
         return f"{value:.3f}"
     if kind == "recall":
         return f"{value:.1f}"
+    if kind == "score":
+        return f"{value:.4f}"
     return f"{value:.2f}"
 
 
 def format_delta(a, b, kind: str, key: str = "") -> str:
     if a is None or b is None or kind == "params" or key in NO_DELTA:
         return ""
-    return f"{a - b:+.3f}" if kind == "loss" else f"{a - b:+.2f}"
+    return {"loss": f"{a - b:+.3f}", "score": f"{a - b:+.4f}"}.get(kind, f"{a - b:+.2f}")
 
 
 def text_table(rows: List[dict]) -> str:
@@ -518,17 +523,55 @@ def load_test_images(cfg, folder: Path, count: int) -> torch.Tensor:
     return torch.stack([processor(Image.open(folder / "images" / s["image"]).convert("RGB")) for s in scenes])
 
 
+def trained_stage1_model(settings: DemoSettings, model: DemoModel, checkpoint: Path):
+    """A trained stage-1 model: its config with the same frozen stand-in encoders as in training, then its
+    checkpoint (every key must fit), in eval mode on the run device."""
+    from lavis_xformer.checkpoints import load_model_weights
+
+    network = build_without_checkpoints(**model_section(settings.lavis_config(STAGES[0], model)))
+    load_model_weights(network, str(checkpoint), strict_unexpected=True)
+    return network.to(settings.run_device).eval()
+
+
+def query_diversity_by_seed(settings: DemoSettings, results) -> Dict[int, Dict[str, float]]:
+    """Supplement section 6's query diversity (``analysis.query_diversity.measure_image_text``: each image's
+    queries against the queries of its image-text pass, the text-marginalised scores' spread) of every seed's
+    stage-1 model, over the test split's image-caption pairs (every caption of an image makes a pair):
+    ``{seed: {model key: diversity}}``."""
+    from lavis_xformer.analysis import query_diversity
+    from lavis_xformer.datasets import shapes
+
+    cfg = settings.lavis_config(STAGES[0], MODELS[0])
+    folder = data_folder(cfg)
+    annotations = shapes.read_annotation(folder, "caption_test")
+    images = load_test_images(cfg, folder, len(annotations))
+    text = registry_processor("blip_caption")
+    pairs = [(images[i : i + 1].expand(len(a["caption"]), -1, -1, -1), [text(c) for c in a["caption"]])
+             for i, a in enumerate(annotations)]
+    diversity = {}
+    for seed, runs in results.items():
+        diversity[seed] = {}
+        for model in MODELS:
+            network = trained_stage1_model(settings, model, last_checkpoint(runs[model.key]["stage1"].job_dir))
+            measured = query_diversity.measure_image_text(network, pairs, model.label, settings.run_device)
+            diversity[seed][model.key] = measured.diversity
+    return diversity
+
+
+def registry_processor(name: str):
+    """A LAVIS text processor with its default settings (what the runs' yamls name)."""
+    from lavis.common.registry import registry
+
+    return registry.get_processor_class(name).from_config(None)
+
+
 def make_reconstruction_grid(settings: DemoSettings, checkpoint: Path, path: Path) -> Optional[Path]:
     """Load the trained stage-1 X-Former (the same frozen stand-in encoders as in training, then its checkpoint)
     and draw ``reconstructions.png`` for the first test images."""
-    from lavis_xformer.checkpoints import load_model_weights
-
     cfg = settings.lavis_config(STAGES[0], MODELS[0])
-    model = build_without_checkpoints(**model_section(cfg))
+    model = trained_stage1_model(settings, MODELS[0], checkpoint)
     if getattr(model, "mae_decoder", None) is None:
         return None  # a variant without the reconstruction branch: nothing to draw
-    load_model_weights(model, str(checkpoint), strict_unexpected=True)
-    model = model.to(settings.run_device).eval()
     images = load_test_images(cfg, data_folder(cfg), settings.grid_images)
     views = reconstruct(model, images.to(settings.run_device), mask_ratio=0.5, seed=0)
     title = (f"X-Former stage 1 ({checkpoint.name}): MAE mask ratio 0.5, fixed draw; "
@@ -544,6 +587,9 @@ def write_report(settings: DemoSettings, results: Dict[int, Dict[str, Dict[str, 
     """Read every seed's outputs, write ``demo_results.{json,md}`` and the figures, print the tables; ``standins``:
     what the stand-in encoders' pretraining reported (``clip_standin``, ``mae_standin``, ``llm_standin``)."""
     rows_by_seed = {seed: collect_rows(runs, counts) for seed, runs in results.items()}
+    for seed, per_model in query_diversity_by_seed(settings, results).items():
+        for row in rows_by_seed[seed]:
+            row["query_diversity"] = per_model[row["key"]]
     rows = mean_rows(rows_by_seed)
     folder = data_folder(settings.lavis_config(STAGES[3], MODELS[0]))
     scoring = settings.out_dir / "scoring"
