@@ -453,6 +453,45 @@ def test_dual_block_attention_dropout_is_its_own_switch():
         XFormerConfig(dual_attention_dropout=1.0)
 
 
+def test_itm_reuses_the_dual_blocks_work_on_m_with_the_same_losses_and_gradients(process_group, monkeypatch):
+    """ITM's dual-block pass reads each image's M again (positives twice, the local negatives once): it re-uses the
+    query pass's projection of M and first MAE self-attention product (``fusion.MaeStream``) with the losses and
+    gradients of computing them anew; only the query pass projects M."""
+    from lavis_xformer.models import xformer as xformer_module
+
+    model = tiny(mask_ratio=0.5).train()
+    samples = {**batch(), "mae_noise": torch.rand(4, 16, generator=torch.Generator().manual_seed(3))}
+    projected_rows = []
+    model.dual_block.mae_proj.register_forward_hook(lambda module, args, out: projected_rows.append(args[0].shape[0]))
+    results = []
+    for share in (True, False):
+        if not share:  # ITM computes its MAE stream from mae_all, as before the re-use
+            monkeypatch.setattr(xformer_module.MaeStream, "cat", staticmethod(lambda streams: None))
+        projected_rows.clear()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)  # same negatives, same dropout masks
+        out = model(samples)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads, sum(projected_rows)))
+    (shared_out, shared_grads, shared_rows), (plain_out, plain_grads, plain_rows) = results
+    assert (shared_rows, plain_rows) == (4, 4 + 3 * 4)
+    for key in ("loss", "loss_itc", "loss_itm", "loss_lm", "loss_rec"):
+        torch.testing.assert_close(shared_out[key], plain_out[key], rtol=1e-6, atol=1e-6, msg=key)
+    assert shared_grads.keys() == plain_grads.keys()
+    for name, grad in shared_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_mae_stream_is_not_shared_when_attention_dropout_draws():
+    """With attention dropout in training the self-attention product is random per pass: only the deterministic
+    projection of M is shared."""
+    model = tiny(dual_attention_dropout=0.1).train()
+    stream = model.dual_block.mae_stream(torch.randn(2, 5, model.config.mae_feature_width))
+    assert stream.self_attended is None
+    assert model.eval().dual_block.mae_stream(torch.randn(2, 5, model.config.mae_feature_width)).self_attended is not None
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # One image pathway: the stage-1 losses, retrieval, features and stage 2 all read `encode`
 # ------------------------------------------------------------------------------------------------------------------

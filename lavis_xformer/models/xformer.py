@@ -41,7 +41,7 @@ from lavis_xformer.models.builders import (
 )
 from lavis_xformer.models.checkpointing import checkpoint_trainable_layers
 from lavis_xformer.models.config import XFormerConfig
-from lavis_xformer.models.fusion import FUSIONS, NO_FUSION, Fusion, build_fusion
+from lavis_xformer.models.fusion import FUSIONS, NO_FUSION, Fusion, MaeStream, build_fusion
 from lavis_xformer.models.llm_head import check_image_values
 from lavis_xformer.models.precision import frozen_half_dtype, run_in_half_precision
 from lavis_xformer.models.sdpa import (
@@ -82,6 +82,7 @@ class ImagePath(ModelOutput):
     queries: torch.Tensor = None  # Z_q: [B, num_query_token, qformer_hidden_size]
     enriched_queries: torch.Tensor = None  # Z': Z_q after the fusion (Z_q itself where the fusion leaves it)
     mae_enriched: Optional[torch.Tensor] = None  # M': the dual block's MAE branch; None for the other fusions
+    mae_stream: Optional[MaeStream] = None  # the fusion's work on M alone (the dual block's), for ITM to re-use
     qformer_output: Optional[BaseModelOutputWithPoolingAndCrossAttentions] = None  # Z_q's pass: cache, hidden states
     clip_projections: Optional[SharedContextProjections] = None  # the query pass's keys/values of C, for ITM
 
@@ -345,13 +346,15 @@ class XFormerImageMixin:
                 clip_features, True, mae_features=mae_features, text_ids=text_ids, text_atts=text_atts
             )
         queries = qformer_output.last_hidden_state[:, : self.query_tokens.shape[1], :]
-        enriched_queries, mae_enriched = self.fusion.enrich(queries, mae_features)
+        mae_stream = self.fusion.mae_stream(mae_features) if mae_features is not None else None
+        enriched_queries, mae_enriched = self.fusion.enrich(queries, mae_features, mae_stream)
         return ImagePath(
             clip_features=clip_features,
             mae=mae,
             queries=queries,
             enriched_queries=enriched_queries,
             mae_enriched=mae_enriched,
+            mae_stream=mae_stream,
             qformer_output=qformer_output,
             clip_projections=clip_projections,
         )
@@ -555,24 +558,33 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
 
         text_ids_all = torch.cat([text_tokens.input_ids, text_tokens.input_ids, text_ids_world[neg_texts]])
         text_atts_all = torch.cat([text_tokens.attention_mask, text_tokens.attention_mask, text_atts_world[neg_texts]])
-        mae_all = None
+        mae_all = mae_stream_all = None
         if mae_features is not None:
             mae_all = torch.cat([mae_features, mae_world[neg_images], mae_features])
+        if path.mae_stream is not None:  # the fusion's work on M alone: the query pass's rows, negatives' too if local
+            local = [index - rank * bs for index in neg_images]
+            if all(0 <= row < bs for row in local):
+                negatives = path.mae_stream.select(local)
+            else:
+                negatives = self.fusion.mae_stream(mae_world[neg_images])
+            mae_stream_all = MaeStream.cat([path.mae_stream, negatives, path.mae_stream])
 
         clip_parts = [clip_features, clip_world[neg_images], clip_features]  # pos, neg, pos
         with reusing_projections(path.clip_projections) as shared:  # keys/values of C from the query pass
             clip_all = shared.compose(clip_parts) if shared is not None else torch.cat(clip_parts)
-            queries = self.multimodal_queries(clip_all, mae_all, text_ids_all, text_atts_all)
+            queries = self.multimodal_queries(clip_all, mae_all, text_ids_all, text_atts_all, mae_stream_all)
         logits = self.itm_head(queries).mean(dim=1)
         labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(logits.device)
         return F.cross_entropy(logits, labels)
 
-    def multimodal_queries(self, clip_features, mae_features, text_ids, text_atts):
+    def multimodal_queries(self, clip_features, mae_features, text_ids, text_atts, mae_stream=None):
         """The ITM representation of (image, text) pairs: ``encode``'s Q-Former pass and fusion, with the text in.
         The bi-directional pass over [queries; text] cross-attends to C (and M for concat / early CA), then the
-        fusion (the dual block) enriches the queries with the image's own M."""
+        fusion (the dual block) enriches the queries with the image's own M (``mae_stream``: its part on M, given
+        where an earlier pass over the same images computed it)."""
         output = self.forward_queries(clip_features, mae_features=mae_features, text_ids=text_ids, text_atts=text_atts)
-        queries, _ = self.fusion.enrich(output.last_hidden_state[:, : self.query_tokens.shape[1], :], mae_features)
+        query_states = output.last_hidden_state[:, : self.query_tokens.shape[1], :]
+        queries, _ = self.fusion.enrich(query_states, mae_features, mae_stream)
         return queries
 
     def itg_cache(self, path: ImagePath):
