@@ -127,6 +127,43 @@ def test_reconstruction_loss_equals_transformers_mae_loss(norm_pix_loss):
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_decoder_predicting_only_the_masked_patches_gives_the_same_loss_and_gradients(norm_pix_loss):
+    """The loss reads the masked patches only, so the decoder's last layer computes only their rows
+    (``decode_patches``): the same predictions there as transformers' decoder, the same loss and gradients as
+    ``reconstruction_loss`` over every patch's prediction."""
+    from lavis_xformer.models.xformer import decode_patches, masked_patches
+
+    model = tiny(norm_pix_loss=norm_pix_loss, mae_decoder_num_layers=2).train()
+    noise = torch.rand(4, 16, generator=torch.Generator().manual_seed(1))
+    mae = model.forward_mae(batch()["image"], mask_ratio=0.5, noise=noise)
+    patches = masked_patches(mae.mask)
+    assert patches.shape == (4, 8) and bool((mae.mask.gather(1, patches) == 1).all())
+    tokens = torch.randn(4, 1 + 8, model.config.mae_hidden_size, generator=torch.Generator().manual_seed(2))
+    every = model.mae_decoder(tokens, mae.ids_restore).logits
+    picked = decode_patches(model.mae_decoder, tokens, mae.ids_restore, patches)
+    torch.testing.assert_close(picked, every.gather(1, patches.unsqueeze(-1).expand(-1, -1, every.shape[-1])),
+                               rtol=1e-6, atol=1e-6)
+
+    path = model.encode(batch()["image"], 0.5, noise)
+    losses, grads = [], []
+    for masked_only in (True, False):
+        model.zero_grad(set_to_none=True)
+        if masked_only:
+            loss = model.reconstruction_loss_of(path)
+        else:
+            loss = model.reconstruction_loss(mae.pixels, model.forward_decoder(path.mae_enriched, mae.ids_restore), mae.mask)
+        loss.backward(retain_graph=True)
+        losses.append(loss)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("dual_block.") for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert masked_patches(torch.zeros(2, 16)) is None  # nothing masked: the full decoder runs (and the loss is 0/0)
+    assert masked_patches(torch.tensor([[1.0, 0.0], [1.0, 1.0]])) is None  # unequal counts per image
+
+
 def test_mae_sees_its_own_normalisation():
     model = tiny()
     raw = torch.rand(2, 3, 32, 32)

@@ -175,10 +175,17 @@ class SdpaEvaAttention(EvaAttention):
 
 
 class SdpaViTMAESelfAttention(ViTMAESelfAttention):
-    def forward(self, hidden_states, head_mask=None, output_attentions: bool = False):
+    def forward(self, hidden_states, head_mask=None, output_attentions: bool = False, query_rows=None):
+        """``query_rows`` ([B, n] token indices): the outputs of those tokens only, attending to every token (the
+        MAE decoder's last layer, whose other rows the reconstruction loss does not read)."""
         if output_attentions or head_mask is not None:
+            if query_rows is not None:
+                raise ValueError("query_rows takes neither attention maps nor head masks")
             return super().forward(hidden_states, head_mask, output_attentions)
-        query = self.transpose_for_scores(self.query(hidden_states))
+        queried = hidden_states
+        if query_rows is not None:
+            queried = hidden_states.gather(1, query_rows.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
+        query = self.transpose_for_scores(self.query(queried))
         key = self.transpose_for_scores(self.key(hidden_states))
         value = self.transpose_for_scores(self.value(hidden_states))
         if _bf16_on_cpu(hidden_states) and not (self.training and self.dropout.p > 0):

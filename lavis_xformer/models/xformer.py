@@ -45,6 +45,7 @@ from lavis_xformer.models.fusion import FUSIONS, NO_FUSION, Fusion, MaeStream, b
 from lavis_xformer.models.llm_head import check_image_values
 from lavis_xformer.models.precision import frozen_half_dtype, run_in_half_precision
 from lavis_xformer.models.sdpa import (
+    SdpaViTMAESelfAttention,
     SharedContextProjections,
     reusing_projections,
     shared_context_projections,
@@ -116,6 +117,35 @@ def random_masking(tokens, mask_ratio: float, noise=None):
     mask = torch.ones(batch, length, device=tokens.device)
     mask[:, :keep] = 0
     return visible, torch.gather(mask, 1, ids_restore), ids_restore
+
+
+def masked_patches(mask) -> Optional[torch.Tensor]:
+    """[B, n] indices of the masked patches of each image (``mask`` [B, N], 1 = masked), ascending; None where
+    images differ in their number of masked patches or none is masked."""
+    counts = mask.sum(dim=1)
+    if counts[0] == 0 or not bool((counts == counts[0]).all()):
+        return None
+    return mask.nonzero()[:, 1].view(mask.shape[0], -1)
+
+
+def decode_patches(decoder, tokens, ids_restore, patches):
+    """transformers' ``ViTMAEDecoder.forward`` (embedding, mask tokens, un-shuffling, position embeddings, layers,
+    norm, prediction) for the patches ``patches`` ([B, n] indices) only: every layer but the last runs on all tokens
+    as there; the last computes only those patches' rows (their queries attend to every token), the only rows a
+    loss on them reads. Its attention must be ``SdpaViTMAESelfAttention`` (``query_rows``)."""
+    embedded = decoder.decoder_embed(tokens)
+    mask_tokens = decoder.mask_token.expand(embedded.shape[0], ids_restore.shape[1] + 1 - embedded.shape[1], -1)
+    patch_tokens = torch.cat([embedded[:, 1:], mask_tokens], dim=1)
+    patch_tokens = patch_tokens.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, embedded.shape[2]))  # un-shuffle
+    hidden = torch.cat([embedded[:, :1], patch_tokens], dim=1) + decoder.decoder_pos_embed
+    *layers, last = decoder.decoder_layers
+    for layer in layers:
+        hidden = layer(hidden)[0]
+    rows = patches + 1  # [CLS] is token 0
+    context = last.attention.attention(last.layernorm_before(hidden), query_rows=rows)[0]
+    hidden = last.attention.output(context, None) + hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[2]))
+    hidden = last.output(last.intermediate(last.layernorm_after(hidden)), hidden)
+    return decoder.decoder_pred(decoder.decoder_norm(hidden))
 
 
 @contextlib.contextmanager
@@ -388,28 +418,44 @@ class XFormerImageMixin:
         x = torch.einsum("nchpwq->nhwpqc", x)
         return x.reshape(batch, h * w, p * p * channels)
 
-    def forward_decoder(self, mae_enriched, ids_restore):
-        """Predicted pixels of every patch from M' (visible tokens; the decoder adds its mask tokens)."""
+    def forward_decoder(self, mae_enriched, ids_restore, patches=None):
+        """Predicted pixels of every patch from M' (visible tokens; the decoder adds its mask tokens), or of the
+        patches ``patches`` ([B, n] indices) only (``decode_patches``)."""
         tokens = self.mae_out_proj(mae_enriched)
         with self.maybe_autocast():
-            return self.mae_decoder(tokens, ids_restore).logits.float()
+            if patches is None:
+                return self.mae_decoder(tokens, ids_restore).logits.float()
+            return decode_patches(self.mae_decoder, tokens, ids_restore, patches).float()
 
-    def reconstruction_loss(self, pixels, predicted_patches, mask):
-        """Mean squared error over the masked patches only (MAE's loss; ``norm_pix_loss`` as a switch)."""
+    def reconstruction_target(self, pixels):
+        """What the decoder predicts, per patch: the pixels (``norm_pix_loss``: normalised per patch)."""
         target = self.patchify(pixels)
         if self.config.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
-        per_patch = ((predicted_patches - target) ** 2).mean(dim=-1)
+        return target
+
+    def reconstruction_loss(self, pixels, predicted_patches, mask):
+        """Mean squared error over the masked patches only (MAE's loss; ``norm_pix_loss`` as a switch)."""
+        per_patch = ((predicted_patches - self.reconstruction_target(pixels)) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
     def reconstruction_loss_of(self, path: ImagePath) -> Optional[torch.Tensor]:
-        """The reconstruction loss of one pass of the pathway; None where no MAE decoder is built."""
+        """The reconstruction loss of one pass of the pathway; None where no MAE decoder is built. The decoder
+        predicts the masked patches only, the ones the loss reads (``decode_patches``; tests/test_xformer_stage1.py:
+        the loss and its gradients equal ``reconstruction_loss`` of every patch's prediction)."""
         if self.mae_decoder is None:
             return None
-        predicted = self.forward_decoder(path.mae_enriched, path.mae.ids_restore)
-        return self.reconstruction_loss(path.mae.pixels, predicted, path.mae.mask)
+        mae = path.mae
+        patches = masked_patches(mae.mask)
+        if patches is None or not isinstance(self.mae_decoder.decoder_layers[-1].attention.attention, SdpaViTMAESelfAttention):
+            predicted = self.forward_decoder(path.mae_enriched, mae.ids_restore)
+            return self.reconstruction_loss(mae.pixels, predicted, mae.mask)
+        predicted = self.forward_decoder(path.mae_enriched, mae.ids_restore, patches)
+        target = self.reconstruction_target(mae.pixels)
+        target = target.gather(1, patches.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+        return ((predicted - target) ** 2).mean()
 
     # ------------------------------------------------------------------------------------------------------------
     # Features for analysis
