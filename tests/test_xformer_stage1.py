@@ -130,9 +130,10 @@ def test_reconstruction_loss_equals_transformers_mae_loss(norm_pix_loss):
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
 def test_decoder_predicting_only_the_masked_patches_gives_the_same_loss_and_gradients(norm_pix_loss):
     """The loss reads the masked patches only, so the decoder's last layer computes only their rows
-    (``decode_patches``): the same predictions there as transformers' decoder, the same loss and gradients as
+    (``MaePatchDecoder``): the same predictions there as transformers' decoder, the same loss and gradients as
     ``reconstruction_loss`` over every patch's prediction."""
-    from lavis_xformer.models.xformer import decode_patches, masked_patches
+    from lavis_xformer.models.sdpa import use_reference_attention, use_sdpa_attention
+    from lavis_xformer.models.xformer import masked_patches
 
     model = tiny(norm_pix_loss=norm_pix_loss, mae_decoder_num_layers=2).train()
     noise = torch.rand(4, 16, generator=torch.Generator().manual_seed(1))
@@ -141,9 +142,13 @@ def test_decoder_predicting_only_the_masked_patches_gives_the_same_loss_and_grad
     assert patches.shape == (4, 8) and bool((mae.mask.gather(1, patches) == 1).all())
     tokens = torch.randn(4, 1 + 8, model.config.mae_hidden_size, generator=torch.Generator().manual_seed(2))
     every = model.mae_decoder(tokens, mae.ids_restore).logits
-    picked = decode_patches(model.mae_decoder, tokens, mae.ids_restore, patches)
-    torch.testing.assert_close(picked, every.gather(1, patches.unsqueeze(-1).expand(-1, -1, every.shape[-1])),
-                               rtol=1e-6, atol=1e-6)
+    picked = model.mae_decoder(tokens, mae.ids_restore, patches=patches).logits
+    expected = every.gather(1, patches.unsqueeze(-1).expand(-1, -1, every.shape[-1]))
+    torch.testing.assert_close(picked, expected, rtol=1e-6, atol=1e-6)
+    assert use_reference_attention(model.mae_decoder) > 0  # transformers' attention: every row, then the patches'
+    torch.testing.assert_close(model.mae_decoder(tokens, mae.ids_restore, patches=patches).logits, expected,
+                               rtol=1e-5, atol=1e-5)
+    use_sdpa_attention(model.mae_decoder)
 
     path = model.encode(batch()["image"], 0.5, noise)
     losses, grads = [], []

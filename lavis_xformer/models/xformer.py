@@ -26,6 +26,7 @@ from lavis.models.blip2_models.Qformer import BertLMHeadModel
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 from lavis.models.blip_models.blip_outputs import BlipOutputFeatures
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder, ViTMAEDecoderOutput
 
 from lavis_xformer.common import distributed as dist
 from lavis_xformer.models import variants
@@ -128,24 +129,36 @@ def masked_patches(mask) -> Optional[torch.Tensor]:
     return mask.nonzero()[:, 1].view(mask.shape[0], -1)
 
 
-def decode_patches(decoder, tokens, ids_restore, patches):
-    """transformers' ``ViTMAEDecoder.forward`` (embedding, mask tokens, un-shuffling, position embeddings, layers,
-    norm, prediction) for the patches ``patches`` ([B, n] indices) only: every layer but the last runs on all tokens
-    as there; the last computes only those patches' rows (their queries attend to every token), the only rows a
-    loss on them reads. Its attention must be ``SdpaViTMAESelfAttention`` (``query_rows``)."""
-    embedded = decoder.decoder_embed(tokens)
-    mask_tokens = decoder.mask_token.expand(embedded.shape[0], ids_restore.shape[1] + 1 - embedded.shape[1], -1)
-    patch_tokens = torch.cat([embedded[:, 1:], mask_tokens], dim=1)
-    patch_tokens = patch_tokens.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, embedded.shape[2]))  # un-shuffle
-    hidden = torch.cat([embedded[:, :1], patch_tokens], dim=1) + decoder.decoder_pos_embed
-    *layers, last = decoder.decoder_layers
-    for layer in layers:
-        hidden = layer(hidden)[0]
-    rows = patches + 1  # [CLS] is token 0
-    context = last.attention.attention(last.layernorm_before(hidden), query_rows=rows)[0]
-    hidden = last.attention.output(context, None) + hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[2]))
-    hidden = last.output(last.intermediate(last.layernorm_after(hidden)), hidden)
-    return decoder.decoder_pred(decoder.decoder_norm(hidden))
+class MaePatchDecoder(ViTMAEDecoder):
+    """transformers' MAE decoder (the class of the frozen ``mae_decoder``, swapped in place: same modules, same
+    weights) that can predict some patches only: given ``patches`` ([B, n] indices), every layer but the last runs
+    on all tokens as in ``ViTMAEDecoder.forward``, and the last computes only those patches' rows (their queries
+    attend to every token), the only rows a loss on them reads. ``logits`` are then [B, n, patch pixels]."""
+
+    def forward(self, hidden_states, ids_restore, output_attentions=False, output_hidden_states=False,
+                return_dict=True, patches=None):
+        last = self.decoder_layers[-1]
+        rows_only = isinstance(last.attention.attention, SdpaViTMAESelfAttention)  # it takes ``query_rows``
+        if patches is None or output_attentions or output_hidden_states or not rows_only:
+            output = super().forward(hidden_states, ids_restore, output_attentions, output_hidden_states)
+            if patches is not None:
+                output.logits = output.logits.gather(1, patches.unsqueeze(-1).expand(-1, -1, output.logits.shape[-1]))
+            return output if return_dict else output.to_tuple()
+        # embedding, mask tokens, un-shuffling and positions: ViTMAEDecoder.forward's
+        embedded = self.decoder_embed(hidden_states)
+        mask_tokens = self.mask_token.expand(embedded.shape[0], ids_restore.shape[1] + 1 - embedded.shape[1], -1)
+        patch_tokens = torch.cat([embedded[:, 1:], mask_tokens], dim=1)
+        patch_tokens = patch_tokens.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, embedded.shape[2]))
+        hidden = torch.cat([embedded[:, :1], patch_tokens], dim=1) + self.decoder_pos_embed
+        for layer in self.decoder_layers[:-1]:
+            hidden = layer(hidden)[0]
+        rows = patches + 1  # [CLS] is token 0
+        context = last.attention.attention(last.layernorm_before(hidden), query_rows=rows)[0]
+        residual = hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[2]))
+        hidden = last.attention.output(context, None) + residual
+        hidden = last.output(last.intermediate(last.layernorm_after(hidden)), hidden)
+        logits = self.decoder_pred(self.decoder_norm(hidden))
+        return ViTMAEDecoderOutput(logits=logits) if return_dict else (logits,)
 
 
 @contextlib.contextmanager
@@ -194,6 +207,7 @@ class XFormerImageMixin:
             # Frozen, but the reconstruction loss's gradient flows back through it to M': it stays in the training
             # precision (fp32, or the runner's autocast). In bf16 it was also 2.7x slower at bench size.
             self.mae_decoder = freeze(mae.decoder)
+            self.mae_decoder.__class__ = MaePatchDecoder  # predicts the masked patches alone for the loss
             # M' lives at the Q-Former width; the frozen decoder reads the MAE encoder's width.
             self.mae_out_proj = nn.Linear(config.qformer_hidden_size, config.mae_hidden_size)
         self.register_buffer("_clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -420,12 +434,10 @@ class XFormerImageMixin:
 
     def forward_decoder(self, mae_enriched, ids_restore, patches=None):
         """Predicted pixels of every patch from M' (visible tokens; the decoder adds its mask tokens), or of the
-        patches ``patches`` ([B, n] indices) only (``decode_patches``)."""
+        patches ``patches`` ([B, n] indices) only (``MaePatchDecoder``)."""
         tokens = self.mae_out_proj(mae_enriched)
         with self.maybe_autocast():
-            if patches is None:
-                return self.mae_decoder(tokens, ids_restore).logits.float()
-            return decode_patches(self.mae_decoder, tokens, ids_restore, patches).float()
+            return self.mae_decoder(tokens, ids_restore, patches=patches).logits.float()
 
     def reconstruction_target(self, pixels):
         """What the decoder predicts, per patch: the pixels (``norm_pix_loss``: normalised per patch)."""
@@ -443,13 +455,13 @@ class XFormerImageMixin:
 
     def reconstruction_loss_of(self, path: ImagePath) -> Optional[torch.Tensor]:
         """The reconstruction loss of one pass of the pathway; None where no MAE decoder is built. The decoder
-        predicts the masked patches only, the ones the loss reads (``decode_patches``; tests/test_xformer_stage1.py:
+        predicts the masked patches only, the ones the loss reads (``MaePatchDecoder``; tests/test_xformer_stage1.py:
         the loss and its gradients equal ``reconstruction_loss`` of every patch's prediction)."""
         if self.mae_decoder is None:
             return None
         mae = path.mae
         patches = masked_patches(mae.mask)
-        if patches is None or not isinstance(self.mae_decoder.decoder_layers[-1].attention.attention, SdpaViTMAESelfAttention):
+        if patches is None:
             predicted = self.forward_decoder(path.mae_enriched, mae.ids_restore)
             return self.reconstruction_loss(mae.pixels, predicted, mae.mask)
         predicted = self.forward_decoder(path.mae_enriched, mae.ids_restore, patches)
