@@ -157,7 +157,8 @@ def test_decoder_predicting_only_the_masked_patches_gives_the_same_loss_and_grad
         if masked_only:
             loss = model.reconstruction_loss_of(path)
         else:
-            loss = model.reconstruction_loss(mae.pixels, model.forward_decoder(path.mae_enriched, mae.ids_restore), mae.mask)
+            every_patch = model.forward_decoder(path.mae_enriched, mae.ids_restore)
+            loss = model.reconstruction_loss(mae.pixels, every_patch, mae.mask)
         loss.backward(retain_graph=True)
         losses.append(loss)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -529,9 +530,9 @@ def test_mae_stream_is_not_shared_when_attention_dropout_draws():
     """With attention dropout in training the self-attention product is random per pass: only the deterministic
     projection of M is shared."""
     model = tiny(dual_attention_dropout=0.1).train()
-    stream = model.dual_block.mae_stream(torch.randn(2, 5, model.config.mae_feature_width))
-    assert stream.self_attended is None
-    assert model.eval().dual_block.mae_stream(torch.randn(2, 5, model.config.mae_feature_width)).self_attended is not None
+    mae_features = torch.randn(2, 5, model.config.mae_feature_width)
+    assert model.dual_block.mae_stream(mae_features).self_attended is None
+    assert model.eval().dual_block.mae_stream(mae_features).self_attended is not None
 
 
 # ------------------------------------------------------------------------------------------------------------------
