@@ -120,13 +120,13 @@ def random_masking(tokens, mask_ratio: float, noise=None):
     return visible, torch.gather(mask, 1, ids_restore), ids_restore
 
 
-def masked_patches(mask) -> Optional[torch.Tensor]:
-    """[B, n] indices of the masked patches of each image (``mask`` [B, N], 1 = masked), ascending; None where
-    images differ in their number of masked patches or none is masked."""
-    counts = mask.sum(dim=1)
-    if counts[0] == 0 or not bool((counts == counts[0]).all()):
+def masked_patches(ids_restore, visible: int) -> Optional[torch.Tensor]:
+    """[B, N - visible] indices of the patches MAE's masking hid, from its ``ids_restore`` (which un-shuffles
+    [visible; masked]: the masked patches are the last ones of its inverse, the shuffle), so the shape never depends
+    on the values (meta-device builds count FLOPs through it); None where nothing is masked."""
+    if visible >= ids_restore.shape[1]:
         return None
-    return mask.nonzero()[:, 1].view(mask.shape[0], -1)
+    return torch.argsort(ids_restore, dim=1)[:, visible:]
 
 
 class MaePatchDecoder(ViTMAEDecoder):
@@ -460,7 +460,7 @@ class XFormerImageMixin:
         if self.mae_decoder is None:
             return None
         mae = path.mae
-        patches = masked_patches(mae.mask)
+        patches = masked_patches(mae.ids_restore, path.mae_enriched.shape[1] - 1)  # M': [CLS] + the visible patches
         if patches is None:
             predicted = self.forward_decoder(path.mae_enriched, mae.ids_restore)
             return self.reconstruction_loss(mae.pixels, predicted, mae.mask)
