@@ -132,3 +132,20 @@ def test_call_peak_memory_counts_what_torch_allocates():
         return b.sum()
 
     assert abs(bench.call_peak_mb(call, torch.device("cpu")) - 12.0) < 0.1
+
+
+def test_attention_flops_are_counted_on_the_cpu_kernel_as_written_out():
+    """SDPA's CPU kernel counts what the same attention written as matmuls counts (torch registers formulas only for
+    the CUDA kernels): the forward's two products, and the backward's five (it recomputes the scores)."""
+    batch, heads, queries, keys, width = 2, 3, 5, 7, 4
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, heads, queries, width, generator=generator, requires_grad=True)
+    k, v = (torch.randn(batch, heads, keys, width, generator=generator, requires_grad=True) for _ in range(2))
+    product = 2 * batch * heads * queries * keys * width  # FLOPs of one [queries x width] @ [width x keys]
+    assert bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == 2 * product
+    written_out = bench.count_flops(lambda: torch.softmax(q @ k.transpose(-1, -2), -1) @ v)
+    assert written_out == 2 * product
+    with torch.no_grad():
+        assert bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == 2 * product
+    step = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward())
+    assert step == 2 * product + 5 * product

@@ -367,3 +367,14 @@ def test_torchrun_job_survives_a_killed_rank_and_ends_equal_to_an_uninterrupted_
     assert "resume: auto -> " + str(killed) in output
     (reference_job,) = [p for p in reference_out.iterdir() if p.is_dir()]
     assert_same_training_state(restarted / "checkpoint_1.pth", reference_job / "checkpoint_1.pth")
+
+
+def test_image_value_check_tells_finite_values_overflowing_the_sum_from_nan_and_inf():
+    from lavis_xformer.models.llm_head import check_image_values
+
+    huge = torch.full((2, 3, 4, 4), 3.0e38)  # finite, but its sum is inf
+    assert not torch.isfinite(huge.sum())
+    assert check_image_values(huge) is huge
+    huge[1, 2, 3, 3] = float("-inf")
+    with pytest.raises(ValueError, match=r"NaN or inf values \(batch items \[1\]\)"):
+        check_image_values(huge)

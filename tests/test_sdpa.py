@@ -1,5 +1,6 @@
 """The SDPA attention switch changes speed, not results: outputs, losses and gradients equal the reference code."""
 
+import pytest
 import torch
 from lavis.models import load_model
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
@@ -140,3 +141,38 @@ def test_bf16_mae_encoder_attention_equals_transformers_bit_for_bit():
             reference = encoder(pixel_values=pixels, noise=noise).last_hidden_state
             use_sdpa_attention(encoder)
         assert torch.equal(fast, reference), ratio
+
+
+@pytest.mark.parametrize("heads_per_block", [1, 2])
+def test_bf16_mae_encoder_attention_in_blocks_equals_transformers_bit_for_bit(monkeypatch, heads_per_block):
+    """Scores above ``MAE_SCORES_BLOCK_BYTES`` are computed one image (or block of heads) at a time: still the
+    same bits as transformers' attention, masked and unmasked."""
+    from lavis_xformer.models import sdpa
+    from lavis_xformer.models.precision import run_in_half_precision
+
+    torch.manual_seed(0)
+    base = load_model("xformer", "tiny").config.to_dict()
+    config = {**base, "sdpa_attention": True, "frozen_cpu_precision": "fp32", "mae_num_heads": 4}
+    model = XFormer(XFormerConfig(**config)).eval()
+    encoder = run_in_half_precision(model.mae_encoder, torch.bfloat16)
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    blocks = []
+    original = sdpa.SdpaViTMAESelfAttention._half_product_attention
+
+    def counting(self, query, key, value):
+        tokens = query.shape[2]
+        monkeypatch.setattr(sdpa, "MAE_SCORES_BLOCK_BYTES", heads_per_block * tokens * tokens * query.element_size())
+        blocks.append(query.shape[0] * -(-query.shape[1] // heads_per_block))
+        return original(self, query, key, value)
+
+    for ratio in (0.0, 0.5):
+        noise = torch.rand(3, 16, generator=torch.Generator().manual_seed(6))
+        model.mae_encoder.config.mask_ratio = ratio
+        with torch.no_grad():
+            monkeypatch.setattr(sdpa.SdpaViTMAESelfAttention, "_half_product_attention", counting)
+            fast = encoder(pixel_values=pixels, noise=noise).last_hidden_state
+            assert use_reference_attention(encoder) > 0
+            reference = encoder(pixel_values=pixels, noise=noise).last_hidden_state
+            use_sdpa_attention(encoder)
+        assert torch.equal(fast, reference), ratio
+    assert blocks and all(count > 3 for count in blocks)

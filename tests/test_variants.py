@@ -168,8 +168,9 @@ def test_clip_layer28_takes_the_output_of_clip_block_28(process_group):
         model.visual_encoder.blocks[i - 1].register_forward_hook(lambda m, inp, out, i=i: blocks.setdefault(i, out))
         for i in (27, 28, 29)
     ]
-    fed = []
+    fed, streams = [], []
     handles.append(model.dual_block.mae_proj.register_forward_pre_hook(lambda m, inp: fed.append(inp[0])))
+    handles.append(model.dual_block.register_forward_pre_hook(lambda m, inp: streams.append(inp[2])))
     try:
         torch.manual_seed(0)
         model(batch())
@@ -178,7 +179,15 @@ def test_clip_layer28_takes_the_output_of_clip_block_28(process_group):
             handle.remove()
     torch.testing.assert_close(fed[0], blocks[28], rtol=0, atol=0)  # the query pass reads block 28 ...
     assert not torch.allclose(fed[0], blocks[27]) and not torch.allclose(fed[0], blocks[29])  # ... not a neighbour
-    assert fed[1].shape[0] == 3 * 4  # ITM: positives, hard negatives, positives, each with its own image's block 28
+    # ITM: positives, hard negatives, positives, each with its own image's block 28 (projected once, in the query
+    # pass: ITM composes those rows, fusion.MaeStream)
+    assert len(fed) == 1 and len(streams) == 2
+    per_image = model.dual_block.mae_norm(model.dual_block.mae_proj(blocks[28]))
+    itm_states = streams[1].states
+    assert itm_states.shape[0] == 3 * 4
+    torch.testing.assert_close(itm_states[:4], per_image, rtol=0, atol=0)
+    torch.testing.assert_close(itm_states[8:], per_image, rtol=0, atol=0)
+    assert all(any(torch.equal(row, image) for image in per_image) for row in itm_states[4:8])
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -127,6 +127,48 @@ def test_reconstruction_loss_equals_transformers_mae_loss(norm_pix_loss):
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_decoder_predicting_only_the_masked_patches_gives_the_same_loss_and_gradients(norm_pix_loss):
+    """The loss reads the masked patches only, so the decoder's last layer computes only their rows
+    (``MaePatchDecoder``): the same predictions there as transformers' decoder, the same loss and gradients as
+    ``reconstruction_loss`` over every patch's prediction."""
+    from lavis_xformer.models.sdpa import use_reference_attention, use_sdpa_attention
+    from lavis_xformer.models.xformer import masked_patches
+
+    model = tiny(norm_pix_loss=norm_pix_loss, mae_decoder_num_layers=2).train()
+    noise = torch.rand(4, 16, generator=torch.Generator().manual_seed(1))
+    mae = model.forward_mae(batch()["image"], mask_ratio=0.5, noise=noise)
+    patches = masked_patches(mae.ids_restore, mae.features.shape[1] - 1)
+    assert patches.shape == (4, 8) and bool((mae.mask.gather(1, patches) == 1).all())
+    assert masked_patches(mae.ids_restore, 16) is None  # nothing masked: the full decoder runs (and the loss is 0/0)
+    tokens = torch.randn(4, 1 + 8, model.config.mae_hidden_size, generator=torch.Generator().manual_seed(2))
+    every = model.mae_decoder(tokens, mae.ids_restore).logits
+    picked = model.mae_decoder(tokens, mae.ids_restore, patches=patches).logits
+    expected = every.gather(1, patches.unsqueeze(-1).expand(-1, -1, every.shape[-1]))
+    torch.testing.assert_close(picked, expected, rtol=1e-6, atol=1e-6)
+    assert use_reference_attention(model.mae_decoder) > 0  # transformers' attention: every row, then the patches'
+    torch.testing.assert_close(model.mae_decoder(tokens, mae.ids_restore, patches=patches).logits, expected,
+                               rtol=1e-5, atol=1e-5)
+    use_sdpa_attention(model.mae_decoder)
+
+    path = model.encode(batch()["image"], 0.5, noise)
+    losses, grads = [], []
+    for masked_only in (True, False):
+        model.zero_grad(set_to_none=True)
+        if masked_only:
+            loss = model.reconstruction_loss_of(path)
+        else:
+            every_patch = model.forward_decoder(path.mae_enriched, mae.ids_restore)
+            loss = model.reconstruction_loss(mae.pixels, every_patch, mae.mask)
+        loss.backward(retain_graph=True)
+        losses.append(loss)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("dual_block.") for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_mae_sees_its_own_normalisation():
     model = tiny()
     raw = torch.rand(2, 3, 32, 32)
@@ -451,6 +493,45 @@ def test_dual_block_attention_dropout_is_its_own_switch():
                for layer in attention_only.modules() if type(layer).__name__ == "Residual" and hasattr(layer.sublayer, "num_heads"))
     with pytest.raises(ValueError, match="dual_attention_dropout"):
         XFormerConfig(dual_attention_dropout=1.0)
+
+
+def test_itm_reuses_the_dual_blocks_work_on_m_with_the_same_losses_and_gradients(process_group, monkeypatch):
+    """ITM's dual-block pass reads each image's M again (positives twice, the local negatives once): it re-uses the
+    query pass's projection of M and first MAE self-attention product (``fusion.MaeStream``) with the losses and
+    gradients of computing them anew; only the query pass projects M."""
+    from lavis_xformer.models import xformer as xformer_module
+
+    model = tiny(mask_ratio=0.5).train()
+    samples = {**batch(), "mae_noise": torch.rand(4, 16, generator=torch.Generator().manual_seed(3))}
+    projected_rows = []
+    model.dual_block.mae_proj.register_forward_hook(lambda module, args, out: projected_rows.append(args[0].shape[0]))
+    results = []
+    for share in (True, False):
+        if not share:  # ITM computes its MAE stream from mae_all, as before the re-use
+            monkeypatch.setattr(xformer_module.MaeStream, "cat", staticmethod(lambda streams: None))
+        projected_rows.clear()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)  # same negatives, same dropout masks
+        out = model(samples)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads, sum(projected_rows)))
+    (shared_out, shared_grads, shared_rows), (plain_out, plain_grads, plain_rows) = results
+    assert (shared_rows, plain_rows) == (4, 4 + 3 * 4)
+    for key in ("loss", "loss_itc", "loss_itm", "loss_lm", "loss_rec"):
+        torch.testing.assert_close(shared_out[key], plain_out[key], rtol=1e-6, atol=1e-6, msg=key)
+    assert shared_grads.keys() == plain_grads.keys()
+    for name, grad in shared_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_mae_stream_is_not_shared_when_attention_dropout_draws():
+    """With attention dropout in training the self-attention product is random per pass: only the deterministic
+    projection of M is shared."""
+    model = tiny(dual_attention_dropout=0.1).train()
+    mae_features = torch.randn(2, 5, model.config.mae_feature_width)
+    assert model.dual_block.mae_stream(mae_features).self_attended is None
+    assert model.eval().dual_block.mae_stream(mae_features).self_attended is not None
 
 
 # ------------------------------------------------------------------------------------------------------------------

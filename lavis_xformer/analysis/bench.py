@@ -356,11 +356,26 @@ class _NoModuleTracking:
         return None
 
 
+def _cpu_attention_flop_formulas() -> dict:
+    """FlopCounterMode's formulas for SDPA's CPU kernel, which torch registers only for the CUDA kernels: without them
+    every SDPA attention on the CPU (the Q-Former's in both models, the dual block's, the MAE decoder's) counts 0
+    FLOPs, while the same attention on CUDA, on the meta device (paper scale: the math path's matmuls) or written as
+    matmuls (the bf16 CLIP-ViT and MAE encoder) is counted. The CUDA flash kernel's formulas, as torch counts them."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    return {
+        aten._scaled_dot_product_flash_attention_for_cpu: flop_counter.sdpa_flop.__wrapped__,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: flop_counter.sdpa_backward_flop.__wrapped__,
+    }
+
+
 def count_flops(fn: Callable[[], None]) -> float:
-    """FLOPs of one call of ``fn``, forward and backward alike (FlopCounterMode: 2 per multiply-accumulate)."""
+    """FLOPs of one call of ``fn``, forward and backward alike (FlopCounterMode: 2 per multiply-accumulate; attention
+    products on every device, ``_cpu_attention_flop_formulas``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_flop_formulas())
     counter.mod_tracker = _NoModuleTracking()
     with counter:
         fn()

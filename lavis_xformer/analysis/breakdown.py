@@ -54,11 +54,16 @@ def _modules_of(model: torch.nn.Module, paths) -> List[torch.nn.Module]:
 def component_labels(model: torch.nn.Module):
     """Within the block, every component's forward runs inside ``record_function(label)``; hooks removed on exit.
 
-    A module called inside a range of its own component (the Q-Former's ``bert`` inside ``Qformer``) opens no second
-    range."""
-    handles, open_ranges = [], []
+    The hooks sit on every submodule of a component too, since model code may call a submodule directly (the dual
+    block's work on M alone, ``fusion.MaeStream``; ITG's enriched cache through the Q-Former's key and value
+    projections). A module called inside a range of its own component (the Q-Former's ``bert`` inside ``Qformer``)
+    opens no second range."""
+    handles, open_ranges, hooked = [], [], set()
     for label, paths in COMPONENTS:
-        for module in _modules_of(model, paths):
+        for module in (sub for top in _modules_of(model, paths) for sub in top.modules()):
+            if id(module) in hooked:
+                continue
+            hooked.add(id(module))
 
             def enter(module, args, label=label):
                 ranged = None

@@ -17,7 +17,8 @@ block produces M', so only it can feed the frozen MAE decoder (``reconstruction_
 """
 
 import copy
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,8 +37,14 @@ class Fusion(nn.Module):
         """The Q-Former's ``encoder_hidden_states`` and ``encoder_attention_mask``."""
         return clip_features, _all_tokens(clip_features)
 
-    def enrich(self, query_states, mae_features) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(Z', M') from (Z_q, M); M' is None where nothing produces it."""
+    def mae_stream(self, mae_features) -> Optional["MaeStream"]:
+        """The part of ``enrich`` that reads M alone, for passes over the same images to share (ITM's positives re-use
+        the query pass's); None where there is none."""
+        return None
+
+    def enrich(self, query_states, mae_features, mae_stream=None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(Z', M') from (Z_q, M); M' is None where nothing produces it. ``mae_stream``: ``mae_stream(M)``, already
+        computed."""
         return query_states, None
 
     def _require_mae(self, mae_features):
@@ -78,7 +85,8 @@ class Attention(nn.Module):
 
 
 class Residual(nn.Module):
-    """Post-norm residual sub-layer, as in the BERT layers of the Q-Former: ``LN(x + dropout(f(x, ...)))``."""
+    """Post-norm residual sub-layer, as in the BERT layers of the Q-Former: ``LN(x + dropout(f(x, ...)))``; a given
+    ``output`` is f(x, ...) already computed."""
 
     def __init__(self, sublayer: nn.Module, hidden_size: int, dropout: float):
         super().__init__()
@@ -86,8 +94,10 @@ class Residual(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
 
-    def forward(self, x, *context):
-        return self.norm(x + self.dropout(self.sublayer(x, *context)))
+    def forward(self, x, *context, output=None):
+        if output is None:
+            output = self.sublayer(x, *context)
+        return self.norm(x + self.dropout(output))
 
 
 class FeedForward(nn.Module):
@@ -126,15 +136,40 @@ class DualCrossAttentionLayer(nn.Module):
         self.query_cross_attention = attention()
         self.query_ffn = ffn()
 
-    def forward(self, query_states, mae_states):
+    def forward(self, query_states, mae_states, mae_self_attended=None):
+        """``mae_self_attended``: the MAE self-attention's product (before its dropout), already computed."""
         if self.mae_self_attention is not None:
-            mae_states = self.mae_self_attention(mae_states, mae_states)
+            mae_states = self.mae_self_attention(mae_states, mae_states, output=mae_self_attended)
         enriched_mae = self.mae_ffn(self.mae_cross_attention(mae_states, query_states))
 
         if self.query_self_attention is not None:
             query_states = self.query_self_attention(query_states, query_states)
         enriched_queries = self.query_ffn(self.query_cross_attention(query_states, enriched_mae))
         return enriched_queries, enriched_mae
+
+
+@dataclass
+class MaeStream:
+    """The dual block's work on M alone, before the queries take part: M projected and normalised, and the first
+    layer's MAE self-attention product (before its dropout; None where that layer has none, or where attention
+    dropout makes the product random). A stage-1 step reads each image's M in the query pass and twice more in ITM
+    (the positive pairs), so ITM composes these rows (``select``, ``cat``) instead of computing them again; dropout
+    still draws fresh masks in every pass. tests/test_xformer_stage1.py: losses and gradients equal computing them
+    anew."""
+
+    states: torch.Tensor  # [B, tokens, qformer_hidden_size]
+    self_attended: Optional[torch.Tensor] = None  # [B, tokens, qformer_hidden_size]
+
+    def select(self, rows: Sequence[int]) -> "MaeStream":
+        index = torch.as_tensor(rows, device=self.states.device)
+        return MaeStream(*(None if t is None else t.index_select(0, index) for t in (self.states, self.self_attended)))
+
+    @staticmethod
+    def cat(streams: Sequence["MaeStream"]) -> "MaeStream":
+        attended = [s.self_attended for s in streams]
+        return MaeStream(
+            torch.cat([s.states for s in streams]), None if any(a is None for a in attended) else torch.cat(attended)
+        )
 
 
 class DualCrossAttention(Fusion):
@@ -148,14 +183,25 @@ class DualCrossAttention(Fusion):
         self.mae_norm = nn.LayerNorm(cfg.qformer_hidden_size, eps=1e-12)
         self.layers = nn.ModuleList(DualCrossAttentionLayer(cfg) for _ in range(cfg.dual_num_layers))
 
-    def forward(self, query_states, mae_features):
-        mae_states = self.mae_norm(self.mae_proj(mae_features))
+    def mae_stream(self, mae_features) -> MaeStream:
+        states = self.mae_norm(self.mae_proj(mae_features))
+        first = self.layers[0].mae_self_attention
+        if first is None or (self.training and first.sublayer.dropout > 0):
+            return MaeStream(states)
+        return MaeStream(states, first.sublayer(states, states))
+
+    def forward(self, query_states, mae_features=None, mae_stream: Optional[MaeStream] = None):
+        """(Z', M') from Z_q and M, or from Z_q and ``mae_stream`` (M's part computed already)."""
+        if mae_stream is None:
+            mae_stream = self.mae_stream(mae_features)
+        mae_states, self_attended = mae_stream.states, mae_stream.self_attended
         for layer in self.layers:
-            query_states, mae_states = layer(query_states, mae_states)
+            query_states, mae_states = layer(query_states, mae_states, self_attended)
+            self_attended = None
         return query_states, mae_states
 
-    def enrich(self, query_states, mae_features):
-        return self(query_states, mae_features)
+    def enrich(self, query_states, mae_features, mae_stream=None):
+        return self(query_states, mae_features, mae_stream)
 
 
 # ================================================================================================================

@@ -155,8 +155,10 @@ def check_image_values(image: torch.Tensor) -> torch.Tensor:
             f"samples['image'] has dtype {image.dtype}; the models take float images normalised by the "
             "xformer_image_* processors (raw pixels are not converted: apply the processor to the PIL image)"
         )
-    # (meta tensors hold no values: the meta-device builds that count parameters and FLOPs skip this)
-    if image.device.type != "meta" and not torch.isfinite(image).all():
+    # (meta tensors hold no values: the meta-device builds that count parameters and FLOPs skip this). A NaN or inf
+    # anywhere makes the sum non-finite, so one pass (the sum) clears a finite image; only a non-finite sum (or
+    # finite values overflowing it) needs the element-wise check, 25x slower.
+    if image.device.type != "meta" and not torch.isfinite(image.sum()) and not torch.isfinite(image).all():
         bad = sorted({int(i) for i in (~torch.isfinite(image)).flatten(1).any(1).nonzero().flatten()})
         raise ValueError(f"samples['image'] holds NaN or inf values (batch items {bad[:10]}); check the data")
     return image

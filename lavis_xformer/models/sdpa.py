@@ -175,10 +175,17 @@ class SdpaEvaAttention(EvaAttention):
 
 
 class SdpaViTMAESelfAttention(ViTMAESelfAttention):
-    def forward(self, hidden_states, head_mask=None, output_attentions: bool = False):
+    def forward(self, hidden_states, head_mask=None, output_attentions: bool = False, query_rows=None):
+        """``query_rows`` ([B, n] token indices): the outputs of those tokens only, attending to every token (the
+        MAE decoder's last layer, whose other rows the reconstruction loss does not read)."""
         if output_attentions or head_mask is not None:
+            if query_rows is not None:
+                raise ValueError("query_rows takes neither attention maps nor head masks")
             return super().forward(hidden_states, head_mask, output_attentions)
-        query = self.transpose_for_scores(self.query(hidden_states))
+        queried = hidden_states
+        if query_rows is not None:
+            queried = hidden_states.gather(1, query_rows.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
+        query = self.transpose_for_scores(self.query(queried))
         key = self.transpose_for_scores(self.key(hidden_states))
         value = self.transpose_for_scores(self.value(hidden_states))
         if _bf16_on_cpu(hidden_states) and not (self.training and self.dropout.p > 0):
@@ -193,9 +200,32 @@ class SdpaViTMAESelfAttention(ViTMAESelfAttention):
         """transformers' product, bit for bit, without its two extra passes over the [tokens x tokens] scores: the
         scale is applied in place, and the softmax returns bf16 directly where autocast would return fp32 that the
         next matmul casts straight back to bf16 (the kernel accumulates in fp32 either way). The frozen MAE encoder
-        is attention-bound at bench size (head width 10): 8% off its forward (tests/test_sdpa.py: equal outputs)."""
-        scores = torch.matmul(query, key.transpose(-1, -2)).div_(math.sqrt(self.attention_head_size))
-        return torch.matmul(torch.softmax(scores, dim=-1, dtype=scores.dtype), value)
+        is attention-bound at bench size (head width 10): 8% off its forward (tests/test_sdpa.py: equal outputs).
+
+        Scores larger than ``MAE_SCORES_BLOCK_BYTES`` are computed one image (or block of heads) at a time: each
+        score goes through the same kernels, so the output is the same, but a block's scores stay in cache between
+        the four passes over them (the unmasked MAE at 257 tokens: encoder forward x0.93 at bench size)."""
+        scale = math.sqrt(self.attention_head_size)
+        batch, heads, queries, _ = query.shape
+        score_bytes = queries * key.shape[2] * query.element_size()  # one head's scores
+        if batch * heads * score_bytes <= MAE_SCORES_BLOCK_BYTES:
+            scores = torch.matmul(query, key.transpose(-1, -2)).div_(scale)
+            return torch.matmul(torch.softmax(scores, dim=-1, dtype=scores.dtype), value)
+        per_block = min(heads, max(1, MAE_SCORES_BLOCK_BYTES // score_bytes))
+        contexts = []
+        for image in range(batch):
+            for first in range(0, heads, per_block):
+                rows = (image, slice(first, first + per_block))
+                scores = torch.matmul(query[rows], key[rows].transpose(-1, -2)).div_(scale)
+                contexts.append(torch.matmul(torch.softmax(scores, dim=-1, dtype=scores.dtype), value[rows]))
+        return torch.cat(contexts).view(query.shape)
+
+
+# The most attention scores the bf16 MAE product computes at once (``_half_product_attention``). Measured on the
+# development CPU at bench size: one image's 16 x 257 x 257 bf16 scores (2.1 MB) per block was the fastest of 0.5 MB,
+# 1 MB, 2.1 MB and all four images (8.4 MB); the masked training pass (129 tokens, 2.1 MB for four images) gains
+# nothing from blocks and stays whole.
+MAE_SCORES_BLOCK_BYTES = 4 << 20
 
 
 _SDPA_OF = {BertSelfAttention: SdpaBertSelfAttention, EvaAttention: SdpaEvaAttention, ViTMAESelfAttention: SdpaViTMAESelfAttention}

@@ -26,6 +26,7 @@ from lavis.models.blip2_models.Qformer import BertLMHeadModel
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 from lavis.models.blip_models.blip_outputs import BlipOutputFeatures
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput
+from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder, ViTMAEDecoderOutput
 
 from lavis_xformer.common import distributed as dist
 from lavis_xformer.models import variants
@@ -41,10 +42,11 @@ from lavis_xformer.models.builders import (
 )
 from lavis_xformer.models.checkpointing import checkpoint_trainable_layers
 from lavis_xformer.models.config import XFormerConfig
-from lavis_xformer.models.fusion import FUSIONS, NO_FUSION, Fusion, build_fusion
+from lavis_xformer.models.fusion import FUSIONS, NO_FUSION, Fusion, MaeStream, build_fusion
 from lavis_xformer.models.llm_head import check_image_values
 from lavis_xformer.models.precision import frozen_half_dtype, run_in_half_precision
 from lavis_xformer.models.sdpa import (
+    SdpaViTMAESelfAttention,
     SharedContextProjections,
     reusing_projections,
     shared_context_projections,
@@ -82,6 +84,7 @@ class ImagePath(ModelOutput):
     queries: torch.Tensor = None  # Z_q: [B, num_query_token, qformer_hidden_size]
     enriched_queries: torch.Tensor = None  # Z': Z_q after the fusion (Z_q itself where the fusion leaves it)
     mae_enriched: Optional[torch.Tensor] = None  # M': the dual block's MAE branch; None for the other fusions
+    mae_stream: Optional[MaeStream] = None  # the fusion's work on M alone (the dual block's), for ITM to re-use
     qformer_output: Optional[BaseModelOutputWithPoolingAndCrossAttentions] = None  # Z_q's pass: cache, hidden states
     clip_projections: Optional[SharedContextProjections] = None  # the query pass's keys/values of C, for ITM
 
@@ -115,6 +118,47 @@ def random_masking(tokens, mask_ratio: float, noise=None):
     mask = torch.ones(batch, length, device=tokens.device)
     mask[:, :keep] = 0
     return visible, torch.gather(mask, 1, ids_restore), ids_restore
+
+
+def masked_patches(ids_restore, visible: int) -> Optional[torch.Tensor]:
+    """[B, N - visible] indices of the patches MAE's masking hid, from its ``ids_restore`` (which un-shuffles
+    [visible; masked]: the masked patches are the last ones of its inverse, the shuffle), so the shape never depends
+    on the values (meta-device builds count FLOPs through it); None where nothing is masked."""
+    if visible >= ids_restore.shape[1]:
+        return None
+    return torch.argsort(ids_restore, dim=1)[:, visible:]
+
+
+class MaePatchDecoder(ViTMAEDecoder):
+    """transformers' MAE decoder (the class of the frozen ``mae_decoder``, swapped in place: same modules, same
+    weights) that can predict some patches only: given ``patches`` ([B, n] indices), every layer but the last runs
+    on all tokens as in ``ViTMAEDecoder.forward``, and the last computes only those patches' rows (their queries
+    attend to every token), the only rows a loss on them reads. ``logits`` are then [B, n, patch pixels]."""
+
+    def forward(self, hidden_states, ids_restore, output_attentions=False, output_hidden_states=False,
+                return_dict=True, patches=None):
+        last = self.decoder_layers[-1]
+        rows_only = isinstance(last.attention.attention, SdpaViTMAESelfAttention)  # it takes ``query_rows``
+        if patches is None or output_attentions or output_hidden_states or not rows_only:
+            output = super().forward(hidden_states, ids_restore, output_attentions, output_hidden_states)
+            if patches is not None:
+                output.logits = output.logits.gather(1, patches.unsqueeze(-1).expand(-1, -1, output.logits.shape[-1]))
+            return output if return_dict else output.to_tuple()
+        # embedding, mask tokens, un-shuffling and positions: ViTMAEDecoder.forward's
+        embedded = self.decoder_embed(hidden_states)
+        mask_tokens = self.mask_token.expand(embedded.shape[0], ids_restore.shape[1] + 1 - embedded.shape[1], -1)
+        patch_tokens = torch.cat([embedded[:, 1:], mask_tokens], dim=1)
+        patch_tokens = patch_tokens.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, embedded.shape[2]))
+        hidden = torch.cat([embedded[:, :1], patch_tokens], dim=1) + self.decoder_pos_embed
+        for layer in self.decoder_layers[:-1]:
+            hidden = layer(hidden)[0]
+        rows = patches + 1  # [CLS] is token 0
+        context = last.attention.attention(last.layernorm_before(hidden), query_rows=rows)[0]
+        residual = hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[2]))
+        hidden = last.attention.output(context, None) + residual
+        hidden = last.output(last.intermediate(last.layernorm_after(hidden)), hidden)
+        logits = self.decoder_pred(self.decoder_norm(hidden))
+        return ViTMAEDecoderOutput(logits=logits) if return_dict else (logits,)
 
 
 @contextlib.contextmanager
@@ -163,6 +207,7 @@ class XFormerImageMixin:
             # Frozen, but the reconstruction loss's gradient flows back through it to M': it stays in the training
             # precision (fp32, or the runner's autocast). In bf16 it was also 2.7x slower at bench size.
             self.mae_decoder = freeze(mae.decoder)
+            self.mae_decoder.__class__ = MaePatchDecoder  # predicts the masked patches alone for the loss
             # M' lives at the Q-Former width; the frozen decoder reads the MAE encoder's width.
             self.mae_out_proj = nn.Linear(config.qformer_hidden_size, config.mae_hidden_size)
         self.register_buffer("_clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -345,13 +390,15 @@ class XFormerImageMixin:
                 clip_features, True, mae_features=mae_features, text_ids=text_ids, text_atts=text_atts
             )
         queries = qformer_output.last_hidden_state[:, : self.query_tokens.shape[1], :]
-        enriched_queries, mae_enriched = self.fusion.enrich(queries, mae_features)
+        mae_stream = self.fusion.mae_stream(mae_features) if mae_features is not None else None
+        enriched_queries, mae_enriched = self.fusion.enrich(queries, mae_features, mae_stream)
         return ImagePath(
             clip_features=clip_features,
             mae=mae,
             queries=queries,
             enriched_queries=enriched_queries,
             mae_enriched=mae_enriched,
+            mae_stream=mae_stream,
             qformer_output=qformer_output,
             clip_projections=clip_projections,
         )
@@ -385,28 +432,42 @@ class XFormerImageMixin:
         x = torch.einsum("nchpwq->nhwpqc", x)
         return x.reshape(batch, h * w, p * p * channels)
 
-    def forward_decoder(self, mae_enriched, ids_restore):
-        """Predicted pixels of every patch from M' (visible tokens; the decoder adds its mask tokens)."""
+    def forward_decoder(self, mae_enriched, ids_restore, patches=None):
+        """Predicted pixels of every patch from M' (visible tokens; the decoder adds its mask tokens), or of the
+        patches ``patches`` ([B, n] indices) only (``MaePatchDecoder``)."""
         tokens = self.mae_out_proj(mae_enriched)
         with self.maybe_autocast():
-            return self.mae_decoder(tokens, ids_restore).logits.float()
+            return self.mae_decoder(tokens, ids_restore, patches=patches).logits.float()
 
-    def reconstruction_loss(self, pixels, predicted_patches, mask):
-        """Mean squared error over the masked patches only (MAE's loss; ``norm_pix_loss`` as a switch)."""
+    def reconstruction_target(self, pixels):
+        """What the decoder predicts, per patch: the pixels (``norm_pix_loss``: normalised per patch)."""
         target = self.patchify(pixels)
         if self.config.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
-        per_patch = ((predicted_patches - target) ** 2).mean(dim=-1)
+        return target
+
+    def reconstruction_loss(self, pixels, predicted_patches, mask):
+        """Mean squared error over the masked patches only (MAE's loss; ``norm_pix_loss`` as a switch)."""
+        per_patch = ((predicted_patches - self.reconstruction_target(pixels)) ** 2).mean(dim=-1)
         return (per_patch * mask).sum() / mask.sum()
 
     def reconstruction_loss_of(self, path: ImagePath) -> Optional[torch.Tensor]:
-        """The reconstruction loss of one pass of the pathway; None where no MAE decoder is built."""
+        """The reconstruction loss of one pass of the pathway; None where no MAE decoder is built. The decoder
+        predicts the masked patches only, the ones the loss reads (``MaePatchDecoder``; tests/test_xformer_stage1.py:
+        the loss and its gradients equal ``reconstruction_loss`` of every patch's prediction)."""
         if self.mae_decoder is None:
             return None
-        predicted = self.forward_decoder(path.mae_enriched, path.mae.ids_restore)
-        return self.reconstruction_loss(path.mae.pixels, predicted, path.mae.mask)
+        mae = path.mae
+        patches = masked_patches(mae.ids_restore, path.mae_enriched.shape[1] - 1)  # M': [CLS] + the visible patches
+        if patches is None:
+            predicted = self.forward_decoder(path.mae_enriched, mae.ids_restore)
+            return self.reconstruction_loss(mae.pixels, predicted, mae.mask)
+        predicted = self.forward_decoder(path.mae_enriched, mae.ids_restore, patches)
+        target = self.reconstruction_target(mae.pixels)
+        target = target.gather(1, patches.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+        return ((predicted - target) ** 2).mean()
 
     # ------------------------------------------------------------------------------------------------------------
     # Features for analysis
@@ -555,24 +616,33 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
 
         text_ids_all = torch.cat([text_tokens.input_ids, text_tokens.input_ids, text_ids_world[neg_texts]])
         text_atts_all = torch.cat([text_tokens.attention_mask, text_tokens.attention_mask, text_atts_world[neg_texts]])
-        mae_all = None
+        mae_all = mae_stream_all = None
         if mae_features is not None:
             mae_all = torch.cat([mae_features, mae_world[neg_images], mae_features])
+        if path.mae_stream is not None:  # the fusion's work on M alone: the query pass's rows, negatives' too if local
+            local = [index - rank * bs for index in neg_images]
+            if all(0 <= row < bs for row in local):
+                negatives = path.mae_stream.select(local)
+            else:
+                negatives = self.fusion.mae_stream(mae_world[neg_images])
+            mae_stream_all = MaeStream.cat([path.mae_stream, negatives, path.mae_stream])
 
         clip_parts = [clip_features, clip_world[neg_images], clip_features]  # pos, neg, pos
         with reusing_projections(path.clip_projections) as shared:  # keys/values of C from the query pass
             clip_all = shared.compose(clip_parts) if shared is not None else torch.cat(clip_parts)
-            queries = self.multimodal_queries(clip_all, mae_all, text_ids_all, text_atts_all)
+            queries = self.multimodal_queries(clip_all, mae_all, text_ids_all, text_atts_all, mae_stream_all)
         logits = self.itm_head(queries).mean(dim=1)
         labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(logits.device)
         return F.cross_entropy(logits, labels)
 
-    def multimodal_queries(self, clip_features, mae_features, text_ids, text_atts):
+    def multimodal_queries(self, clip_features, mae_features, text_ids, text_atts, mae_stream=None):
         """The ITM representation of (image, text) pairs: ``encode``'s Q-Former pass and fusion, with the text in.
         The bi-directional pass over [queries; text] cross-attends to C (and M for concat / early CA), then the
-        fusion (the dual block) enriches the queries with the image's own M."""
+        fusion (the dual block) enriches the queries with the image's own M (``mae_stream``: its part on M, given
+        where an earlier pass over the same images computed it)."""
         output = self.forward_queries(clip_features, mae_features=mae_features, text_ids=text_ids, text_atts=text_atts)
-        queries, _ = self.fusion.enrich(output.last_hidden_state[:, : self.query_tokens.shape[1], :], mae_features)
+        query_states = output.last_hidden_state[:, : self.query_tokens.shape[1], :]
+        queries, _ = self.fusion.enrich(query_states, mae_features, mae_stream)
         return queries
 
     def itg_cache(self, path: ImagePath):
