@@ -704,6 +704,7 @@ torch.save(
      "initial": initial, "final": runner.unwrap_dist_model(runner.model).state_dict()},
     f"{out_dir}/rank{dist.get_rank()}.pt",
 )
+del runner  # its DDP model holds the process group, which lavis_xformer destroys at exit (common/distributed.py)
 '''
 
 

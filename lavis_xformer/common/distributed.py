@@ -19,16 +19,29 @@ unconditionally and ``RunnerBase.train`` calls ``dist.barrier()`` after every ep
   ``SLURM_LOCALID``): a real process group, nccl for ``device: cuda``, gloo otherwise, ``run_cfg.distributed=True``;
 * a plain ``python`` process: a one-process group in an in-process ``HashStore`` (no port, no file, nothing to
   clean up), ``run_cfg.distributed=False`` so the runner neither wraps DDP nor shards the data.
+
+Both register ``shutdown_process_group`` with ``atexit``: the group is destroyed, and its gloo worker threads
+joined, after the program's last statement and before Python tears itself down (see its docstring for why a gloo
+group must not outlive that point).
 """
 
+import atexit
 import datetime
+import gc
 import logging
 import os
+import sys
+import traceback
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
+
+# torch.distributed.nn's functions take ``group=group.WORLD`` as a default argument, which Python evaluates when the
+# module is first imported: imported after a process group exists (DDP imports it), they hold that group for good,
+# and shutdown_process_group could never end its worker threads. Imported here, before any group exists.
+import torch.distributed.nn  # noqa: F401
 from lavis.models.base_model import all_gather_with_grad as _lavis_all_gather_with_grad
 from lavis.models.base_model import concat_all_gather as _lavis_concat_all_gather
 
@@ -87,6 +100,7 @@ def init_single_process_group(backend: str = "gloo") -> None:
         return
     # An in-process store: no free port to find, no file to remove, nothing another process could join.
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    _shutdown_at_exit()
 
 
 def _setting(run_cfg, key, default):
@@ -129,6 +143,7 @@ def init_distributed_mode(run_cfg) -> None:
             timeout=DEFAULT_TIMEOUT,
             **_store_or_url(dist_url, launch),
         )
+        _shutdown_at_exit()
     dist.barrier()
     # LAVIS silences print() on every rank but 0.
     from lavis.common.dist_utils import setup_for_distributed
@@ -146,6 +161,68 @@ def _store_or_url(dist_url: str, launch: LaunchEnv) -> dict:
     store, _, _ = next(dist.rendezvous(dist_url, launch.rank, launch.world_size, timeout=DEFAULT_TIMEOUT))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or "0"
     return {"store": dist.PrefixStore(f"lavis_xformer/attempt_{attempt}", store)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shutdown
+# ---------------------------------------------------------------------------------------------------------------
+GLOO_WORKER_THREAD = "pt_gloo_runloop"  # the name torch gives ProcessGroupGloo's worker threads
+
+
+def _shutdown_at_exit() -> None:
+    atexit.unregister(shutdown_process_group)  # once, however many groups a process creates
+    atexit.register(shutdown_process_group)
+
+
+def gloo_worker_threads() -> Optional[int]:
+    """How many gloo worker threads this process has; None where the system does not list thread names (Linux's
+    /proc does)."""
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    count = 0
+    for thread in threads:
+        try:
+            with open(f"/proc/self/task/{thread}/comm") as name:
+                count += name.read().strip() == GLOO_WORKER_THREAD
+        except OSError:  # the thread ended meanwhile
+            pass
+    return count
+
+
+def shutdown_process_group() -> None:
+    """Destroy every process group and join its gloo worker threads while the interpreter is fully alive (the
+    ``init_*`` functions here register it with ``atexit``; calling it earlier is fine, it does nothing twice).
+
+    Why: a gloo collective runs on one of the group's worker threads, and the thread drops its reference to the
+    finished work (and, through a barrier, to the works before it) only after the caller has been woken. When that
+    reference is the last one, the work's tensors and thread-local state release Python objects, so the thread takes
+    the GIL. If the main thread has meanwhile reached interpreter shutdown, CPython (3.11) ends a thread that asks
+    for the GIL with ``pthread_exit``; the unwind meets torch's ``noexcept`` destructor and the process aborts
+    ("terminate called without an active exception", SIGABRT, exit code -6) after a run that did everything right
+    (pytorch/pytorch#190489). A rank that ends right after its last collective (rank 1 at the end of a torchrun job)
+    is the usual victim.
+
+    Destroying the groups first ends the worker threads (the group's destructor waits for its queue, then joins
+    them, letting them take the GIL), so nothing is left to ask for the GIL during shutdown. This needs every
+    reference to the group gone: ``gc`` frees a model (DDP holds its group) kept only by reference cycles, and after
+    an uncaught exception the frames of its printed traceback (``sys.last_traceback``) are cleared, as they hold the
+    runner. A group something else still holds keeps its threads, and a WARNING says so."""
+    if not is_initialized():
+        return
+    if getattr(sys, "last_traceback", None) is not None:
+        traceback.clear_frames(sys.last_traceback)
+    dist.destroy_process_group()
+    gc.collect()
+    left = gloo_worker_threads()
+    if left:
+        logging.warning(
+            "%d gloo worker threads outlived destroy_process_group: an object still holds the process group; the "
+            "process may abort at exit (SIGABRT) if one of them frees a collective's tensors after Python started "
+            "shutting down. Drop models wrapped in DistributedDataParallel before the program ends.",
+            left,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
