@@ -2,7 +2,7 @@
 fine-tuned on the shapes VQA train split (LAVIS's dataset class and collater), answer the test split with the
 paper's prompt, scored by LAVIS's official VQA evaluator.
 
-The frozen LLM is a stand-in, as in the demo: a random OPT cannot be steered by any visual prefix (its loss stays at
+The frozen LLM is a stand-in (a simpler one than the demo's ``standins.LLM_STANDIN``): a random OPT cannot be steered by any visual prefix (its loss stays at
 its initial value), so the tiny OPT is first pretrained as a text LM on the training questions and answers, written
 "Question: q Answer: a". The paper's prompt, "Question: {} Short answer:", is new to it: zero-shot it answers
 nothing right. Fine-tuning (the LLM frozen; Q-Former, queries, projection, CLIP layer norms train) has to teach the
@@ -11,7 +11,9 @@ prompt -> answer mapping through the visual prefix alone.
 What the figures mean (measured, see the assertion messages): at this size and number of steps the fine-tuned
 models answer from each question type's prior (the same answer to every yes/no question, the most frequent count to
 every counting question), not from the image; both models alike. The test proves that fine-tuning learns from the
-answers with the test-time prompt, not that the tiny models read the image."""
+answers with the test-time prompt, not that the tiny models read the image; the demo, with both pretraining stages
+and an OPT stand-in that reads a caption placed where the visual prefix goes, shows that (README, "Latest demo
+results")."""
 
 import collections
 import json
