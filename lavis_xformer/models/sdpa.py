@@ -5,10 +5,11 @@ borrow: LAVIS's Q-Former ``BertSelfAttention``, LAVIS's EVA ViT ``Attention`` an
 Each subclass keeps its parent's parameters, inputs and outputs; only the attention product is computed by SDPA
 (fused kernels on CPU and GPU; no materialised probability matrix in the backward). Cases SDPA cannot express
 (attention maps requested or saved for Grad-CAM, head masks, relative position embeddings) fall back to the
-parent's code, as do bf16 inputs on a CPU (``_bf16_on_cpu``; the MAE's there takes the parent's product without its
-two extra passes over the scores). ``use_sdpa_attention(module)`` switches a built model
-in place (the class of each attention module is swapped; no parameter is touched), ``use_reference_attention``
-switches back. tests/test_sdpa.py proves outputs, losses and gradients equal to the originals to 1e-5.
+parent's code, as do bf16 inputs on a CPU (``_bf16_on_cpu``), where the fused kernel is slower: the CLIP-ViT takes
+LAVIS's product there, and the MAE computes its product as that one does (``_half_precision_attention``).
+``use_sdpa_attention(module)`` switches a built model in place (the class of each attention module is swapped; no
+parameter is touched), ``use_reference_attention`` switches back. tests/test_sdpa.py proves outputs, losses and
+gradients equal to the originals to 1e-5, and the bf16 MAE within bf16's rounding of transformers' bf16 product.
 
 ``shared_context_projections`` lets the Q-Former's cross-attentions project one batch of image features to keys and
 values once per training step (see ``SharedContextProjections``).
@@ -182,46 +183,55 @@ class SdpaViTMAESelfAttention(ViTMAESelfAttention):
             if query_rows is not None:
                 raise ValueError("query_rows takes neither attention maps nor head masks")
             return super().forward(hidden_states, head_mask, output_attentions)
+        if query_rows is None and _bf16_on_cpu(hidden_states) and not (self.training and self.dropout.p > 0):
+            return (self._half_precision_attention(hidden_states),)
         queried = hidden_states
         if query_rows is not None:
             queried = hidden_states.gather(1, query_rows.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1]))
         query = self.transpose_for_scores(self.query(queried))
         key = self.transpose_for_scores(self.key(hidden_states))
         value = self.transpose_for_scores(self.value(hidden_states))
-        if _bf16_on_cpu(hidden_states) and not (self.training and self.dropout.p > 0):
-            context = self._half_product_attention(query, key, value)
-        else:
-            context = F.scaled_dot_product_attention(
-                query, key, value, dropout_p=self.dropout.p if self.training else 0.0
-            )
+        context = F.scaled_dot_product_attention(query, key, value, dropout_p=self.dropout.p if self.training else 0.0)
         return (context.transpose(1, 2).flatten(2),)
 
-    def _half_product_attention(self, query, key, value):
-        """transformers' product, bit for bit, without its two extra passes over the [tokens x tokens] scores: the
-        scale is applied in place, and the softmax returns bf16 directly where autocast would return fp32 that the
-        next matmul casts straight back to bf16 (the kernel accumulates in fp32 either way). The frozen MAE encoder
-        is attention-bound at bench size (head width 10): 8% off its forward (tests/test_sdpa.py: equal outputs).
+    def _half_precision_attention(self, hidden_states):
+        """The frozen MAE encoder's attention in bf16 on a CPU (under the encoder's autocast), computed as the
+        frozen CLIP-ViT computes its own there (LAVIS's EVA ``Attention``): one projection to queries, keys and values,
+        the queries scaled before the product, a softmax in bf16. transformers' ViTMAE instead projects three times
+        and divides the [tokens x tokens] scores, one more pass over the largest tensor of the layer. Scaling q before
+        or the scores after the product rounds differently in bf16: the encoder's output moves by about 1e-3 of its
+        norm, a tenth of what bf16 itself moves it from fp32 (tests/test_sdpa.py, tests/test_precision.py). At bench
+        size (head width 10) this is x0.86 to x0.89 of transformers' product in the encoder's forward.
 
         Scores larger than ``MAE_SCORES_BLOCK_BYTES`` are computed one image (or block of heads) at a time: each
         score goes through the same kernels, so the output is the same, but a block's scores stay in cache between
-        the four passes over them (the unmasked MAE at 257 tokens: encoder forward x0.93 at bench size)."""
-        scale = math.sqrt(self.attention_head_size)
-        batch, heads, queries, _ = query.shape
-        score_bytes = queries * key.shape[2] * query.element_size()  # one head's scores
+        the passes over them (the unmasked MAE at 257 tokens: encoder forward x0.93 at bench size). SDPA's fused
+        kernel is slower here in bf16 (``_bf16_on_cpu``)."""
+        batch, tokens, width = hidden_states.shape
+        heads, head_width = self.num_attention_heads, self.attention_head_size
+        # One [width x 3 width] product instead of three: the same dot products, so the same bits as three.
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        qkv = F.linear(hidden_states, weight, bias).view(batch, tokens, 3, heads, head_width)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).contiguous().unbind(0)  # each [B, heads, tokens, head width]
+        query = query * head_width**-0.5
+        score_bytes = tokens * tokens * query.element_size()  # one head's scores
         if batch * heads * score_bytes <= MAE_SCORES_BLOCK_BYTES:
-            scores = torch.matmul(query, key.transpose(-1, -2)).div_(scale)
-            return torch.matmul(torch.softmax(scores, dim=-1, dtype=scores.dtype), value)
+            scores = torch.matmul(query, key.transpose(-1, -2))
+            context = torch.matmul(torch.softmax(scores, dim=-1, dtype=scores.dtype), value)
+            return context.transpose(1, 2).reshape(batch, tokens, width)
         per_block = min(heads, max(1, MAE_SCORES_BLOCK_BYTES // score_bytes))
-        contexts = []
+        context = query.new_empty(batch, tokens, heads, head_width)
         for image in range(batch):
             for first in range(0, heads, per_block):
                 rows = (image, slice(first, first + per_block))
-                scores = torch.matmul(query[rows], key[rows].transpose(-1, -2)).div_(scale)
-                contexts.append(torch.matmul(torch.softmax(scores, dim=-1, dtype=scores.dtype), value[rows]))
-        return torch.cat(contexts).view(query.shape)
+                scores = torch.matmul(query[rows], key[rows].transpose(-1, -2))
+                block = torch.matmul(torch.softmax(scores, dim=-1, dtype=scores.dtype), value[rows])
+                context[image, :, first : first + per_block] = block.transpose(0, 1)
+        return context.view(batch, tokens, width)
 
 
-# The most attention scores the bf16 MAE product computes at once (``_half_product_attention``). Measured on the
+# The most attention scores the bf16 MAE product computes at once (``_half_precision_attention``). Measured on the
 # development CPU at bench size: one image's 16 x 257 x 257 bf16 scores (2.1 MB) per block was the fastest of 0.5 MB,
 # 1 MB, 2.1 MB and all four images (8.4 MB); the masked training pass (129 tokens, 2.1 MB for four images) gains
 # nothing from blocks and stays whole.
