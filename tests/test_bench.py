@@ -149,3 +149,27 @@ def test_attention_flops_are_counted_on_the_cpu_kernel_as_written_out():
         assert bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)) == 2 * product
     step = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward())
     assert step == 2 * product + 5 * product
+
+
+def test_time_per_flop_by_part_splits_xformer_into_its_two_added_parts():
+    """GFLOP/s of BLIP-2 and of X-Former's two added parts from the rows' median times and FLOPs: the MAE branch with
+    the fusion is ``xformer-norec`` - BLIP-2, the reconstruction ``xformer`` - ``xformer-norec``."""
+    result = {
+        "train_step": {bench.REFERENCE: {"median_s": 0.30}, "xformer-norec": {"median_s": 0.37}, "xformer": {"median_s": 0.45}},
+        "flops": {"train_step": {bench.REFERENCE: 30e9, "xformer-norec": 37e9, "xformer": 39e9}},
+    }
+    rates = bench.part_throughput(result)
+    assert rates["BLIP-2"] == pytest.approx(100.0)
+    assert rates["MAE branch + fusion"] == pytest.approx(7 / 0.07)
+    assert rates["reconstruction"] == pytest.approx(2 / 0.08)
+    text = bench.part_throughput_markdown(result)
+    assert "reconstruction 25.0 GFLOP/s (x4.00 BLIP-2's time per FLOP)" in text
+
+
+def test_head_divisor_keeps_the_papers_head_widths():
+    size = bench.BenchSize(head_divisor=8)
+    fields = bench.xformer_fields(size)
+    assert (fields["vit_embed_dim"] // fields["vit_num_heads"], fields["mae_hidden_size"] // fields["mae_num_heads"]) == (88, 80)
+    assert fields["mae_decoder_hidden_size"] // fields["mae_decoder_num_heads"] == 32
+    default = bench.xformer_fields(bench.BenchSize())
+    assert default["mae_decoder_num_heads"] == 16 and default["mae_decoder_hidden_size"] == 64  # heads 4 wide

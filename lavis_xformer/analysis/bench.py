@@ -71,7 +71,11 @@ CAPTION = "two red circles and a blue square on the left of a green triangle"
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class BenchSize:
-    """Paper-scale architecture with widths divided by ``width_divisor`` and depths by ``depth_divisor``."""
+    """Paper-scale architecture with widths divided by ``width_divisor`` and depths by ``depth_divisor``.
+
+    Head counts stay the paper's by default, so heads are ``width_divisor`` times narrower (4 to 11 wide at bench
+    size): attention's softmax, which FLOP counts leave out, then weighs far more than at paper scale.
+    ``head_divisor = width_divisor`` keeps the paper's head widths instead (``--head-divisor 8``)."""
 
     name: str = "bench"
     width_divisor: int = 8  #: every hidden width (and FFN width) divided by this
@@ -79,9 +83,14 @@ class BenchSize:
     batch_size: int = 4  #: images per training step
     image_size: int = 224  #: the paper's resolution (token counts as at paper scale)
     max_txt_len: int = 32  #: text tokens, as at paper scale
+    head_divisor: int = 1  #: every head count divided by this (at least 1 head); = width_divisor keeps head widths
 
-    def width(self, paper: int, heads: int) -> int:
-        # Round to a multiple of the head count so that the head layout of the paper model is kept.
+    def heads(self, paper: int) -> int:
+        return max(1, round(paper / self.head_divisor))
+
+    def width(self, paper: int, paper_heads: int) -> int:
+        # Round to a multiple of the (scaled) head count so that every head has the same width.
+        heads = self.heads(paper_heads)
         return max(heads, round(paper / self.width_divisor / heads) * heads)
 
     def depth(self, paper: int) -> int:
@@ -101,7 +110,7 @@ def backbone_fields(size: BenchSize, optimised: bool) -> dict:
         vit_patch_size=vit["patch_size"],
         vit_embed_dim=size.width(vit["embed_dim"], vit["num_heads"]),
         vit_depth=size.depth(vit["depth"]),
-        vit_num_heads=vit["num_heads"],
+        vit_num_heads=size.heads(vit["num_heads"]),
         vit_mlp_ratio=vit["mlp_ratio"],
         vit_precision="fp16",
         # LAVIS as shipped runs the frozen ViT in fp32 on a CPU (its fp16 is CUDA-only); the optimised rows in bf16.
@@ -109,7 +118,7 @@ def backbone_fields(size: BenchSize, optimised: bool) -> dict:
         qformer_weights=None,
         qformer_hidden_size=size.width(bert["hidden_size"], bert["num_attention_heads"]),
         qformer_num_layers=size.depth(bert["num_hidden_layers"]),
-        qformer_num_heads=bert["num_attention_heads"],
+        qformer_num_heads=size.heads(bert["num_attention_heads"]),
         qformer_intermediate_size=size.width(bert["intermediate_size"], bert["num_attention_heads"]),
         tokenizer="tiny_bert_vocab.txt",
         max_txt_len=size.max_txt_len,
@@ -128,14 +137,14 @@ def xformer_fields(size: BenchSize) -> dict:
         mae_image_size=size.image_size,
         mae_hidden_size=size.width(mae["hidden_size"], mae["num_attention_heads"]),
         mae_num_layers=size.depth(mae["num_hidden_layers"]),
-        mae_num_heads=mae["num_attention_heads"],
+        mae_num_heads=size.heads(mae["num_attention_heads"]),
         mae_intermediate_size=size.width(mae["intermediate_size"], mae["num_attention_heads"]),
         mae_decoder_hidden_size=size.width(mae["decoder_hidden_size"], mae["decoder_num_attention_heads"]),
         mae_decoder_num_layers=size.depth(mae["decoder_num_hidden_layers"]),
-        mae_decoder_num_heads=mae["decoder_num_attention_heads"],
+        mae_decoder_num_heads=size.heads(mae["decoder_num_attention_heads"]),
         mae_decoder_intermediate_size=size.width(mae["decoder_intermediate_size"], mae["decoder_num_attention_heads"]),
         dual_num_layers=size.depth(dual.dual_num_layers),
-        dual_num_heads=dual.dual_num_heads,
+        dual_num_heads=size.heads(dual.dual_num_heads),
         dual_intermediate_size=size.width(dual.dual_intermediate_size, dual.dual_num_heads),
     )
 
@@ -153,7 +162,7 @@ def llm_fields(size: BenchSize) -> dict:
         llm_precision="fp16",
         llm_hidden_size=size.width(opt["hidden_size"], opt["num_attention_heads"]),
         llm_num_layers=size.depth(opt["num_hidden_layers"]),
-        llm_num_heads=opt["num_attention_heads"],
+        llm_num_heads=size.heads(opt["num_attention_heads"]),
         llm_ffn_dim=size.width(opt["ffn_dim"], opt["num_attention_heads"]),
         llm_max_positions=opt["max_position_embeddings"],
     )
@@ -170,6 +179,8 @@ def build_stage1(size: BenchSize) -> Dict[str, Callable[[], torch.nn.Module]]:
         "blip2+impl": lambda: Blip2Baseline(BackboneConfig(**backbone_fields(size, optimised=True))),
         "xformer": lambda: XFormer(XFormerConfig(**xformer_fields(size))),
         "xformer+ckpt": lambda: XFormer(XFormerConfig(**xformer_fields(size), checkpoint_trainable_layers=True)),
+        # without the reconstruction (no MAE decoder): splits X-Former's extra time per FLOP into its two parts
+        "xformer-norec": lambda: XFormer(XFormerConfig(**xformer_fields(size), reconstruction_loss=False)),
     }
 
 
@@ -254,7 +265,8 @@ TIME_PER_FLOP_TARGET = 1.05  # issue 17: time ratio <= FLOPs ratio x 1.05 (stage
 OPERATIONS = ("train_step", "feature_extraction", "predict_answers")
 # Rows timed per operation (the others would repeat a row: checkpointing changes only the training step).
 ROWS_OF = {
-    1: {"train_step": ("blip2", "blip2+impl", "xformer", "xformer+ckpt"), "feature_extraction": ("blip2", "blip2+impl", "xformer")},
+    1: {"train_step": ("blip2", "blip2+impl", "xformer", "xformer+ckpt", "xformer-norec"),
+        "feature_extraction": ("blip2", "blip2+impl", "xformer")},
     2: {op: ("blip2", "blip2+impl", "xformer", "xformer-mask50") for op in OPERATIONS},
 }
 SCALING_POINTS = ((1, 224), (4, 224), (16, 224), (1, 490), (4, 490))  # (batch, image size) of the scaling rows
@@ -476,7 +488,8 @@ def build_rows(size: BenchSize, stage: int) -> Dict[str, Callable[[], torch.nn.M
 def measure_memory(rows: List[str], size: BenchSize, stage: int) -> Dict[str, dict]:
     results = {}
     for row in rows:
-        command = [sys.executable, "-m", "lavis_xformer.analysis.bench", "--memory-probe", row, "--stage", str(stage), "--size", size.name]
+        command = [sys.executable, "-m", "lavis_xformer.analysis.bench", "--memory-probe", row, "--stage", str(stage), "--size", size.name,
+                   "--head-divisor", str(size.head_divisor)]
         out = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
         results[row] = json.loads(out.stdout.strip().splitlines()[-1])
     return results
@@ -620,9 +633,14 @@ def paper_scale_markdown(paper: dict) -> List[str]:
     return lines
 
 
+def size_label(size: dict) -> str:
+    divisor = size.get("head_divisor", 1)
+    return size["name"] + (f"`, heads / {divisor} (`--head-divisor {divisor}`" if divisor > 1 else "")
+
+
 def stage_markdown(stage: int, result: dict, report: dict) -> List[str]:
     size, machine = report["size"], report["machine"]
-    lines = [f"## Stage {stage} at size `{size['name']}` (batch {size['batch_size']}, {machine['threads']} threads, "
+    lines = [f"## Stage {stage} at size `{size_label(size)}` (batch {size['batch_size']}, {machine['threads']} threads, "
              f"{machine['clock']})", ""]
     timed = [op for op in OPERATIONS if op in result]
     rows = list(result["train_step"])
@@ -640,7 +658,7 @@ def stage_markdown(stage: int, result: dict, report: dict) -> List[str]:
     # X-Former against BLIP-2 built equally well: time ratio beside FLOPs ratio of the same calls.
     table = []
     for op in timed:
-        for row in (r for r in result[op] if r.startswith("xformer") and r != "xformer+ckpt"):
+        for row in (r for r in result[op] if r.startswith("xformer") and r not in ("xformer+ckpt", "xformer-norec")):
             time_ratio = paired_ratio(result[op][row], result[op][REFERENCE])
             flops_ratio = result["flops"][op][row] / result["flops"][op][REFERENCE]
             shipped = paired_ratio(result[op][row], result[op]["blip2"])
@@ -665,11 +683,39 @@ def stage_markdown(stage: int, result: dict, report: dict) -> List[str]:
         lines += [f"Peak memory ratio X-Former / BLIP-2: {ratio(memory, 'peak_mb'):.3f} vs LAVIS as shipped, "
                   f"{ratio(memory, 'peak_mb', denominator=REFERENCE):.3f} vs {REFERENCE}"
                   + (f" (target {TARGETS['stage2_peak_memory']:.2f}, paper {PAPER['stage2_memory_ratio']:.3f})" if stage == 2 else "") + ".", ""]
+    if "xformer-norec" in result["train_step"]:
+        lines += [part_throughput_markdown(result), ""]
     if "xformer-mask50" in result["train_step"]:
         cells = [f"{op} x{_ratio_text(paired_ratio(result[op]['xformer-mask50'], result[op]['xformer']))}" for op in timed]
         lines += ["MAE masked at 50% in stage 2 (`xformer-mask50`) against unmasked (`xformer`, the shipped default): "
                   + ", ".join(cells) + ".", ""]
     return lines
+
+
+def part_throughput(result: dict, op: str = "train_step") -> Dict[str, float]:
+    """GFLOP/s of BLIP-2 (``blip2+impl``) and of X-Former's two added parts, from the median times and counted FLOPs
+    of the rows: the MAE branch with the fusion (``xformer-norec`` - BLIP-2) and the reconstruction (the frozen MAE
+    decoder and its loss: ``xformer`` - ``xformer-norec``). A part slower per FLOP than BLIP-2 is where the time
+    ratio exceeds the FLOPs ratio."""
+    time = {row: result[op][row]["median_s"] for row in (REFERENCE, "xformer-norec", "xformer")}
+    flops = {row: result["flops"][op][row] for row in time}
+
+    def rate(high, low=None):
+        seconds = time[high] - (time[low] if low else 0.0)
+        work = flops[high] - (flops[low] if low else 0.0)
+        return work / seconds / 1e9 if seconds > 0 else float("nan")
+
+    return {"BLIP-2": rate(REFERENCE), "MAE branch + fusion": rate("xformer-norec", REFERENCE),
+            "reconstruction": rate("xformer", "xformer-norec")}
+
+
+def part_throughput_markdown(result: dict) -> str:
+    rates = part_throughput(result)
+    reference = rates["BLIP-2"]
+    parts = ", ".join(f"{part} {value:.1f} GFLOP/s (x{reference / value:.2f} BLIP-2's time per FLOP)"
+                      for part, value in rates.items() if part != "BLIP-2")
+    return (f"Time per FLOP by part, training step (median times, counted FLOPs; `xformer-norec` is X-Former without "
+            f"the reconstruction): BLIP-2 ({REFERENCE}) {reference:.1f} GFLOP/s; X-Former's {parts}.")
 
 
 def breakdown_markdown(report: dict) -> List[str]:
@@ -738,7 +784,7 @@ def scaling_markdown(points: List[dict]) -> List[str]:
 
 def markdown(report: dict) -> str:
     machine = report["machine"]
-    lines = [f"# X-Former vs BLIP-2 cost ({machine['device']}, size `{report['size']['name']}`)", "",
+    lines = [f"# X-Former vs BLIP-2 cost ({machine['device']}, size `{size_label(report['size'])}`)", "",
              f"torch {machine['torch']} | {machine['threads']} threads | clock: {machine['clock']} | "
              f"{report['settings']['warmup']} warm-up + {report['settings']['repeats']} interleaved repeats | {report['date']}", ""]
     if report.get("paper_scale"):
@@ -786,6 +832,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--clock", choices=["wall", "process"], default="wall",
                         help="CPU timing: wall clock, or this process's CPU time on a machine other jobs share")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: as torch starts)")
+    parser.add_argument("--head-divisor", type=int, default=1,
+                        help="divide every head count too (8: the paper's head widths at bench size)")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--scaling-repeats", type=int, default=3)
@@ -809,7 +857,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     import lavis_xformer  # noqa: F401  (registers the models)
 
-    size = BenchSize() if args.size == "bench" else TINY
+    size = BenchSize(head_divisor=args.head_divisor) if args.size == "bench" else TINY
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, size, args.stage)))
         return {}
