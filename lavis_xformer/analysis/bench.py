@@ -634,13 +634,14 @@ def paper_scale_markdown(paper: dict) -> List[str]:
 
 
 def size_label(size: dict) -> str:
+    """The size's name as Markdown code, and its head divisor where head counts are divided too."""
     divisor = size.get("head_divisor", 1)
-    return size["name"] + (f"`, heads / {divisor} (`--head-divisor {divisor}`" if divisor > 1 else "")
+    return f"`{size['name']}`" + (f" with heads / {divisor}" if divisor > 1 else "")
 
 
 def stage_markdown(stage: int, result: dict, report: dict) -> List[str]:
     size, machine = report["size"], report["machine"]
-    lines = [f"## Stage {stage} at size `{size_label(size)}` (batch {size['batch_size']}, {machine['threads']} threads, "
+    lines = [f"## Stage {stage} at size {size_label(size)} (batch {size['batch_size']}, {machine['threads']} threads, "
              f"{machine['clock']})", ""]
     timed = [op for op in OPERATIONS if op in result]
     rows = list(result["train_step"])
@@ -784,7 +785,7 @@ def scaling_markdown(points: List[dict]) -> List[str]:
 
 def markdown(report: dict) -> str:
     machine = report["machine"]
-    lines = [f"# X-Former vs BLIP-2 cost ({machine['device']}, size `{size_label(report['size'])}`)", "",
+    lines = [f"# X-Former vs BLIP-2 cost ({machine['device']}, size {size_label(report['size'])})", "",
              f"torch {machine['torch']} | {machine['threads']} threads | clock: {machine['clock']} | "
              f"{report['settings']['warmup']} warm-up + {report['settings']['repeats']} interleaved repeats | {report['date']}", ""]
     if report.get("paper_scale"):
