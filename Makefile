@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(PY) -m lavis_xformer.demo
 
 bench: $(STAMP)
-	$(PY) -m lavis_xformer.analysis.bench --threads 2 --json bench/latest.json --readme bench/README.md --figures bench
+	$(PY) -m lavis_xformer.analysis.bench --threads 2 --target-runs 2 --json bench/latest.json --readme bench/README.md --figures bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info output

@@ -18,6 +18,7 @@ def report(tmp_path_factory):
     readme = out / "README.md"
     readme.write_text("prose kept\n\n" + bench.README_MARKER + "\n\nold figures\n")
     command = [sys.executable, "-m", "lavis_xformer.analysis.bench", "--quick", "--threads", "1", "--clock", "process",
+               "--target-runs", "1",
                "--json", str(out / "bench.json"), "--readme", str(readme), "--figures", str(out)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -173,3 +174,22 @@ def test_head_divisor_keeps_the_papers_head_widths():
     assert fields["mae_decoder_hidden_size"] // fields["mae_decoder_num_heads"] == 32
     default = bench.xformer_fields(bench.BenchSize())
     assert default["mae_decoder_num_heads"] == 16 and default["mae_decoder_hidden_size"] == 64  # heads 4 wide
+
+
+def test_targets_run_by_run_in_fresh_processes(report):
+    """``--target-runs 1``: the run's own stage-1 ratios, then a fresh process's, each with time / FLOPs at the median
+    and Q3, and a verdict that counts a target met only where every run meets it."""
+    data, stdout, _, _ = report
+    runs = data["target_runs"]
+    assert len(runs) == 2
+    assert runs[0] == bench.target_ratios(data["stage1"])
+    for run in runs:
+        for op in bench.TARGET_OPERATIONS:
+            assert run[op]["per_flop"] == pytest.approx(run[op]["median"] / run[op]["flops_ratio"])
+            assert run[op]["per_flop_q3"] >= run[op]["per_flop"] > 0
+    # the fresh process counted the same FLOPs on the same calls
+    assert runs[1]["train_step"]["flops_ratio"] == pytest.approx(runs[0]["train_step"]["flops_ratio"])
+    for op in bench.TARGET_OPERATIONS:
+        met = sum(run[op]["per_flop"] <= bench.TIME_PER_FLOP_TARGET for run in runs)
+        assert f"{op}: met at the median in {met} of 2 runs" in stdout
+        assert ("(met)" if met == 2 else "(not met)") in stdout.split(f"{op}: met at the median")[1].split(";")[0]
