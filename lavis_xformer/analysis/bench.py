@@ -667,7 +667,10 @@ def repeat_stage1_targets(runs: int, args) -> List[Dict[str, dict]]:
                        str(args.head_divisor), "--device", args.device, "--clock", args.clock, "--repeats",
                        str(args.repeats), "--warmup", str(args.warmup), "--json", path]
             command += ["--threads", str(args.threads)] if args.threads else []
-            subprocess.run(command, capture_output=True, text=True, check=True)
+            completed = subprocess.run(command, capture_output=True, text=True)
+            if completed.returncode != 0:
+                raise RuntimeError(f"a stage-1 target run failed (exit {completed.returncode}): {' '.join(command)}\n"
+                                   + completed.stderr[-3000:])
             with open(path) as handle:
                 results.append(target_ratios(json.load(handle)["stage1"]))
     return results
