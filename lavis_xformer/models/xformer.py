@@ -104,17 +104,22 @@ class XFormerOutput(ModelOutput):
     loss_rec: Optional[torch.Tensor] = None
 
 
+def gather_tokens(tokens, index):
+    """``tokens[b, index[b, i]]`` for every b and i: the rows ``index`` ([B, n]) picks from [B, N, width] tokens."""
+    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
 def random_masking(tokens, mask_ratio: float, noise=None):
     """MAE's per-sample random masking (transformers' ``ViTMAEEmbeddings.random_masking``, for any encoder): keeps the
     ``int(N * (1 - mask_ratio))`` tokens of lowest ``noise``. Returns (visible tokens, mask [B, N] with 1 = masked,
     ids_restore)."""
-    batch, length, width = tokens.shape
+    batch, length, _ = tokens.shape
     keep = int(length * (1 - mask_ratio))
     if noise is None:
         noise = torch.rand(batch, length, device=tokens.device)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    visible = torch.gather(tokens, 1, ids_shuffle[:, :keep, None].expand(-1, -1, width))
+    visible = gather_tokens(tokens, ids_shuffle[:, :keep])
     mask = torch.ones(batch, length, device=tokens.device)
     mask[:, :keep] = 0
     return visible, torch.gather(mask, 1, ids_restore), ids_restore
@@ -142,19 +147,19 @@ class MaePatchDecoder(ViTMAEDecoder):
         if patches is None or output_attentions or output_hidden_states or not rows_only:
             output = super().forward(hidden_states, ids_restore, output_attentions, output_hidden_states)
             if patches is not None:
-                output.logits = output.logits.gather(1, patches.unsqueeze(-1).expand(-1, -1, output.logits.shape[-1]))
+                output.logits = gather_tokens(output.logits, patches)
             return output if return_dict else output.to_tuple()
         # embedding, mask tokens, un-shuffling and positions: ViTMAEDecoder.forward's
         embedded = self.decoder_embed(hidden_states)
         mask_tokens = self.mask_token.expand(embedded.shape[0], ids_restore.shape[1] + 1 - embedded.shape[1], -1)
         patch_tokens = torch.cat([embedded[:, 1:], mask_tokens], dim=1)
-        patch_tokens = patch_tokens.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, embedded.shape[2]))
+        patch_tokens = gather_tokens(patch_tokens, ids_restore)
         hidden = torch.cat([embedded[:, :1], patch_tokens], dim=1) + self.decoder_pos_embed
         for layer in self.decoder_layers[:-1]:
             hidden = layer(hidden)[0]
         rows = patches + 1  # [CLS] is token 0
         context = last.attention.attention(last.layernorm_before(hidden), query_rows=rows)[0]
-        residual = hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[2]))
+        residual = gather_tokens(hidden, rows)
         hidden = last.attention.output(context, None) + residual
         hidden = last.output(last.intermediate(last.layernorm_after(hidden)), hidden)
         logits = self.decoder_pred(self.decoder_norm(hidden))
@@ -466,7 +471,7 @@ class XFormerImageMixin:
             return self.reconstruction_loss(mae.pixels, predicted, mae.mask)
         predicted = self.forward_decoder(path.mae_enriched, mae.ids_restore, patches)
         target = self.reconstruction_target(mae.pixels)
-        target = target.gather(1, patches.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+        target = gather_tokens(target, patches)
         return ((predicted - target) ** 2).mean()
 
     # ------------------------------------------------------------------------------------------------------------
