@@ -1,11 +1,12 @@
 # `make test`: create .venv, install the pinned stack and the plugin, run the whole suite (what CI runs).
-# `make demo`: same setup, then the demo on the embedded shapes data.
+# `make demo`: same setup, then the controlled probe experiment (docs/experiment.md): 6 seeds x 5 arms.
+# `make demo-vqa`: the LLM VQA pipeline (stage 2 + VQA fine-tuning through LAVIS's runner), the confirmation.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo demo-vqa bench clean
 
 $(STAMP): requirements.txt requirements-test.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +23,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m lavis_xformer.demo
+	$(PY) -m lavis_xformer.experiment --seeds 6 --jobs 2 --out output/experiment
+
+demo-vqa: $(STAMP)
+	$(PY) -m lavis_xformer.demo --seeds 2
 
 bench: $(STAMP)
 	$(PY) -m lavis_xformer.analysis.bench --threads 2 --target-runs 2 --json bench/latest.json --readme bench/README.md --figures bench

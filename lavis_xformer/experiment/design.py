@@ -72,13 +72,13 @@ class ExperimentSize:
     stage1: Recipe = Recipe(steps=400, batch_size=32, lr=5e-3, warmup_steps=40)
     clip_epochs: int = 12  #: CLIP stand-ins (batch 64, lr 3e-3, CLIP's betas)
     mae_epochs: int = 30  #: MAE stand-in (batch 64, lr 4e-3, MAE's betas)
-    probe_c: float = 1.0  #: inverse L2 strength of the logistic-regression probe (fixed, not tuned per arm)
-    probe_max_iter: int = 300
+    probe_alpha: float = 10.0  #: L2 strength of the ridge-classifier probe (fixed, not tuned per arm)
+    apply_health: bool = True  #: leave unhealthy (seed, arm) runs out; False at smoke size, where nothing trains
 
 
 FULL = ExperimentSize("full")
 SMOKE = replace(FULL, name="smoke", num_pretrain=192, num_train=128, num_test=160, clip_epochs=1, mae_epochs=1,
-                stage1=Recipe(steps=6, batch_size=16, lr=5e-3, warmup_steps=2), probe_max_iter=100)
+                stage1=Recipe(steps=6, batch_size=16, lr=5e-3, warmup_steps=2), apply_health=False)
 DEFAULT_SEEDS = 6
 PRETRAIN_SEED = 10_000  #: the stand-ins' data and initialisation (never a run seed)
 

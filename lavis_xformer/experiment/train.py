@@ -61,7 +61,7 @@ def train_stage1(model, images: torch.Tensor, captions: List[str], recipe: Recip
         for key in ("loss", "loss_itc", "loss_itm", "loss_lm", "loss_rec"):
             value = getattr(output, key)
             if value is not None:
-                history.setdefault(key, []).append(float(value))
+                history.setdefault(key, []).append(value.item())
     return history
 
 
@@ -102,7 +102,7 @@ def run_arm(arm: Arm, seed: int, size: ExperimentSize, standins: Dict[str, str],
     history = train_stage1(model, train_images, train.detail_captions, size.stage1, seed)
     trained = time.time() - start
     accuracies = probe_accuracies(visual_output(model, train_images), train.questions,
-                                  visual_output(model, test_images), test.questions, size.probe_c, size.probe_max_iter)
+                                  visual_output(model, test_images), test.questions, size.probe_alpha)
     return {"arm": arm.name, "seed": seed, "health": health(history, size.stage1.batch_size),
             "accuracy": accuracies, "baseline": blind_baseline(train.questions, test.questions),
             "final_losses": {k: round(float(np.mean(v[-max(1, len(v) // 10):])), 4) for k, v in history.items()},
