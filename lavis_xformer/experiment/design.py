@@ -37,7 +37,7 @@ BASE_MODEL = {
     "num_query_token": 32,  # the paper's 32 queries (the tiny type has 8)
     "max_txt_len": 40,  # the longest count-and-position caption is 37 tokens
     "frozen_cpu_precision": "fp32",  # fp32 frozen encoders on this CPU (no native bf16; issue #29)
-    "qformer_dropout": 0.0,  # no dropout: 400 steps on 2048 images do not over-fit, and reruns stay simple
+    "qformer_dropout": 0.0,  # no dropout: 120 steps on 2048 images do not over-fit, and reruns stay simple
     "dual_dropout": 0.0,
 }
 
@@ -66,12 +66,12 @@ class ExperimentSize:
     model_px: int = 32  #: what every arm but the 2x one sees
     min_objects: int = 2
     max_objects: int = 6
-    num_pretrain: int = 4096  #: the stand-ins' images (a fixed split, the same for every seed, as hub data would be)
+    num_pretrain: int = 2048  #: the stand-ins' images (a fixed split, the same for every seed, as hub data would be)
     num_train: int = 2048  #: per seed: stage-1 training and the probe's training questions
     num_test: int = 2000  #: per seed: fresh test images, never seen by a model or probe
-    stage1: Recipe = Recipe(steps=400, batch_size=32, lr=5e-3, warmup_steps=40)
-    clip_epochs: int = 12  #: CLIP stand-ins (batch 64, lr 3e-3, CLIP's betas)
-    mae_epochs: int = 30  #: MAE stand-in (batch 64, lr 4e-3, MAE's betas)
+    stage1: Recipe = Recipe(steps=120, batch_size=32, lr=5e-3, warmup_steps=12)  #: the 20-minute budget's share
+    clip_epochs: int = 10  #: CLIP stand-ins (batch 64, lr 3e-3, CLIP's betas)
+    mae_epochs: int = 20  #: MAE stand-in (batch 64, lr 4e-3, MAE's betas)
     probe_alpha: float = 10.0  #: L2 strength of the ridge-classifier probe (fixed, not tuned per arm)
     apply_health: bool = True  #: leave unhealthy (seed, arm) runs out; False at smoke size, where nothing trains
 

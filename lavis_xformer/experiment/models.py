@@ -49,7 +49,8 @@ class ClassTokenOnly(nn.Module):
 
 class PretokenizedTokenizer:
     """The model's tokenizer with ``texts`` encoded once (``padding="max_length"``, ``max_length``): a call on known
-    texts with those settings returns the stored ids; anything else goes to the tokenizer itself."""
+    texts with those settings returns the stored ids cut to the batch's longest caption (less text compute, the same
+    losses); anything else goes to the tokenizer itself."""
 
     def __init__(self, tokenizer, texts: Iterable[str], max_length: int):
         from transformers import BatchEncoding
@@ -66,7 +67,10 @@ class PretokenizedTokenizer:
         if known and padding == "max_length" and max_length == self.max_length and return_tensors == "pt" \
                 and not kwargs:
             rows = torch.tensor([self.rows[t] for t in texts])
-            return self._encoding({"input_ids": self.input_ids[rows], "attention_mask": self.attention_mask[rows]})
+            width = int(self.attention_mask[rows].sum(1).max())  # the batch's longest caption: padded positions
+            # are masked in every attention (and -100 in ITG's labels), so the losses are those of max_length padding
+            return self._encoding({"input_ids": self.input_ids[rows, :width],
+                                   "attention_mask": self.attention_mask[rows, :width]})
         return self.tokenizer(texts, padding=padding, truncation=truncation, max_length=max_length,
                               return_tensors=return_tensors, **kwargs)
 

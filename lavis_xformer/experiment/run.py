@@ -11,9 +11,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from lavis_xformer.experiment.design import ARMS, READING, Arm, ExperimentSize
 
-ARM_BY_NAME = {arm.name: arm for arm in ARMS}
-
-
 class Progress:
     """``[stage k/n] what -- elapsed, ETA`` lines (the ETA: the mean time per finished task times those left, over
     the parallel jobs)."""
@@ -64,6 +61,7 @@ def _standin_task(name: str, size: ExperimentSize, folder: str) -> dict:
 
 
 def _arm_task(arm: Arm, seed: int, size: ExperimentSize, files: Dict[str, str]) -> dict:
+    """One (arm, seed) in a worker: its seed's splits (cached per worker), ``train.run_arm``, the CPU seconds."""
     from lavis_xformer.experiment.train import run_arm
 
     _one_thread()
@@ -73,33 +71,62 @@ def _arm_task(arm: Arm, seed: int, size: ExperimentSize, files: Dict[str, str]) 
     return result
 
 
-def _map(tasks: List[tuple], function, jobs: int, describe, progress: Progress) -> List[dict]:
-    """``function(*task)`` for every task, ``jobs`` at a time in spawned worker processes (in this process for 1);
-    results in task order."""
-    results: List[Optional[dict]] = [None] * len(tasks)
+def _run_all(standin_tasks: List[tuple], arm_tasks: List[tuple], jobs: int, describe, progress: Progress):
+    """The stand-ins, then the arms, ``jobs`` at a time in spawned worker processes of one thread (in this process for
+    1 job); an arm starts as soon as the stand-ins it needs are saved. Returns (stand-in results, arm results), each
+    in task order whatever order they finished in."""
+    standins: List[Optional[dict]] = [None] * len(standin_tasks)
+    arms: List[Optional[dict]] = [None] * len(arm_tasks)
     if jobs <= 1:
         import torch
 
         threads = torch.get_num_threads()
         try:
-            for i, task in enumerate(tasks):
-                results[i] = function(*task)
-                progress.finished(describe(results[i]))
+            for i, task in enumerate(standin_tasks):
+                standins[i] = _standin_task(*task)
+                progress.finished(describe(standins[i]))
+            files = {s["name"]: s["file"] for s in standins}
+            for i, (arm, seed, size, needs) in enumerate(arm_tasks):
+                arms[i] = _arm_task(arm, seed, size, {n: files[n] for n in needs})
+                progress.finished(describe(arms[i]))
         finally:
             torch.set_num_threads(threads)
-        return results
+        return standins, arms
     import multiprocessing
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the workers' BLAS / OpenMP pools: one thread each
-    with multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=None) as pool:
-        pending = {pool.apply_async(function, task): i for i, task in enumerate(tasks)}
-        while pending:
+    files: Dict[str, str] = {}
+    waiting = list(enumerate(arm_tasks))
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        pending = {pool.apply_async(_standin_task, task): ("standin", i) for i, task in enumerate(standin_tasks)}
+        while pending or waiting:
+            ready = [(i, t) for i, t in waiting if all(n in files for n in t[3])]
+            for i, (arm, seed, size, needs) in ready:  # queued behind the stand-ins still training
+                pending[pool.apply_async(_arm_task, (arm, seed, size, {n: files[n] for n in needs}))] = ("arm", i)
+            waiting = [(i, t) for i, t in waiting if (i, t) not in ready]
             for handle in [h for h in pending if h.ready()]:
-                i = pending.pop(handle)
-                results[i] = handle.get()  # re-raises a worker's error here
-                progress.finished(describe(results[i]))
+                kind, i = pending.pop(handle)
+                result = handle.get()  # re-raises a worker's error here
+                if kind == "standin":
+                    standins[i] = result
+                    files[result["name"]] = result["file"]
+                else:
+                    arms[i] = result
+                progress.finished(describe(result))
             time.sleep(0.2)
-    return results
+    return standins, arms
+
+
+def _describe(result: dict) -> str:
+    from lavis_xformer.experiment.report import scores_of
+
+    if "arm" not in result:
+        return (f"stand-in {result['name']}: {result['health']} "
+                f"({'healthy' if result['healthy'] else 'SETUP FAILURE'}; {result['cpu_seconds']:.0f} CPU s)")
+    health = result["health"]
+    return (f"seed {result['seed']} {result['arm']}: {health['text']} "
+            f"({'healthy' if health['healthy'] else 'SETUP FAILURE'}); probe detail score "
+            f"{scores_of(result)['detail']:.1f} ({result['cpu_seconds']:.0f} CPU s)")
 
 
 def run_experiment(seeds: Sequence[int], size: ExperimentSize, out: Path, jobs: int = 2,
@@ -114,20 +141,16 @@ def run_experiment(seeds: Sequence[int], size: ExperimentSize, out: Path, jobs: 
     start = time.time()
     progress = Progress(say)
     say(READING)
-    names = sorted({f"clip{arm_image_size(a, size)}" for a in arms}) + (
-        ["mae"] if any(a.overrides.get("use_mae", True) for a in arms) else [])
-    progress.stage("stand-ins", len(names), min(jobs, len(names)))
-    standins = _map([(n, size, str(out / "standins")) for n in names], _standin_task, min(jobs, len(names)),
-                    lambda r: f"{r['name']}: {r['health']} ({'healthy' if r['healthy'] else 'SETUP FAILURE'}; "
-                              f"{r['cpu_seconds']:.0f} CPU s)", progress)
-    files = {s["name"]: s["file"] for s in standins}
 
-    tasks = [(arm, seed, size, files) for seed in seeds for arm in arms]
-    progress.stage(f"stage 1 + probe, {len(seeds)} seeds x {len(arms)} arms", len(tasks), jobs)
-    runs = _map(tasks, _arm_task, jobs, lambda r: (
-        f"seed {r['seed']} {r['arm']}: {r['health']['text']} "
-        f"({'healthy' if r['health']['healthy'] else 'SETUP FAILURE'}); "
-        f"detail {report.scores_of(r)['detail']:.1f} ({r['cpu_seconds']:.0f} CPU s)"), progress)
+    def needs(arm: Arm) -> List[str]:
+        return [f"clip{arm_image_size(arm, size)}"] + (["mae"] if arm.overrides.get("use_mae", True) else [])
+
+    names = sorted({n for arm in arms for n in needs(arm)}, key=lambda n: (n != "clip64", n))  # longest first
+    arm_tasks = [(arm, seed, size, needs(arm)) for seed in seeds for arm in arms]
+    progress.stage(f"{len(names)} stand-ins, then stage 1 + probe for {len(seeds)} seeds x {len(arms)} arms",
+                   len(names) + len(arm_tasks), jobs)
+    standins, runs = _run_all([(n, size, str(out / "standins")) for n in names], arm_tasks, jobs, _describe,
+                              progress)
 
     summary = report.summarise(runs, standins, arms, size.apply_health)
     seconds = time.time() - start
