@@ -211,7 +211,10 @@ def paired_t_power(effect: float, sd: float, n: int, alpha: float = 1 - DEFAULT_
         return 1.0 if effect != 0 else alpha
     df, noncentrality = n - 1, effect * math.sqrt(n) / sd
     critical = scipy_stats.t.ppf(1 - alpha / 2, df)
-    return float(scipy_stats.nct.sf(critical, df, noncentrality) + scipy_stats.nct.cdf(-critical, df, noncentrality))
+    power = float(scipy_stats.nct.sf(critical, df, noncentrality) + scipy_stats.nct.cdf(-critical, df, noncentrality))
+    if math.isnan(power):  # scipy's noncentral t fails far in the tail at 1-2 degrees of freedom: power is ~1 there
+        power = float(scipy_stats.norm.sf(critical - abs(noncentrality)))
+    return power
 
 
 def minimal_detectable_effect(sd: float, n: int, power: float = 0.8, alpha: float = 1 - DEFAULT_CONFIDENCE) -> float:

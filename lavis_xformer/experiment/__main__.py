@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from lavis_xformer.experiment.design import DEFAULT_SEEDS, FULL, SMOKE
+from lavis_xformer.experiment.design import DEFAULT_SEEDS, SIZES
 
 
 def parse_args(argv=None):
@@ -13,8 +13,9 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, metavar="N", help="seeds 0..N-1 (default 6)")
     parser.add_argument("--first-seed", type=int, default=0, help="start the seeds here (the verdict must hold "
                         "when the seeds change: --first-seed 100)")
-    parser.add_argument("--size", choices=("full", "smoke"), default="full",
-                        help="full: the design's sizes; smoke: a few images and steps (the tests')")
+    parser.add_argument("--size", choices=tuple(SIZES), default="full",
+                        help="full: the design's sizes; reduced: every stage at a tenth of the work; smoke: a few "
+                             "images and steps (the tests')")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each (default 2)")
     parser.add_argument("--out", default="output/experiment", help="output folder (default output/experiment)")
     return parser.parse_args(argv)
@@ -28,7 +29,7 @@ def main(argv=None) -> dict:
     from lavis_xformer.experiment.run import run_experiment
 
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    return run_experiment(seeds, FULL if args.size == "full" else SMOKE, Path(args.out), jobs=args.jobs)
+    return run_experiment(seeds, SIZES[args.size], Path(args.out), jobs=args.jobs)
 
 
 if __name__ == "__main__":
