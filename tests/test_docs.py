@@ -94,3 +94,17 @@ def test_every_documented_command_answers_help():
         if result["code"] not in (0, None) or not result["usage"]
     }
     assert not failed, f"documented commands whose --help fails: {failed}"
+
+
+def test_layout_names_every_module_and_only_modules_that_exist():
+    text = README.read_text()
+    layout = text[text.index("<!-- layout:begin -->") : text.index("<!-- layout:end -->")]
+    listed = set(re.findall(r"^- `([\w/]+\.py)`", layout, flags=re.M))
+    package = REPO / "lavis_xformer"
+    modules = {
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if path.name != "__init__.py" or path.parent == package
+    }
+    assert not listed - modules, f"README Layout names modules that do not exist: {sorted(listed - modules)}"
+    assert not modules - listed, f"modules missing from README's Layout (one line each): {sorted(modules - listed)}"

@@ -436,7 +436,7 @@ def test_torchrun_job_survives_a_killed_rank_and_ends_equal_to_an_uninterrupted_
 
 
 def test_image_value_check_tells_finite_values_overflowing_the_sum_from_nan_and_inf():
-    from lavis_xformer.models.llm_head import check_image_values
+    from lavis_xformer.models.inputs import check_image_values
 
     huge = torch.full((2, 3, 4, 4), 3.0e38)  # finite, but its sum is inf
     assert not torch.isfinite(huge.sum())
