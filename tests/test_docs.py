@@ -108,3 +108,15 @@ def test_layout_names_every_module_and_only_modules_that_exist():
     }
     assert not listed - modules, f"README Layout names modules that do not exist: {sorted(listed - modules)}"
     assert not modules - listed, f"modules missing from README's Layout (one line each): {sorted(modules - listed)}"
+
+
+def test_every_test_file_the_docs_name_exists():
+    named = set()
+    for page in _pages():
+        named.update(re.findall(r"\b(test_[a-z0-9_]+?)(?:\.py)?\b", page.read_text()))
+    files = {path.stem for path in (REPO / "tests").glob("test_*.py")}
+    functions = set()
+    for path in (REPO / "tests").glob("test_*.py"):
+        functions.update(re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M))
+    missing = sorted(name for name in named if name not in files and name not in functions)
+    assert not missing, f"docs name test files that do not exist: {missing}"

@@ -8,46 +8,11 @@
     python -m lavis_xformer.analysis.compare --models blip2_baseline_opt:tiny xformer_opt:tiny \\
         --benchmarks shapes --limit 48 --out /tmp/cmp                  # offline, on the embedded shapes data
 
-Models are ``[label=]arch:model_type`` (the label defaults to ``arch:model_type``; give one to compare the same
-architecture with different ``--checkpoint LABEL=PATH`` weights). LAVIS's ``blip2_opt`` / ``blip2_t5`` are loaded as
-the plugin's ``blip2_baseline_opt`` / ``blip2_baseline_t5``: the same classes and released weights, with the
-zero-shot VQA generation LAVIS 1.0.2's ``Blip2OPT`` lacks. The first model is the reference: deltas are
-``other - reference``.
-
-Every model answers the same questions (``--limit N``: a uniform sample of N, seeded by ``--seed``, identical for
-every model) with the same protocol (the paper's: prompt "Question: {} Short answer:", 5 beams, length penalty 0,
-at most 10 new tokens), run by LAVIS's task for the benchmark (``valid_step`` -> ``predict_answers``). Each model
-sees images through its own eval processor, and questions through LAVIS's ``blip_question`` processor.
-
-Benchmarks (LAVIS builders; data found where LAVIS's dataset configs point, under its ``cache_root``; change paths
-with ``--options BENCHMARK.key=value``, e.g. ``--options vqav2.build_info.images.storage=/data/coco/images``):
-
-=============  ==============================  ===========  =======================  =================================
-name           builder                         split        task                     scoring
-=============  ==============================  ===========  =======================  =================================
-vqav2          coco_vqa (eval config)          val          xformer_vqa              official VQA accuracy, per type
-gqa            gqa (balanced_testdev config)   val=testdev  xformer_gqa              LAVIS's GQA exact match
-okvqa          ok_vqa                          test         xformer_vqa              official VQA accuracy
-oc_coco ...    xformer_{oc,mci}_{coco,vcr}     test         xformer_finegrained      official VQA accuracy = exact match
-shapes         xformer_shapes_vqa              test         xformer_vqa              official VQA accuracy, per type
-=============  ==============================  ===========  =======================  =================================
-
-``oc`` stands for ``oc_coco oc_vcr`` and ``mci`` for ``mci_coco mci_vcr``. VQA accuracy comes from
-``lavis.common.vqa_tools`` (``VQA`` + ``VQAEval``) on the benchmark's official question/annotation files (restricted
-to the evaluated questions when ``--limit`` is given); GQA is scored as LAVIS's ``GQATask`` scores it (VQAEval's
-punctuation and digit/article normalisation of the prediction, then exact match).
-
-Output in ``--out``:
-
-* ``comparison.md`` / ``comparison.json`` -- per benchmark: accuracy per model, delta, for VQA-style benchmarks the
-  accuracy per answer type (VQAv2: yes/no, number, other), and the paired statistics of ``analysis.stats``
-  (bootstrap 95% interval of the delta, McNemar's exact test);
-* ``per_question/<benchmark>.jsonl`` -- every question with its ground truth and each model's prediction and score;
-* ``accuracy.png`` -- the accuracies as grouped bars;
-* ``query_diversity.json`` / ``query_diversity.png`` -- ``analysis.query_diversity`` per model;
-* ``cache/<model>/<benchmark>.json`` -- one file per finished (model, benchmark): the predictions and what produced
-  them. A rerun with the same settings reads them instead of recomputing, so an interrupted comparison resumes
-  with the first unfinished benchmark (``--recompute`` ignores them); files are written atomically.
+Models are ``[label=]arch:model_type``; the first is the reference (deltas are ``other - reference``). Every model
+answers the same questions with the same protocol through the benchmark's LAVIS task (``vqa_benchmarks``); rank 0
+scores them (``vqa_scoring``) and writes the report (``compare_report``); a finished (model, benchmark) is cached
+(``compare_cache``), so an interrupted comparison resumes. The benchmarks, the scoring and the output files are
+described in docs/evaluation.md.
 """
 
 import argparse
