@@ -103,7 +103,7 @@ class XFormerConfig(BackboneConfig):
 
     sdpa_attention: bool = True  #: SDPA kernels everywhere (equal to the reference attention to 1e-5)
     #: activation checkpointing of the Q-Former and dual-block layers: less training memory, a recomputed forward
-    #: (models/checkpointing.py; the CLIP-ViT's own switch is ``use_grad_checkpoint``)
+    #: (models/activation_checkpointing.py; the CLIP-ViT's own switch is ``use_grad_checkpoint``)
     checkpoint_trainable_layers: bool = False
 
     # --- frozen MAE-ViT encoder and decoder (transformers' ViTMAEForPreTraining) ---
