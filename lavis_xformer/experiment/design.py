@@ -36,7 +36,7 @@ BASE_MODEL = {
     "mae_patch_size": 4,
     "num_query_token": 32,  # the paper's 32 queries (the tiny type has 8)
     "max_txt_len": 40,  # the longest count-and-position caption is 37 tokens
-    "frozen_cpu_precision": "fp32",  # fp32 frozen encoders on this CPU (no native bf16; issue #29)
+    "frozen_precision": "fp32",  # fp32 frozen encoders (this CPU has no native bf16; "auto" picks fp32 too)
     "qformer_dropout": 0.0,  # no dropout: 120 steps on 2048 images do not over-fit, and reruns stay simple
     "dual_dropout": 0.0,
 }
