@@ -81,7 +81,7 @@ SMOKE = replace(FULL, name="smoke", num_pretrain=192, num_train=128, num_test=16
                 stage1=Recipe(steps=6, batch_size=16, lr=5e-3, warmup_steps=2), apply_health=False)
 #: every stage at a tenth of the work (a check that all of it runs and trains, not evidence)
 REDUCED = replace(FULL, name="reduced", num_pretrain=512, num_train=512, num_test=500, clip_epochs=4, mae_epochs=6,
-                  stage1=Recipe(steps=40, batch_size=32, lr=5e-3, warmup_steps=4))
+                  stage1=Recipe(steps=30, batch_size=32, lr=5e-3, warmup_steps=3), apply_health=False)
 SIZES = {"full": FULL, "reduced": REDUCED, "smoke": SMOKE}
 DEFAULT_SEEDS = 6
 PRETRAIN_SEED = 10_000  #: the stand-ins' data and initialisation (never a run seed)
