@@ -4,6 +4,7 @@
 import functools
 import json
 import os
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -93,8 +94,12 @@ def _run_all(standin_tasks: List[tuple], arm_tasks: List[tuple], jobs: int, desc
             torch.set_num_threads(threads)
         return standins, arms
     import multiprocessing
+    import signal
+    import sys
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the workers' BLAS / OpenMP pools: one thread each
+    if threading.current_thread() is threading.main_thread():  # SIGTERM ends the workers too (the pool's exit)
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     files: Dict[str, str] = {}
     waiting = list(enumerate(arm_tasks))
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
