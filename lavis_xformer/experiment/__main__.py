@@ -18,6 +18,9 @@ def parse_args(argv=None):
                              "images and steps (the tests')")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes, one thread each (default 2)")
     parser.add_argument("--out", default="output/experiment", help="output folder (default output/experiment)")
+    parser.add_argument("--standins", default="~/.cache/lavis_xformer/experiment_standins",
+                        help="where the frozen stand-ins are trained once and reused by later runs of the same size "
+                             "(the hub weights' place; default ~/.cache/lavis_xformer/experiment_standins)")
     return parser.parse_args(argv)
 
 
@@ -29,7 +32,7 @@ def main(argv=None) -> dict:
     from lavis_xformer.experiment.run import run_experiment
 
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    return run_experiment(seeds, SIZES[args.size], Path(args.out), jobs=args.jobs)
+    return run_experiment(seeds, SIZES[args.size], Path(args.out), jobs=args.jobs, standin_dir=Path(args.standins))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 -- with a progress line per finished task and an ETA, then the report (``report``) written to ``out``."""
 
 import functools
+import hashlib
 import json
 import os
 import threading
@@ -47,17 +48,39 @@ def _splits(seed: int, size: ExperimentSize):
     return make_split(seed, "train", size), make_split(seed, "test", size)
 
 
+STANDIN_VERSION = 1  #: bump when the stand-ins' training changes: older cached stand-ins are then not reused
+
+
+def standin_key(name: str, size: ExperimentSize) -> str:
+    """What a stand-in is a function of (its data, sizes, recipe, the base model): its file name's hash."""
+    from lavis_xformer.datasets.shapes import FORMAT_VERSION
+    from lavis_xformer.experiment.design import BASE_MODEL, PRETRAIN_SEED
+
+    fields = {k: v for k, v in asdict(size).items() if k in ("image_px", "model_px", "min_objects", "max_objects",
+                                                             "num_pretrain", "clip_epochs" if name != "mae" else "mae_epochs")}
+    identity = json.dumps([name, fields, BASE_MODEL, PRETRAIN_SEED, FORMAT_VERSION, STANDIN_VERSION], sort_keys=True)
+    return hashlib.sha256(identity.encode()).hexdigest()[:12]
+
+
 def _standin_task(name: str, size: ExperimentSize, folder: str) -> dict:
+    """Train one stand-in into ``folder`` (or reuse the one already there for the same key: training is
+    deterministic, so a reused stand-in is the one this run would train); its record."""
     from lavis_xformer.experiment import standins
 
     _one_thread()
+    target = Path(folder) / f"{name}-{standin_key(name, size)}"
+    record = target.parent / f"{target.name}.json"
+    if record.is_file():
+        result = json.loads(record.read_text())
+        if Path(result["file"]).exists():
+            return dict(result, cached=True)
     start = time.process_time()
     if name == "mae":
-        result = standins.train_mae(size, Path(folder) / "mae")
+        result = standins.train_mae(size, target)
     else:
-        image_size = int(name[len("clip"):])
-        result = standins.train_clip(size, image_size, Path(folder) / f"{name}.pth")
+        result = standins.train_clip(size, int(name[len("clip"):]), target.parent / f"{target.name}.pth")
     result["cpu_seconds"] = round(time.process_time() - start, 1)
+    record.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -127,7 +150,8 @@ def _describe(result: dict) -> str:
 
     if "arm" not in result:
         return (f"stand-in {result['name']}: {result['health']} "
-                f"({'healthy' if result['healthy'] else 'SETUP FAILURE'}; {result['cpu_seconds']:.0f} CPU s)")
+                f"({'healthy' if result['healthy'] else 'SETUP FAILURE'}; {result['cpu_seconds']:.0f} CPU s"
+                f"{', reused from ' + str(Path(result['file']).parent) if result.get('cached') else ''})")
     health = result["health"]
     return (f"seed {result['seed']} {result['arm']}: {health['text']} "
             f"({'healthy' if health['healthy'] else 'SETUP FAILURE'}); probe detail score "
@@ -135,9 +159,11 @@ def _describe(result: dict) -> str:
 
 
 def run_experiment(seeds: Sequence[int], size: ExperimentSize, out: Path, jobs: int = 2,
-                   arms: Sequence[Arm] = ARMS, say: Callable[[str], None] = print) -> dict:
+                   arms: Sequence[Arm] = ARMS, say: Callable[[str], None] = print,
+                   standin_dir: Optional[Path] = None) -> dict:
     """The whole experiment; writes ``experiment.json``, ``experiment.md`` and ``experiment_accuracy.png`` to ``out``
-    and returns the summary (``report.summarise``) with the Markdown under ``"markdown"``."""
+    and returns the summary (``report.summarise``) with the Markdown under ``"markdown"``. The stand-ins go to (and
+    are reused from) ``standin_dir``, by default ``out/standins``."""
     from lavis_xformer.experiment import report
     from lavis_xformer.experiment.models import arm_image_size
 
@@ -154,8 +180,9 @@ def run_experiment(seeds: Sequence[int], size: ExperimentSize, out: Path, jobs: 
     arm_tasks = [(arm, seed, size, needs(arm)) for seed in seeds for arm in arms]
     progress.stage(f"{len(names)} stand-ins, then stage 1 + probe for {len(seeds)} seeds x {len(arms)} arms",
                    len(names) + len(arm_tasks), jobs)
-    standins, runs = _run_all([(n, size, str(out / "standins")) for n in names], arm_tasks, jobs, _describe,
-                              progress)
+    standin_dir = Path(standin_dir or out / "standins").expanduser()
+    standin_dir.mkdir(parents=True, exist_ok=True)
+    standins, runs = _run_all([(n, size, str(standin_dir)) for n in names], arm_tasks, jobs, _describe, progress)
 
     summary = report.summarise(runs, standins, arms, size.apply_health)
     seconds = time.time() - start
