@@ -48,3 +48,17 @@ def test_outputs_are_written(two_runs):
     assert (out / "experiment.md").read_text().startswith(second["markdown"])
     with Image.open(out / "experiment_accuracy.png") as image:
         assert image.size[0] > 500
+
+
+def test_a_cached_stand_in_is_reused_only_for_the_same_data_sizes_and_recipe():
+    from dataclasses import replace
+
+    from lavis_xformer.experiment.design import FULL, Recipe
+    from lavis_xformer.experiment.run import standin_key
+
+    key = standin_key("clip32", FULL)
+    assert standin_key("clip32", replace(FULL, stage1=Recipe(steps=1, batch_size=2, lr=1e-3, warmup_steps=1))) == key
+    assert standin_key("clip32", replace(FULL, mae_epochs=1)) == key  # the MAE's recipe is not the CLIP's
+    for changed in (replace(FULL, clip_epochs=1), replace(FULL, num_pretrain=64), replace(FULL, max_objects=4)):
+        assert standin_key("clip32", changed) != key
+    assert standin_key("clip64", FULL) != key and standin_key("mae", replace(FULL, mae_epochs=1)) != standin_key("mae", FULL)
