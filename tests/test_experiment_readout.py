@@ -75,14 +75,14 @@ def test_probe_sees_a_planted_fact_when_the_images_show_it_and_not_when_removed(
         assert abs(removed[qtype] - 100 / len(answers)) < 15, (qtype, removed[qtype])
 
 
-def test_the_controls_pooled_class_token_loses_the_position_that_all_tokens_carry(splits):
+def test_the_controls_pooled_embedding_loses_the_position_that_all_tokens_carry(splits):
     from lavis_xformer.experiment.design import ARMS
-    from lavis_xformer.experiment.models import ClassTokenOnly, model_config
+    from lavis_xformer.experiment.models import PooledClip, model_config
     from lavis_xformer.models.builders import build_clip_vit
 
     train, test = splits
     vit = build_clip_vit(model_config(ARMS[0], SIZE)).float().eval()  # the random frozen stand-in of the config
-    pooled = ClassTokenOnly(vit)
+    pooled = PooledClip(vit, "mean")
     with torch.no_grad():
         def features(module, split):
             return module(split.images(32)).flatten(1).double().numpy()

@@ -1,7 +1,7 @@
 """Building an arm: the tiny X-Former config with ``BASE_MODEL`` and the arm's overrides, the frozen stand-ins, and
 the two things the experiment adds around the model (nothing inside ``models/`` changes):
 
-* ``ClassTokenOnly``: the control's CLIP-ViT, which hands the Q-Former its pooled class token alone;
+* ``PooledClip``: the control's CLIP-ViT, which hands the Q-Former its pooled global embedding alone;
 * ``PretokenizedTokenizer``: the captions tokenized once instead of at every step (same ids, same padding).
 """
 
@@ -11,7 +11,7 @@ from typing import Dict, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from lavis_xformer.experiment.design import BASE_MODEL, Arm, ExperimentSize
+from lavis_xformer.experiment.design import BASE_MODEL, CLIP_POOL, Arm, ExperimentSize
 from lavis_xformer.paths import model_config_path
 
 
@@ -34,17 +34,21 @@ def model_config(arm: Arm, size: ExperimentSize, clip_weights: Optional[Path] = 
     return XFormerConfig.from_lavis_cfg(fields)
 
 
-class ClassTokenOnly(nn.Module):
-    """A frozen CLIP-ViT whose output is its class token alone, [B, 1, width]: what CLIP's contrastive loss pools and
-    trains. The control: a Q-Former that reads only this cannot see where anything is."""
+class PooledClip(nn.Module):
+    """A frozen CLIP-ViT whose output is one token, [B, 1, width], pooled as the stand-in's contrastive loss pooled
+    (``design.CLIP_POOL``: the mean of every token, or the class token). The control: a Q-Former that reads only
+    CLIP's global embedding cannot see where anything is."""
 
-    def __init__(self, vit: nn.Module):
+    def __init__(self, vit: nn.Module, pool: str):
         super().__init__()
-        self.vit = vit
+        if pool not in ("mean", "cls"):
+            raise ValueError(f"pool={pool!r}: choose 'mean' or 'cls'")
+        self.vit, self.pool = vit, pool
         self.num_features = vit.num_features
 
     def forward(self, image):
-        return self.vit(image)[:, :1]
+        tokens = self.vit(image)
+        return tokens[:, :1] if self.pool == "cls" else tokens.mean(dim=1, keepdim=True)
 
 
 class PretokenizedTokenizer:
@@ -91,10 +95,10 @@ def build_arm(arm: Arm, size: ExperimentSize, standins: Dict[str, str], seed: in
                           mae_weights=Path(standins["mae"]) if arm.overrides.get("use_mae", True) else None)
     torch.manual_seed(seed)
     model = XFormer(config)
-    if arm.clip_tokens == "class":
-        model.visual_encoder = ClassTokenOnly(model.visual_encoder)
+    if arm.clip_tokens == "pooled":
+        model.visual_encoder = PooledClip(model.visual_encoder, CLIP_POOL)
     elif arm.clip_tokens != "all":
-        raise ValueError(f"arm {arm.name}: clip_tokens={arm.clip_tokens!r}; choose 'all' or 'class'")
+        raise ValueError(f"arm {arm.name}: clip_tokens={arm.clip_tokens!r}; choose 'all' or 'pooled'")
     return model
 
 

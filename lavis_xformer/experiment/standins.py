@@ -3,7 +3,7 @@ every arm and seed, as hub weights would be, through the demo's one stand-in loo
 
 * CLIP-ViT, one per image size (32 px for most arms, 64 px for BLIP-2 at 2x resolution), 4-px patches: CLIP's
   contrastive loss on SET-ONLY captions ("blue square and red circle": no number, plural or position), the image
-  embedding CLIP's pooled class token -- the stand-in leaves the gap the paper describes;
+  embedding pooled over every token (``design.CLIP_POOL``) -- the stand-in leaves the gap the paper describes;
 * MAE (X-Former's), 4-px patches at 32 px: MAE's own reconstruction loss.
 """
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from lavis_xformer.demo.standins import ClipStandIn, StandInRecipe, random_hflip, train_standin
 from lavis_xformer.experiment.data import make_split
-from lavis_xformer.experiment.design import ARMS, HEALTH, PRETRAIN_SEED, ExperimentSize
+from lavis_xformer.experiment.design import ARMS, CLIP_POOL, HEALTH, PRETRAIN_SEED, ExperimentSize
 from lavis_xformer.experiment.models import model_config
 from lavis_xformer.models.xformer import IMAGENET_MEAN, IMAGENET_STD
 
@@ -46,7 +46,7 @@ def train_clip(size: ExperimentSize, image_size: int, path: Path) -> dict:
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
     vit = build_clip_vit(replace(config, freeze_vit=False))
-    clip = ClipStandIn(vit, len(tokenizer), config.embed_dim, config.qformer_max_positions, pool="cls").train()
+    clip = ClipStandIn(vit, len(tokenizer), config.embed_dim, config.qformer_max_positions, pool=CLIP_POOL).train()
 
     def step_loss(rows):  # set captions name no side: a flip changes no caption
         loss, accuracy = clip(random_hflip(images[rows], generator), tokens.input_ids[rows],
