@@ -75,7 +75,7 @@ class ExperimentSize:
     num_train: int = 2048  #: per seed: stage-1 training and the probe's training questions
     num_test: int = 2000  #: per seed: fresh test images, never seen by a model or probe
     stage1: Recipe = Recipe(steps=120, batch_size=32, lr=5e-3, warmup_steps=12)  #: the 20-minute budget's share
-    clip_epochs: int = 30  #: CLIP stand-ins (batch 64, lr 3e-3, CLIP's betas); trained once, reused (--standins)
+    clip_epochs: int = 15  #: CLIP stand-ins (batch 64, lr 3e-3, CLIP's betas); trained once, reused (--standins)
     mae_epochs: int = 60  #: MAE stand-in (batch 64, lr 4e-3, MAE's betas); trained once, reused
     probe_alpha: float = 10.0  #: L2 strength of the ridge-classifier probe (fixed, not tuned per arm)
     apply_health: bool = True  #: leave unhealthy (seed, arm) runs out; False at smoke size, where nothing trains
