@@ -26,15 +26,19 @@ What it measures, for stage 1 (``xformer`` vs LAVIS ``Blip2Qformer``) and stage 
   times stage 1 again in N fresh processes, since a ratio moves more between processes than within one;
 - scaling: the stage-1 training step of BLIP-2 and X-Former at batch 1 / 4 / 16 and image size 224 / 490 (the VQA
   fine-tuning size), time and the step's peak memory.
-On ``--device cuda`` time comes from CUDA events after a synchronise, with the frozen parts in fp16 as the paper runs
-them, and memory from ``max_memory_allocated``.
+On ``--device cuda`` time comes from CUDA events after a synchronise, and memory from ``max_memory_allocated``.
+
+Every figure depends on the processor: the report records it (``machine.processor``: model name, torch's capability,
+native bf16 yes/no, AMX; on CUDA the GPU's compute capability) and the precision each row's frozen parts ran in
+(``stage<N>.precision``), and the Markdown names both.
 
 Every ratio is X-Former / BLIP-2. Rows:
 - ``blip2``: LAVIS's code as shipped (``blip2_baseline`` with LAVIS's attention and LAVIS's precision: the frozen
   CLIP-ViT in fp16 with CUDA, fp32 on a CPU, where LAVIS's half precision does not run);
-- ``blip2+impl``: the same BLIP-2 with X-Former's implementation choices that apply to it (SDPA attention, frozen
-  CLIP-ViT in half precision on every device: bf16 on a CPU), so the ratio against it is the architecture's own
-  overhead, and the one the FLOPs ratio is read against;
+- ``blip2+impl``: the same BLIP-2 with X-Former's implementation choices that apply to it (SDPA attention, the frozen
+  CLIP-ViT in the precision ``frozen_precision: auto`` picks on this device: bf16 only where it is native, see
+  models/precision.py), so the ratio against it is the architecture's own overhead on every machine, and the one
+  the FLOPs ratio is read against;
 - ``xformer``: X-Former as it ships at the bench size; ``xformer+ckpt``: with ``checkpoint_trainable_layers``;
   ``xformer-mask50`` (stage 2): the MAE masked at 50% in training and inference.
 """
@@ -43,7 +47,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -537,15 +540,48 @@ def operation_fns(stage: int, models: Dict[str, torch.nn.Module], samples: dict,
     return fns
 
 
+def row_precision(model: torch.nn.Module) -> Dict[str, str]:
+    """The precision each frozen part of a built row runs in: ``clip_vit``, ``mae_encoder`` (where built) and ``llm``
+    (its weights' dtype, stage 2)."""
+    from lavis_xformer.models.precision import DTYPES, runs_in_half_precision
+
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    parts = {"clip_vit": getattr(model, "visual_encoder", None), "mae_encoder": getattr(model, "mae_encoder", None)}
+    precision = {part: names[runs_in_half_precision(module) or torch.float32] for part, module in parts.items() if module is not None}
+    llm = getattr(model, "opt_model", None) or getattr(model, "t5_model", None)
+    if llm is not None:
+        precision["llm"] = names.get(next(llm.parameters()).dtype, str(next(llm.parameters()).dtype))
+    return precision
+
+
+def precision_text(precision: Dict[str, str]) -> str:
+    """``CLIP-ViT fp32, MAE encoder fp32, LLM fp32``."""
+    labels = {"clip_vit": "CLIP-ViT", "mae_encoder": "MAE encoder", "llm": "LLM"}
+    return ", ".join(f"{labels[part]} {name}" for part, name in precision.items())
+
+
+def processor_record(device: torch.device) -> dict:
+    """What the figures depend on: the device's model name, torch's capability, native bf16 yes/no, AMX; on CUDA the
+    GPU's (with its compute capability) and the host CPU's."""
+    from lavis_xformer.models.precision import probe_cpu, probe_device
+
+    record = probe_device(device.type).as_record()
+    if device.type == "cuda":
+        record["host_cpu"] = probe_cpu().as_record()
+    return record
+
+
 def bench_stage(stage: int, size: BenchSize, device: torch.device, warmup: int, repeats: int, timer: Timer,
                 breakdown: bool = True) -> dict:
-    """Time, FLOPs (of the same calls) and the profiled component breakdown of every operation of one stage."""
+    """Time, FLOPs (of the same calls) and the profiled component breakdown of every operation of one stage, and the
+    precision each row ran in."""
     from lavis_xformer.analysis.breakdown import profile_components
 
     torch.manual_seed(0)
     models = {name: build().to(device) for name, build in build_rows(size, stage).items()}
     fns = operation_fns(stage, models, image_text_samples(size, device), device)
-    result = {"parameters": {name: count_parameters(m)._asdict() for name, m in models.items()}, "flops": {}, "breakdown": {}}
+    result = {"parameters": {name: count_parameters(m)._asdict() for name, m in models.items()},
+              "precision": {name: row_precision(m) for name, m in models.items()}, "flops": {}, "breakdown": {}}
     for op, rows in ROWS_OF[stage].items():
         training = op == "train_step"
         for model in models.values():
@@ -720,8 +756,10 @@ def stage_markdown(stage: int, result: dict, report: dict) -> List[str]:
         cells = [f"{result[op][row]['median_s']:.4f} ({result[op][row]['iqr_s']:.4f})" if row in result[op] else "" for op in timed]
         flops = [f"{result['flops'][op][row] / 1e9:.2f}" if row in result["flops"].get(op, {}) else "" for op in timed]
         peak = memory.get(row, {}).get("peak_mb")
-        table.append([row] + cells + flops + [f"{peak:.0f}" if peak is not None else ""])
-    lines += _table(["row"] + [f"{op} median s (IQR)" for op in timed] + [f"{op} GFLOPs" for op in timed] + ["peak memory MB"], table)
+        precision = precision_text(result.get("precision", {}).get(row, {}))
+        table.append([row, precision] + cells + flops + [f"{peak:.0f}" if peak is not None else ""])
+    lines += _table(["row", "frozen parts' precision"] + [f"{op} median s (IQR)" for op in timed]
+                    + [f"{op} GFLOPs" for op in timed] + ["peak memory MB"], table)
 
     # X-Former against BLIP-2 built equally well: time ratio beside FLOPs ratio of the same calls.
     table = []
@@ -855,6 +893,12 @@ def markdown(report: dict) -> str:
     lines = [f"# X-Former vs BLIP-2 cost ({machine['device']}, size {size_label(report['size'])})", "",
              f"torch {machine['torch']} | {machine['threads']} threads | clock: {machine['clock']} | "
              f"{report['settings']['warmup']} warm-up + {report['settings']['repeats']} interleaved repeats | {report['date']}", ""]
+    processor = machine.get("processor")
+    if processor:
+        lines += [f"Processor: {processor['line']}" + (f" (host: {processor['host_cpu']['line']})" if "host_cpu" in processor else "")
+                  + ". Every time below depends on it: `blip2` runs LAVIS's precision as shipped (fp16 with CUDA, fp32 on "
+                  "a CPU), the other rows `frozen_precision: auto`, which is bf16 only where the device has it natively "
+                  "(`lavis_xformer/models/precision.py`); the tables name each row's precision.", ""]
     if report.get("paper_scale"):
         lines += paper_scale_markdown(report["paper_scale"])
     for stage in (1, 2):
@@ -937,9 +981,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     device = torch.device(args.device)
     timer = Timer(device, args.clock)
     _init_single_process_group()
+    processor = processor_record(device)
     report = {
         "machine": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            "device": processor["name"] if device.type == "cuda" else f"CPU ({processor['name']}, {os.cpu_count()} cores)",
+            "processor": processor,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "clock": timer.name,
