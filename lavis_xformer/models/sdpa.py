@@ -25,6 +25,8 @@ from lavis.models.blip2_models.Qformer import BertSelfAttention
 from lavis.models.eva_vit import Attention as EvaAttention
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAESelfAttention
 
+from lavis_xformer.models.class_swaps import swap_class
+
 
 def _bf16_on_cpu(x: torch.Tensor) -> bool:
     """True where the frozen encoders run in bfloat16 on a CPU (models/precision.py). There the fused SDPA kernel is
@@ -242,21 +244,21 @@ _SDPA_OF = {BertSelfAttention: SdpaBertSelfAttention, EvaAttention: SdpaEvaAtten
 _REFERENCE_OF = {sdpa: reference for reference, sdpa in _SDPA_OF.items()}
 
 
-def _swap(module: torch.nn.Module, mapping) -> int:
+def _swap(module: torch.nn.Module, mapping, swap: str) -> int:
     switched = 0
     for child in module.modules():
         target = mapping.get(type(child))
         if target is not None:
-            child.__class__ = target
+            swap_class(child, target, swap)
             switched += 1
     return switched
 
 
 def use_sdpa_attention(module: torch.nn.Module) -> int:
     """Switch every Q-Former, EVA ViT and ViT-MAE attention inside ``module`` to SDPA; returns how many."""
-    return _swap(module, _SDPA_OF)
+    return _swap(module, _SDPA_OF, "sdpa_attention")
 
 
 def use_reference_attention(module: torch.nn.Module) -> int:
     """Switch back to LAVIS's / transformers' own attention code; returns how many."""
-    return _swap(module, _REFERENCE_OF)
+    return _swap(module, _REFERENCE_OF, "reference_attention")
