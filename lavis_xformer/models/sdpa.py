@@ -12,7 +12,9 @@ parameter is touched), ``use_reference_attention`` switches back. tests/test_sdp
 gradients equal to the originals to 1e-5, and the bf16 MAE within bf16's rounding of transformers' bf16 product.
 
 ``shared_context_projections`` lets the Q-Former's cross-attentions project one batch of image features to keys and
-values once per training step (see ``SharedContextProjections``).
+values once per training step (see ``SharedContextProjections``). The attention modules find it through a context
+variable, because LAVIS's Q-Former passes no extra argument down to them; ``XFormer.encode`` and ``XFormer.itm_loss``,
+the only places that open such a block, say so where they do.
 """
 
 import contextlib
@@ -201,14 +203,12 @@ class SdpaViTMAESelfAttention(ViTMAESelfAttention):
         the queries scaled before the product, a softmax in bf16. transformers' ViTMAE instead projects three times
         and divides the [tokens x tokens] scores, one more pass over the largest tensor of the layer. Scaling q before
         or the scores after the product rounds differently in bf16: the encoder's output moves by about 1e-3 of its
-        norm, a tenth of what bf16 itself moves it from fp32 (tests/test_sdpa.py, tests/test_precision.py). At bench
-        size (head width 10) the encoder's forward takes x0.90 to x0.93 of its time with the previous version
-        (transformers' product with the scale applied in place), under half of transformers' own under autocast.
+        norm, a tenth of what bf16 itself moves it from fp32 (tests/test_sdpa.py, tests/test_precision.py). The time
+        it saves is measured in bench/README.md.
 
         Scores larger than ``MAE_SCORES_BLOCK_BYTES`` are computed one image (or block of heads) at a time: each
         score goes through the same kernels, so the output is the same, but a block's scores stay in cache between
-        the passes over them (the unmasked MAE at 257 tokens: encoder forward x0.93 at bench size). SDPA's fused
-        kernel is slower here in bf16 (``_bf16_on_cpu``)."""
+        the passes over them. SDPA's fused kernel is slower here in bf16 (``_bf16_on_cpu``)."""
         batch, tokens, width = hidden_states.shape
         heads, head_width = self.num_attention_heads, self.attention_head_size
         # One [width x 3 width] product instead of three: the same dot products, so the same bits as three.
