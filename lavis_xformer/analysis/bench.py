@@ -19,10 +19,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch.autograd.profiler import record_function
+from torch.profiler import ProfilerActivity, profile
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
 
 from lavis_xformer.analysis.bench_report import (
     OPERATIONS,
@@ -36,7 +40,16 @@ from lavis_xformer.analysis.bench_report import (
     write_figures,
     write_readme,
 )
+from lavis_xformer.analysis.breakdown import OPTIMISER, profile_components
+from lavis_xformer.common.distributed import init_single_process_group
 from lavis_xformer.common.meta import build_on_meta, count_parameters, on_meta
+from lavis_xformer.models import published, published_llm
+from lavis_xformer.models.blip2_baseline import Blip2Baseline
+from lavis_xformer.models.blip2_baseline_llm import Blip2BaselineOPT
+from lavis_xformer.models.config import BackboneConfig, XFormerConfig
+from lavis_xformer.models.config_llm import Blip2OPTConfig, XFormerOPTConfig
+from lavis_xformer.models.xformer import XFormer
+from lavis_xformer.models.xformer_llm import XFormerOPT
 
 CAPTION = "two red circles and a blue square on the left of a green triangle"
 
@@ -51,7 +64,6 @@ class BenchSize:
     Head counts stay the paper's by default, so heads are ``width_divisor`` times narrower (4 to 11 wide at bench
     size): attention's softmax, which FLOP counts leave out, then weighs far more than at paper scale.
     ``head_divisor = width_divisor`` keeps the paper's head widths instead (``--head-divisor 8``)."""
-
     name: str = "bench"
     width_divisor: int = 8  #: every hidden width (and FFN width) divided by this
     depth_divisor: int = 2  #: every layer count divided by this (at least 1 layer is kept)
@@ -81,7 +93,6 @@ def lavis_shipped_precision() -> str:
 
 
 def backbone_fields(size: BenchSize, optimised: bool) -> dict:
-    from lavis_xformer.models import published
 
     vit, bert = published.EVA_VIT_G, published.BERT_BASE_UNCASED
     return dict(
@@ -108,8 +119,6 @@ def backbone_fields(size: BenchSize, optimised: bool) -> dict:
 
 
 def xformer_fields(size: BenchSize) -> dict:
-    from lavis_xformer.models import published
-    from lavis_xformer.models.config import XFormerConfig
 
     mae, dual = published.VIT_MAE_HUGE, XFormerConfig()
     return dict(
@@ -134,8 +143,6 @@ def llm_fields(size: BenchSize) -> dict:
     """OPT-6.7B (the LLM of the paper's cost table), scaled like the rest. The vocabulary is the shipped tiny
     tokenizer's (a random LLM with OPT's 50272 rows would decode ids the tokenizer does not have); the LM head is
     about 3% of OPT-6.7B, so this barely moves the proportions."""
-    from lavis_xformer.models import published_llm
-
     opt = published_llm.OPT_6_7B
     return dict(
         opt_model=None,
@@ -151,10 +158,6 @@ def llm_fields(size: BenchSize) -> dict:
 
 def build_stage1(size: BenchSize) -> Dict[str, Callable[[], torch.nn.Module]]:
     """Constructors of the stage-1 models compared, by row name."""
-    from lavis_xformer.models.blip2_baseline import Blip2Baseline
-    from lavis_xformer.models.config import BackboneConfig, XFormerConfig
-    from lavis_xformer.models.xformer import XFormer
-
     return {
         "blip2": lambda: Blip2Baseline(BackboneConfig(**backbone_fields(size, optimised=False))),
         "blip2+impl": lambda: Blip2Baseline(BackboneConfig(**backbone_fields(size, optimised=True))),
@@ -195,8 +198,6 @@ def _meta_scalars_on_cpu():
 def forward_flops(model: torch.nn.Module, samples: dict, batch_size: int) -> Tuple[float, float]:
     """(forward FLOPs per sample of the training objective, the frozen MAE encoder's part of them); no gradient is
     taken."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with counter, _meta_scalars_on_cpu():  # grad enabled: the module tracker hooks need it; no backward runs
         model(samples)
@@ -254,7 +255,6 @@ QUICK_SCALING_POINTS = ((1, 56), (2, 56), (2, 84))
 class Timer:
     """Seconds of one call: the wall clock (``clock="wall"``) or this process's CPU time (``"process"``, for a
     machine other jobs share) on the CPU; CUDA events after a synchronise on a GPU."""
-
     def __init__(self, device: torch.device, clock: str = "wall"):
         self.device, self.clock = device, clock
 
@@ -284,9 +284,6 @@ def image_text_samples(size: BenchSize, device: torch.device, seed: int = 0) -> 
 
 
 def train_step_fn(model, samples, optimizer, device):
-    from torch.autograd.profiler import record_function
-
-    from lavis_xformer.analysis.breakdown import OPTIMISER
 
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
 
@@ -321,7 +318,6 @@ def interleaved(fns: Dict[str, Callable[[], None]], timer: Timer, warmup: int, r
 class _NoModuleTracking:
     """Stands in for FlopCounterMode's module tracker, whose hooks fail on LAVIS's feature extraction (a view of a
     parameter made under ``no_grad``); only the total is read at bench size."""
-
     parents = {"Global"}
 
     def __enter__(self):
@@ -336,8 +332,6 @@ def _cpu_attention_flop_formulas() -> dict:
     every SDPA attention on the CPU (the Q-Former's in both models, the dual block's, the MAE decoder's) counts 0
     FLOPs, while the same attention on CUDA, on the meta device (paper scale: the math path's matmuls) or written as
     matmuls (the bf16 CLIP-ViT and MAE encoder) is counted. The CUDA flash kernel's formulas, as torch counts them."""
-    from torch.utils import flop_counter
-
     aten = torch.ops.aten
     return {
         aten._scaled_dot_product_flash_attention_for_cpu: flop_counter.sdpa_flop.__wrapped__,
@@ -348,8 +342,6 @@ def _cpu_attention_flop_formulas() -> dict:
 def count_flops(fn: Callable[[], None]) -> float:
     """FLOPs of one call of ``fn``, forward and backward alike (FlopCounterMode: 2 per multiply-accumulate; attention
     products on every device, ``_cpu_attention_flop_formulas``)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False, custom_mapping=_cpu_attention_flop_formulas())
     counter.mod_tracker = _NoModuleTracking()
     with counter:
@@ -388,7 +380,6 @@ def call_peak_mb(fn: Callable[[], None], device: torch.device) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
-    from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
@@ -429,10 +420,6 @@ def memory_probe(row: str, size: BenchSize, stage: int, steps: int = 2) -> dict:
 
 def build_stage2(size: BenchSize) -> Dict[str, Callable[[], torch.nn.Module]]:
     """Constructors of the stage-2 models compared (OPT), by row name."""
-    from lavis_xformer.models.blip2_baseline_llm import Blip2BaselineOPT
-    from lavis_xformer.models.config_llm import Blip2OPTConfig, XFormerOPTConfig
-    from lavis_xformer.models.xformer_llm import XFormerOPT
-
     backbone = lambda optimised: {**backbone_fields(size, optimised), **llm_fields(size)}  # noqa: E731
     xformer = {**xformer_fields(size), **llm_fields(size), "reconstruction_loss": False, "mask_ratio": 0.0}
     masked = {**xformer, "mask_ratio": 0.5, "eval_mask_ratio": 0.5}
@@ -460,8 +447,6 @@ def measure_memory(rows: List[str], size: BenchSize, stage: int) -> Dict[str, di
 
 def _init_single_process_group():
     # LAVIS's BLIP-2 forward calls dist.get_rank(); give it a one-process group.
-    from lavis_xformer.common.distributed import init_single_process_group
-
     init_single_process_group("gloo")
 
 
@@ -494,8 +479,6 @@ def operation_fns(stage: int, models: Dict[str, torch.nn.Module], samples: dict,
 def bench_stage(stage: int, size: BenchSize, device: torch.device, warmup: int, repeats: int, timer: Timer,
                 breakdown: bool = True) -> dict:
     """Time, FLOPs (of the same calls) and the profiled component breakdown of every operation of one stage."""
-    from lavis_xformer.analysis.breakdown import profile_components
-
     torch.manual_seed(0)
     models = {name: build().to(device) for name, build in build_rows(size, stage).items()}
     fns = operation_fns(stage, models, image_text_samples(size, device), device)
@@ -518,8 +501,6 @@ def bench_scaling(points, size: BenchSize, device: torch.device, warmup: int, re
     """BLIP-2 (``blip2+impl``) and X-Former, stage 1, at each (batch, image size): the training step and feature
     extraction, timed interleaved, and each call's peak memory above what the process held before it. No training
     step at batch 1: ITC and ITM draw their negatives from the batch (LAVIS's loss fails on one sample)."""
-    from dataclasses import replace
-
     rows = []
     for batch_size, image_size in points:
         point = replace(size, batch_size=batch_size, image_size=image_size)
@@ -596,9 +577,6 @@ def main(argv: Optional[List[str]] = None) -> dict:
         args.size, args.repeats, args.warmup, args.scaling_repeats = "tiny", 2, 1, 2
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    import lavis_xformer  # noqa: F401  (registers the models)
-
     size = BenchSize(head_divisor=args.head_divisor) if args.size == "bench" else TINY
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, size, args.stage)))
