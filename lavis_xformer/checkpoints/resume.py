@@ -61,36 +61,47 @@ def remove_interrupted_saves(folder) -> List[str]:
     return removed
 
 
-def _read_training_checkpoint(path: Path) -> Optional[dict]:
+def _read_training_checkpoint(path: Path, skipped: list) -> Optional[dict]:
     try:
         checkpoint = read_checkpoint(str(path))
     except CheckpointError as err:
         logger.warning("resume: skipping %s: %s", path, err)
+        skipped.append((str(path), str(err)))
         return None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "optimizer" not in checkpoint:
         logger.warning("resume: skipping %s: not a training checkpoint (no 'model' and 'optimizer')", path)
+        skipped.append((str(path), "not a training checkpoint"))
         return None
     return checkpoint
 
 
-def find_resume_checkpoint(folder, skip_folder: Optional[Callable[[Path], bool]] = None
-                           ) -> Tuple[Optional[str], Optional[dict]]:
+def find_resume_checkpoint(folder, skip_folder: Optional[Callable[[Path], object]] = None,
+                           skipped: Optional[list] = None) -> Tuple[Optional[str], Optional[dict]]:
     """The checkpoint to resume from under ``folder``: ``(path, checkpoint)``, or ``(None, None)`` when there is none.
 
     ``folder`` itself and each job folder in it is one run. The run chosen is the one whose newest checkpoint file
     was written last (the run a requeued job continues; a neighbour that went further but stopped earlier is not
-    taken), skipping the folders ``skip_folder`` rejects (e.g. those a live run holds); in it, the furthest-progressed
-    checkpoint that reads back (safely) and holds weights and optimizer. Unreadable files (truncated, corrupt,
-    unsafe) are skipped with a warning naming them; when none of a run's checkpoints reads back, the next-newest run
-    is taken, with a warning."""
+    taken), skipping the folders ``skip_folder`` rejects (it returns a truthy value, e.g. the reason: a live run holds
+    it); in it, the furthest-progressed checkpoint that reads back (safely) and holds weights and optimizer.
+    Unreadable files (truncated, corrupt, unsafe, failing their checksum) are skipped with a warning naming them;
+    when none of a run's checkpoints reads back, the next-newest run is taken, with a warning. ``skipped`` (a list)
+    receives ``(path, reason)`` for every folder holding checkpoints and every file passed over."""
     folder = Path(folder)
-    runs = [f for f in [folder, *sorted(p for p in folder.glob("*") if p.is_dir())]
-            if not (skip_folder and skip_folder(f))]
-    runs = [(f, found) for f in runs if (found := _checkpoint_candidates(f))]
+    skipped = [] if skipped is None else skipped
+    runs = []
+    for run in [folder, *sorted(p for p in folder.glob("*") if p.is_dir())]:
+        found = _checkpoint_candidates(run)
+        reason = skip_folder(run) if (skip_folder and found) else None
+        if reason:
+            why = reason if isinstance(reason, str) else "rejected"
+            logger.warning("resume: passing over %s (%d checkpoints): %s", run, len(found), why)
+            skipped.append((str(run), why))
+        elif found:
+            runs.append((run, found))
     runs.sort(key=lambda run: max(p.stat().st_mtime for p in run[1]), reverse=True)
     for index, (run, candidates) in enumerate(runs):
         for path in candidates:
-            checkpoint = _read_training_checkpoint(path)
+            checkpoint = _read_training_checkpoint(path, skipped)
             if checkpoint is not None:
                 if index:
                     logger.warning("resume: no readable checkpoint in the newest run(s) %s; taking %s",
