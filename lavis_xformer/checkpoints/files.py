@@ -22,11 +22,12 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from lavis_xformer import testing
 from lavis_xformer.common import jobs
+from lavis_xformer.testing import TEST_SAVE_DELAY_ENV  # noqa: F401  (re-exported by the package)
 
 logger = logging.getLogger("lavis_xformer.checkpoints")
 
-TEST_SAVE_DELAY_ENV = "LAVIS_XFORMER_TEST_SAVE_DELAY"
 PRETRAINED_CONFIG, PRETRAINED_WEIGHTS, PRETRAINED_CARD = "config.json", "model.safetensors", "README.md"
 
 
@@ -203,18 +204,6 @@ def trainable_parameter_names(model_config: dict) -> set:
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
-def _test_save_delay(path: str) -> float:
-    """``LAVIS_XFORMER_TEST_SAVE_DELAY=SECONDS[@NAME]``: seconds to stall in the middle of writing ``path`` (only
-    when its file name contains NAME). A test hook for killing a process mid-save; unset in real runs."""
-    value = os.environ.get(TEST_SAVE_DELAY_ENV, "")
-    if not value:
-        return 0.0
-    seconds, _, name = value.partition("@")
-    if name and name not in os.path.basename(path):
-        return 0.0
-    return float(seconds)
-
-
 def save_checkpoint_atomically(obj, path) -> str:
     """``torch.save`` to ``path`` so that a reader sees the old file or the complete new one, never a torn one.
 
@@ -223,7 +212,7 @@ def save_checkpoint_atomically(obj, path) -> str:
     """
     path = os.fspath(path)
     tmp_path = f"{path}.tmp-{jobs.this_host()}-{os.getpid()}"  # the writer, for ``remove_interrupted_saves``
-    delay = _test_save_delay(path)
+    delay = testing.save_delay(path)  # a test hook; 0 in real runs
     try:
         with open(tmp_path, "wb") as handle:
             if delay:

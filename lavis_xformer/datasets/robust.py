@@ -104,7 +104,27 @@ def check_sample(sample) -> None:
                 raise ValueError(f"{key} is not valid UTF-8 ({err.reason})") from err
 
 
-class RobustDataset(torch.utils.data.Dataset):
+class DatasetWrapper(torch.utils.data.Dataset):
+    """A dataset around another (``RobustDataset``, the runner's ``SeededSamples``): its length, ``collater`` and
+    every attribute the wrapper does not set itself come from ``dataset`` (LAVIS's runner and evaluation code read
+    ``collater``, ``annotation``, ``text``, ``img2txt``, ...)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):
+        if name == "dataset":  # not set yet (unpickling in a DataLoader worker): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def collater(self, samples):
+        return self.dataset.collater(samples)
+
+
+class RobustDataset(DatasetWrapper):
     """``dataset`` with unusable samples replaced and counted (see the module docstring)."""
 
     def __init__(
@@ -116,7 +136,7 @@ class RobustDataset(torch.utils.data.Dataset):
         max_image_pixels: Optional[int] = None,
         max_bad_samples: Optional[int] = None,
     ):
-        self.dataset = dataset
+        super().__init__(dataset)
         self.configure(max_bad_fraction, min_samples_before_limit, max_image_pixels, max_bad_samples)
         self.accept_truncated_images = accept_truncated_images
         # Shared with forked DataLoader workers: attempted and bad samples in the current epoch, and one bit per
@@ -125,18 +145,6 @@ class RobustDataset(torch.utils.data.Dataset):
         self._bad = multiprocessing.Value("q", 0)
         self._bad_total = multiprocessing.Value("q", 0)
         self._bad_seen = multiprocessing.Array("B", (len(dataset) + 7) // 8)
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getattr__(self, name):
-        # LAVIS's runner and evaluation code read dataset attributes (collater, annotation, text, img2txt, ...).
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-    def collater(self, samples):
-        return self.dataset.collater(samples)
 
     def configure(self, max_bad_fraction: float = 0.01, min_samples_before_limit: int = 100,
                   max_image_pixels: Optional[int] = None, max_bad_samples: Optional[int] = None) -> None:
