@@ -45,17 +45,22 @@ from lavis_xformer.checkpoints.files import (
     PRETRAINED_CONFIG,
     PRETRAINED_WEIGHTS,
     TEST_SAVE_DELAY_ENV,
+    CHECKSUM_KEY,
     CheckpointError,
+    check_finite_trainable,
     check_required_keys,
     export_safetensors,
     extract_state_dict,
     load_model_weights,
     load_state_dict_checked,
     load_trainable_state_dict,
+    offline,
     read_checkpoint,
     save_checkpoint_atomically,
+    tensor_checksums,
     trainable_parameter_names,
     trainable_state_dict,
+    verify_checksums,
 )
 from lavis_xformer.checkpoints.resume import (
     checkpoint_progress,
@@ -65,9 +70,10 @@ from lavis_xformer.checkpoints.resume import (
 from lavis_xformer.checkpoints.cli import main  # noqa: E402  (after the modules it uses)
 
 __all__ = [
-    "CheckpointError", "PRETRAINED_CARD", "PRETRAINED_CONFIG", "PRETRAINED_WEIGHTS", "TEST_SAVE_DELAY_ENV",
-    "check_required_keys", "checkpoint_progress", "describe_checkpoint", "export_checkpoint", "export_pretrained",
+    "CHECKSUM_KEY", "CheckpointError", "PRETRAINED_CARD", "PRETRAINED_CONFIG", "PRETRAINED_WEIGHTS", "TEST_SAVE_DELAY_ENV",
+    "check_finite_trainable", "check_required_keys", "checkpoint_progress", "describe_checkpoint", "export_checkpoint", "export_pretrained",
     "export_safetensors", "extract_state_dict", "find_resume_checkpoint", "from_pretrained", "load_model_weights",
-    "load_state_dict_checked", "load_trainable_state_dict", "main", "read_checkpoint", "remove_interrupted_saves",
-    "save_checkpoint_atomically", "trainable_parameter_names", "trainable_state_dict",
+    "load_state_dict_checked", "load_trainable_state_dict", "main", "offline", "read_checkpoint", "remove_interrupted_saves",
+    "save_checkpoint_atomically", "tensor_checksums", "trainable_parameter_names", "trainable_state_dict",
+    "verify_checksums",
 ]

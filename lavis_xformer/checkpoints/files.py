@@ -17,6 +17,7 @@ import os
 import pickle
 import time
 import zipfile
+import zlib
 from collections import Counter
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -45,9 +46,13 @@ def _is_url(path: str) -> bool:
 def read_checkpoint(path: str) -> dict:
     """Load a checkpoint dict from a path or URL with ``weights_only=True``.
 
-    Raises ``CheckpointError`` naming the file when it is missing, truncated or carries pickled code.
+    Raises ``CheckpointError`` naming the file when it is missing, truncated, carries pickled code, fails its tensor
+    checksums, or is a URL in offline mode.
     """
     if _is_url(path):
+        if offline():
+            raise CheckpointError(f"checkpoint {path!r} is a URL and offline mode is on (HF_HUB_OFFLINE / "
+                                  "TRANSFORMERS_OFFLINE / LAVIS_XFORMER_OFFLINE): download it and give the file path")
         from lavis.common.dist_utils import download_cached_file
 
         path = download_cached_file(path, check_hash=False, progress=True)
@@ -64,7 +69,7 @@ def read_checkpoint(path: str) -> dict:
         except Exception as err:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"checkpoint {path!r} is not a readable safetensors file: {err}") from err
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"checkpoint {path!r} was refused: it holds objects other than tensors and plain containers, "
@@ -75,6 +80,71 @@ def read_checkpoint(path: str) -> dict:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         # a zip cut short fails in torch's reader with RuntimeError or OSError (EINVAL), depending on where
         raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt and cannot be read: {err}") from err
+    verify_checksums(checkpoint, path)
+    return checkpoint
+
+
+def offline() -> bool:
+    """Offline mode: ``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE`` or ``LAVIS_XFORMER_OFFLINE`` set to 1/true/yes."""
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "LAVIS_XFORMER_OFFLINE"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Integrity: tensor checksums written with a checkpoint, verified when it is read; finite trainable weights
+# ---------------------------------------------------------------------------------------------------------------
+CHECKSUM_KEY = "checksums"  # {"algorithm": "crc32", "tensors": {"model/w": "1a2b3c4d", ...}}
+
+
+def _tensors(obj, prefix=""):
+    """``(path, tensor)`` for every tensor in nested dicts / lists / tuples (paths like ``optimizer/state/0/exp_avg``)."""
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            if not (prefix == "" and key == CHECKSUM_KEY):
+                yield from _tensors(value, f"{prefix}/{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from _tensors(value, f"{prefix}/{index}")
+
+
+def _crc32(tensor: torch.Tensor) -> str:
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return f"{zlib.crc32(memoryview(data)) & 0xFFFFFFFF:08x}"
+
+
+def tensor_checksums(checkpoint: dict) -> dict:
+    """A CRC-32 of every tensor's bytes (torch does not check its zip's CRCs: flipped bytes load silently)."""
+    return {"algorithm": "crc32", "tensors": {path: _crc32(t) for path, t in _tensors(checkpoint)}}
+
+
+def verify_checksums(checkpoint, source: str) -> None:
+    """A checkpoint that carries ``checksums`` must match them: a differing or missing tensor is a
+    ``CheckpointError`` naming the file and the tensor. Files without checksums (older, LAVIS's) pass."""
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(CHECKSUM_KEY), dict):
+        return
+    expected = checkpoint[CHECKSUM_KEY].get("tensors") or {}
+    actual = dict(_tensors(checkpoint))
+    bad = [path for path, digest in expected.items() if path not in actual or _crc32(actual[path]) != digest]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {source!r} is corrupt: {len(bad)} tensor(s) do not match the checksums written with it "
+            f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); the file was damaged after it was saved. "
+            "Resume from an earlier checkpoint (run.resume_ckpt_path=auto skips this one)")
+
+
+def check_finite_trainable(model, state_dict, source: str) -> None:
+    """Refuse NaN/inf in the tensors of ``state_dict`` that are trainable parameters of ``model``."""
+    trainable = _parameter_names(model, trainable=True)
+    bad = [key for key, value in state_dict.items()
+           if key in trainable and torch.is_tensor(value) and value.is_floating_point()
+           and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {source!r} holds non-finite (NaN/inf) values in {len(bad)} trainable tensor(s) of "
+            f"{type(model).__name__}: {', '.join(bad[:5])}. It came from a diverged run or a damaged file: use an "
+            "earlier checkpoint")
 
 
 def extract_state_dict(checkpoint: dict) -> Dict[str, torch.Tensor]:
@@ -115,6 +185,7 @@ def load_state_dict_checked(model, state_dict, source: str, strict_unexpected: b
         )
     if required is not None:
         check_required_keys(state_dict, required, source, type(model).__name__, allow_partial)
+    check_finite_trainable(model, state_dict, source)
     result = model.load_state_dict(state_dict, strict=False)
     logger.info(
         "loaded %s into %s: %d tensors; missing: %s; unexpected: %s",
@@ -205,12 +276,15 @@ def trainable_parameter_names(model_config: dict) -> set:
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
 def save_checkpoint_atomically(obj, path) -> str:
-    """``torch.save`` to ``path`` so that a reader sees the old file or the complete new one, never a torn one.
+    """``torch.save`` to ``path`` so that a reader sees the old file or the complete new one, never a torn one; a
+    dict gets the ``checksums`` of its tensors (``tensor_checksums``), which ``read_checkpoint`` verifies.
 
     The bytes go to a temporary file in the same folder, are flushed and fsync'ed, then ``os.replace`` swaps the
     file in (atomic on POSIX and Windows); the folder is fsync'ed so that the rename survives a power cut.
     """
     path = os.fspath(path)
+    if isinstance(obj, dict):  # verified by ``read_checkpoint``
+        obj = {**{k: v for k, v in obj.items() if k != CHECKSUM_KEY}, CHECKSUM_KEY: tensor_checksums(obj)}
     tmp_path = f"{path}.tmp-{jobs.this_host()}-{os.getpid()}"  # the writer, for ``remove_interrupted_saves``
     delay = testing.save_delay(path)  # a test hook; 0 in real runs
     try:

@@ -292,22 +292,25 @@ class StepGuard:
         self.consecutive = 0
         self.skipped_total = 0
         self.skipped_epoch = 0
+        self.kept_epoch = 0  # optimiser steps taken (or left to the amp scaler) this epoch
         self.amp_overflows_epoch = 0
         self.last_bad: List[str] = []
 
     # -- state ----------------------------------------------------------------------------------------------------
     def start_epoch(self) -> None:
         self.skipped_epoch = 0
+        self.kept_epoch = 0
         self.amp_overflows_epoch = 0
 
     def state_dict(self) -> dict:
         return {"consecutive": self.consecutive, "skipped_total": self.skipped_total,
-                "skipped_epoch": self.skipped_epoch, "last_bad": list(self.last_bad)}
+                "skipped_epoch": self.skipped_epoch, "kept_epoch": self.kept_epoch, "last_bad": list(self.last_bad)}
 
     def load_state_dict(self, state: dict) -> None:
         self.consecutive = int(state.get("consecutive", 0))
         self.skipped_total = int(state.get("skipped_total", 0))
         self.skipped_epoch = int(state.get("skipped_epoch", 0))
+        self.kept_epoch = int(state.get("kept_epoch", 0))
         self.last_bad = list(state.get("last_bad", []))
 
     # -- test hook ------------------------------------------------------------------------------------------------
@@ -353,9 +356,20 @@ class StepGuard:
 
     def stepped(self) -> None:
         self.consecutive = 0
+        self.kept_epoch += 1
+
+    def end_epoch(self, epoch) -> None:
+        """An epoch whose every optimiser step was skipped is a failure, however short (the streak limit cannot
+        trigger in an epoch of fewer steps): ``NonFiniteLossError`` before its checkpoint is written."""
+        if self.skipped_epoch and not self.kept_epoch:
+            raise NonFiniteLossError(
+                f"every optimiser step of epoch {epoch} ({self.skipped_epoch}) had a non-finite loss or gradient; "
+                f"last: {', '.join(self.last_bad)}. No checkpoint of this epoch is written: check the weights the run "
+                f"started from (a corrupt or diverged checkpoint), the data, and the learning rate.")
 
     def amp_overflow(self, scale_before: float, scale_after: float) -> None:
         self.amp_overflows_epoch += 1
+        self.kept_epoch += 1  # the scaler's business, not a bad step
         logger.info("amp: gradients overflowed at scale %g; GradScaler skipped the step (scale now %g)",
                     scale_before, scale_after)
 

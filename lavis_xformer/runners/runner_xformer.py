@@ -524,6 +524,8 @@ class RunnerXFormer(ResumeMixin, RunnerBase):
                 self._stop_or_save(run, done=i + 1)
         finally:
             run.watch.remove()
+        if first < iters_per_epoch:  # (a run resumed at the epoch's very end has no step of its own here)
+            self.step_guard.end_epoch(epoch)
         if run.iteration_log is not None:
             run.iteration_log.end_epoch(self._loss_meters(run), self._iteration_log_names)
         return self._epoch_stats(run)
