@@ -510,7 +510,8 @@ class RunnerXFormer(ResumeMixin, RunnerBase):
         if first:
             logging.info("resuming epoch %s at iteration %d", epoch, first)
         try:
-            for i in run.metric_logger.log_every(range(first, iters_per_epoch), log_freq, run.header):
+            steps = range(first, iters_per_epoch)  # empty for a run resumed at the epoch's very end
+            for i in run.metric_logger.log_every(steps, log_freq, run.header) if len(steps) else steps:
                 samples = prepare_sample(next(data_loader), cuda_enabled=cuda_enabled)
                 samples.update({"epoch": run.inner_epoch, "num_iters_per_epoch": iters_per_epoch, "iters": i})
                 lr_scheduler.step(cur_epoch=run.inner_epoch, cur_step=i)
