@@ -17,6 +17,8 @@ def main(argv=None) -> int:
                                     "(config.json, model.safetensors, README.md model card)")
     export.add_argument("--trainable-only", action="store_true",
                         help="keep only trainable parameters (found from the checkpoint's model config)")
+    export.add_argument("--allow-downloads", action="store_true",
+                        help="fetch URLs named in the checkpoint's embedded config (off: a file's content is data)")
     inspect = commands.add_parser("inspect", help="read a checkpoint safely and summarise it")
     inspect.add_argument("src")
     args = parser.parse_args(argv)
@@ -28,7 +30,7 @@ def main(argv=None) -> int:
             elif args.trainable_only:
                 parser.error("--trainable-only applies to a .safetensors file; a folder holds every weight")
             else:
-                summary = export_pretrained(args.src, args.dst)
+                summary = export_pretrained(args.src, args.dst, allow_downloads=args.allow_downloads)
         else:
             summary = describe_checkpoint(args.src)
     except CheckpointError as err:

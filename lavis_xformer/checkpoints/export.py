@@ -170,15 +170,37 @@ def _model_card(config: dict, summary: dict, source: str, tensors: int, elements
     return "\n".join(lines) + "\n"
 
 
-def export_pretrained(src: str, folder: str) -> dict:
+def urls_in(config, prefix: str) -> list:
+    """``[(key path, url)]`` for every http(s) URL among the string values of a nested config."""
+    if isinstance(config, str):
+        return [(prefix, config)] if config.strip().lower().startswith(("http://", "https://")) else []
+    if isinstance(config, dict):
+        return [found for key, value in config.items() for found in urls_in(value, f"{prefix}.{key}")]
+    if isinstance(config, (list, tuple)):
+        return [found for index, value in enumerate(config) for found in urls_in(value, f"{prefix}[{index}]")]
+    return []
+
+
+def export_pretrained(src: str, folder: str, allow_downloads: bool = False) -> dict:
     """A training checkpoint (with its run config) -> a shareable folder: ``config.json``, ``model.safetensors``
-    (every weight: the trained ones from ``src``, the frozen ones as the run built them) and a model card."""
+    (every weight: the trained ones from ``src``, the frozen ones as the run built them) and a model card. A URL in
+    the checkpoint's embedded config is refused unless ``allow_downloads`` (a file's content never opens a
+    connection by itself)."""
     import json
 
+    if Path(folder).suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        raise CheckpointError(f"export destination {folder!r} looks like a file, but only a .safetensors file or a "
+                              "folder can be written: name OUT.safetensors, or a folder without a file suffix")
     checkpoint = read_checkpoint(src)
     model_config = ((checkpoint.get("config") or {}).get("model") if isinstance(checkpoint, dict) else None) or {}
     if not model_config.get("arch"):
         raise CheckpointError(f"{src!r} holds no run config (config.model.arch): export it as .safetensors instead")
+    urls = urls_in(model_config, "config.model")
+    if urls and not allow_downloads:
+        where, url = urls[0]
+        raise CheckpointError(
+            f"{src!r}: its embedded config names {where}={url!r}; a URL inside a file is data, and export does not "
+            "fetch it. Download it yourself and pass --allow-downloads only if you trust this file's source")
     model = _build_as_trained(model_config)
     load_trainable_state_dict(model, extract_state_dict(checkpoint), src)
     config = _full_config(model, model_config["arch"], model_config.get("model_type"))
@@ -210,7 +232,17 @@ def from_pretrained(folder) -> torch.nn.Module:
     if not config_path.is_file():
         raise CheckpointError(f"{folder} has no {PRETRAINED_CONFIG}: not a folder written by "
                               "`python -m lavis_xformer.checkpoints export CHECKPOINT FOLDER`")
-    fields = json.loads(config_path.read_text())
+    try:
+        fields = json.loads(config_path.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{config_path} is not valid JSON ({err}); re-export the folder with "
+                              "`python -m lavis_xformer.checkpoints export CHECKPOINT FOLDER`") from err
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{config_path} holds a {type(fields).__name__}, not a JSON object of model fields")
+    urls = urls_in({k: v for k, v in fields.items() if k not in _INITIAL_WEIGHT_FIELDS}, "config.json")
+    if urls:
+        raise CheckpointError(f"{config_path} names {urls[0][0]}={urls[0][1]!r}: a URL inside a file is data, and "
+                              "from_pretrained does not fetch it")
     arch = fields.pop("arch", None)
     fields.pop("model_type", None)
     _model_class(arch)
