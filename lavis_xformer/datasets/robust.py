@@ -26,6 +26,7 @@ from PIL import Image, ImageFile
 logger = logging.getLogger(__name__)
 
 TEXT_KEYS = ("text_input", "caption", "text_output", "question")
+ANSWER_KEYS = ("answers", "answer", "text_output")  # lists of answers (LAVIS's VQA samples: "answers", "weights")
 
 
 @contextlib.contextmanager
@@ -86,9 +87,13 @@ def _sample_file(dataset, index: int) -> str:
 
 
 def check_sample(sample) -> None:
-    """Raise ``ValueError`` for a loaded sample the models cannot use (texts that are empty or not UTF-8)."""
+    """Raise ``ValueError`` for a loaded sample the models cannot use (texts that are empty or not UTF-8, an empty
+    list of answers)."""
     if sample is None:
         raise ValueError("dataset returned None")
+    for key in ANSWER_KEYS:
+        if isinstance(sample.get(key), (list, tuple)) and not sample[key]:
+            raise ValueError(f"{key} is an empty list (a question needs at least one answer)")
     for key in TEXT_KEYS:
         if key not in sample:
             continue
