@@ -203,6 +203,16 @@ def check_annotation_entries(entries: list, path, required=()) -> None:
                 raise AnnotationFileError(f"{where}: {field!r} must be a list of strings")
 
 
+def _check_image_paths(entries, path, vis_root) -> None:
+    from lavis_xformer.processors import image_path_problem
+
+    for index, entry in enumerate(entries):
+        problem = image_path_problem(vis_root, entry.get("image"))
+        if problem:
+            raise AnnotationFileError(f"annotation file {path}, entry {index}: 'image' {problem}; set "
+                                      "run.allow_outside_image_paths=True to read images outside the root")
+
+
 def base_dataset_init(self, vis_processor=None, text_processor=None, vis_root=None, ann_paths=()):
     """LAVIS's ``BaseDataset.__init__`` (base_dataset.py:27) with every annotation file checked first: not JSON, a
     top level that is not a list, an entry that is not an object, a field of the wrong type, or a field the
@@ -215,6 +225,7 @@ def base_dataset_init(self, vis_processor=None, text_processor=None, vis_root=No
     for path in ann_paths:  # (LAVIS's body, with each file parsed once and checked)
         entries = _load_annotation_file(path)
         check_annotation_entries(entries, path, required)
+        _check_image_paths(entries, path, vis_root)
         self.annotation.extend(entries)
     self.vis_processor = vis_processor
     self.text_processor = text_processor

@@ -166,3 +166,47 @@ def claim_job_folder(output_dir) -> Tuple[str, JobLock]:
         except FileExistsError:
             continue
         return job_id, JobLock(output_dir / job_id)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The output folder, checked before anything is built
+# ---------------------------------------------------------------------------------------------------------------
+def output_dir_problems(output_dir, need_bytes: int = 0) -> list:
+    """Why a run could not write under ``output_dir`` (relative: from the current folder), checked before anything is
+    built: a file where a folder should be, a folder that cannot be created or written (a real file is created and
+    removed: permission bits do not tell read-only mounts), or less free space than ``need_bytes`` (the estimated
+    size of the checkpoints the run keeps at once). Empty when fine."""
+    import shutil
+    import tempfile
+
+    path = Path(str(output_dir)).expanduser()
+    path = path if path.is_absolute() else Path.cwd() / path
+    existing = path
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is" if existing == path else f"has a file in its way: {existing}"
+        return [f"run.output_dir {path} {where} a file, not a folder: choose another run.output_dir or move the file"]
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        what = "" if existing == path else f" (it does not exist, and its parent {existing} cannot be written)"
+        return [f"run.output_dir {path} is not writable{what}: {err.strerror or err}; choose a writable "
+                "run.output_dir"]
+    free = shutil.disk_usage(existing).free
+    if need_bytes and free < need_bytes:
+        return [f"run.output_dir {path}: {free / 2**30:.2f} GiB free on its file system, the run's checkpoints need "
+                f"about {need_bytes / 2**30:.2f} GiB (weights and optimizer state, two files at once while one is "
+                "saved); free space or choose another run.output_dir"]
+    return []
+
+
+def checkpoint_bytes_estimate(model) -> int:
+    """About the disk a run needs for its checkpoints: the trainable weights and AdamW's two moments (3 copies),
+    twice (the previous checkpoint stays until the new one is renamed in)."""
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return int(2 * 3 * trainable)

@@ -86,6 +86,19 @@ def _sample_file(dataset, index: int) -> str:
     return f"sample #{index}"
 
 
+def _check_image_file(dataset, index: int) -> None:
+    """Before the dataset opens an entry's image: a path leaving the dataset's root (symlinks included) or naming
+    something other than a regular file (a FIFO would hang the run) raises ``ValueError`` (a bad sample)."""
+    from lavis_xformer.processors import resolved_image_problem
+
+    annotation = getattr(dataset, "annotation", None)
+    if annotation is None or not 0 <= index < len(annotation) or not isinstance(annotation[index], dict):
+        return
+    problem = resolved_image_problem(getattr(dataset, "vis_root", None), annotation[index].get("image"))
+    if problem:
+        raise ValueError(problem)
+
+
 def check_sample(sample) -> None:
     """Raise ``ValueError`` for a loaded sample the models cannot use (texts that are empty or not UTF-8, an empty
     list of answers)."""
@@ -217,6 +230,7 @@ class RobustDataset(DatasetWrapper):
             with self._attempted.get_lock():
                 self._attempted.value += 1
             try:
+                _check_image_file(self.dataset, current)
                 with _truncated_images_raise(self.accept_truncated_images), _giant_images_raise(self.max_image_pixels):
                     sample = self.dataset[current]
                 check_sample(sample)
