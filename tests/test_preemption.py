@@ -165,3 +165,47 @@ def test_default_is_a_checkpoint_every_30_minutes_on_sigterm_and_sigusr1():
     assert preemption.DEFAULT_CHECKPOINT_MINUTES == 30
     assert parse_signals(preemption.DEFAULT_SIGNALS) == (signal.SIGTERM, signal.SIGUSR1)
     assert Path(preemption.__file__).is_file()
+
+
+def test_torchrun_sigterm_every_rank_stops_at_the_same_step_and_one_checkpoint_resumes(data_root, tmp_path):
+    """SIGTERM to torchrun's agent (what SLURM / Kubernetes signal): the agent passes it to both workers, which
+    finish the step, agree to stop (one all-reduce), write one checkpoint holding both ranks' states and release the
+    lock; a requeued torchrun resumes from it."""
+    out = tmp_path / "out"
+    marker = tmp_path / "paused"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "lavis_xformer.train", "--cfg-path", str(DEMO_TRAIN), "--options",
+            *shapes_options(BUILDER, data_root, num_train=16, num_val=2, num_test=2), "run.max_epoch=2",
+            "run.batch_size_train=4", "run.warmup_steps=1", "run.device=cpu", "run.resume_ckpt_path=auto",
+            f"run.output_dir={out}"]
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as stream:  # 16 samples / 2 ranks / batch 4 = 2 steps per epoch; global step 2 = epoch 1
+        process = subprocess.Popen(args, cwd=tmp_path, env=env(LAVIS_XFORMER_TEST_PAUSE=f"2@{marker}"),
+                                   stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while not (marker.exists() and Path(f"{marker}.rank1").exists()):
+                assert process.poll() is None, log.read_text()[-5000:]
+                try:
+                    process.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=600)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert code != 0, text[-5000:]
+    (job,) = [p for p in out.iterdir() if p.is_dir()]
+    assert sorted(p.name for p in job.glob("checkpoint_*")) == ["checkpoint_0.pth", "checkpoint_1_iter1.pth"], text
+    trainer = read_checkpoint(str(job / "checkpoint_1_iter1.pth"))["trainer"]
+    assert (trainer["epoch"], trainer["iteration"], trainer["world_size"], len(trainer["ranks"])) == (1, 1, 2, 2)
+    assert not (job / jobs.LOCK_NAME).exists()
+    assert text.count("preempted: SIGTERM at epoch 1 iteration 1") == 1, text[-5000:]
+
+    result = subprocess.run(args, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600,
+                            start_new_session=True)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert f"resume: auto -> {job / 'checkpoint_1_iter1.pth'}" in output
+    assert "resuming epoch 1 at iteration 1" in output and len(list(out.glob("*/checkpoint_1.pth"))) == 1
