@@ -18,7 +18,7 @@ import torch
 from lavis_xformer.checkpoints import read_checkpoint
 from lavis_xformer.common import jobs
 from lavis_xformer.runners.preemption import Preempted, StopSignals, parse_signals
-from test_pipeline import DEMO_TRAIN, shapes_options, subprocess_env
+from helpers import DEMO_TRAIN, shapes_options, subprocess_env
 
 BUILDER = "xformer_shapes_caption"
 SIZES = dict(num_train=48, num_val=4, num_test=8)  # 48 / batch 16 = 3 steps per epoch
