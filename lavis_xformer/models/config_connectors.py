@@ -33,6 +33,7 @@ class PerceiverConfig(BackboneConfig):
 
     num_query_token: int = 128  #: learned latents = visual tokens the LLM reads (BLIP-3: 128; open_flamingo: 64)
     qformer_weights: Optional[str] = None  #: unused (no Q-Former)
+    tokenizer: Optional[str] = None  #: unused (no Q-Former, so no BERT tokenizer is built)
     perceiver_depth: int = 6  #: (attention, feed-forward) layers
     perceiver_num_heads: int = 16  #: attention heads (open_flamingo: 8)
     perceiver_head_dim: int = 96  #: width of each head (open_flamingo: 64); heads x head_dim need not be the width
@@ -52,6 +53,7 @@ class ProjectorConfig(BackboneConfig):
 
     num_query_token: int = 64  #: visual tokens after average pooling of the patch grid; 0 = every patch (LLaVA)
     qformer_weights: Optional[str] = None  #: unused (no Q-Former)
+    tokenizer: Optional[str] = None  #: unused (no Q-Former, so no BERT tokenizer is built)
     projector_layers: int = 2  #: linear layers in all (the LLM head's is the last): 1 = linear, 2 = LLaVA-1.5's MLP
     projector_hidden_size: int = 2560  #: width of the hidden layers (LLaVA-1.5: the LLM width); unused for 1 layer
 
