@@ -178,3 +178,21 @@ def test_trains_through_lavis_xformer_train(tmp_path, connector):
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
     assert any(key.startswith(connector.split("_")[0] + ".") for key in state), sorted(state)[:5]
     assert "loss_lm" in output or "loss" in output
+
+
+def test_connector_yamls():
+    """Every connector yaml is what tools/generate_connector_yamls.py writes, and its model section is a valid typed
+    config of its architecture (paper scale included: no weights are built)."""
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import generate_connector_yamls
+    finally:
+        sys.path.pop(0)
+    assert generate_connector_yamls.main(["--check"]) == 0
+    for path in generate_connector_yamls.connector_yamls():
+        model_cfg = OmegaConf.load(path).model
+        config = registry.get_model_class(model_cfg.arch).config_class.from_lavis_cfg(model_cfg)
+        assert config.num_query_token >= 0
