@@ -196,3 +196,26 @@ def test_connector_yamls():
         model_cfg = OmegaConf.load(path).model
         config = registry.get_model_class(model_cfg.arch).config_class.from_lavis_cfg(model_cfg)
         assert config.num_query_token >= 0
+
+
+def test_run_yamls_name_registered_connector_types():
+    """projects/xformer/{train,eval}/*_<connector>.yaml (the BLIP-2 twins with another `model:`) name registered
+    types, and run_scripts' MODEL=<connector> finds them."""
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import generate_connector_yamls
+    finally:
+        sys.path.pop(0)
+    runs = generate_connector_yamls.run_yamls()
+    assert len(runs) >= 30
+    for path in runs:
+        cfg = OmegaConf.load(path)
+        cls = registry.get_model_class(cfg.model.arch)
+        assert cfg.model.model_type in cls.PRETRAINED_MODEL_CONFIG_DICT, path
+        assert f"output/{path.stem.split('_')[-1]}" in cfg.run.output_dir or "output/" in cfg.run.output_dir
+    launcher = (REPO / "run_scripts" / "xformer" / "torchrun.sh").read_text()
+    for name in generate_connector_yamls.RUN_CONNECTORS:
+        assert name in launcher

@@ -8,6 +8,7 @@ differs only in the connector) plus the connector's fields, listed in ``CONNECTO
 """
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -88,9 +89,9 @@ LLM_WIDTH = {"opt2.7b": 2560, "flant5xl": 2048, "opt": 64, "t5": 64}
 
 PERCEIVER_BLIP3 = dict(num_query_token=128, perceiver_depth=6, perceiver_num_heads=16, perceiver_head_dim=96,
                        perceiver_ff_mult=4)
-# BLIP-2's stage-2 trainable count (Q-Former without its text parts + ln_vision + projection: 106.9M with OPT-2.7B)
-# and token count (32); open_flamingo's heads (8 x 64) and 4 layers: 76.6M + projection (see docs/connectors.md).
-PERCEIVER_MATCHED = dict(num_query_token=32, perceiver_depth=4, perceiver_num_heads=8, perceiver_head_dim=64,
+# BLIP-2's stage-2 trainable count (Q-Former without its text parts + ln_vision + projection: 107.1M with OPT-2.7B)
+# and token count (32): BLIP-3's head width (96), 4 layers of 18 heads: 106.0M with the projection (analysis.params).
+PERCEIVER_MATCHED = dict(num_query_token=32, perceiver_depth=4, perceiver_num_heads=18, perceiver_head_dim=96,
                          perceiver_ff_mult=4)
 PERCEIVER_TINY = dict(num_query_token=8, perceiver_depth=2, perceiver_num_heads=2, perceiver_head_dim=16,
                       perceiver_ff_mult=2)
@@ -156,7 +157,7 @@ def connector_yamls():
             PERCEIVER_BLIP3, paper)
         out[f"{arch}/{arch}_pretrain_matched_{paper}.yaml"] = yaml_text(
             arch, f"Perceiver Resampler parameter- and token-matched to BLIP-2's Q-Former (32 latents, 4 layers of "
-            f"open_flamingo's 8 x 64 heads)\n+ frozen {paper}, one stage, LM loss only.",
+            f"18 heads x 96)\n+ frozen {paper}, one stage, LM loss only.",
             PERCEIVER_MATCHED, paper)
         out[f"{arch}/{arch}_vqa_ft_{paper}.yaml"] = yaml_text(
             arch, f"Perceiver Resampler (BLIP-3 hyperparameters) + frozen {paper}: VQA fine-tuning at 490 px (the "
@@ -196,7 +197,7 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="exit 1 if a yaml differs from what would be written")
     args = parser.parse_args(argv)
     stale = []
-    for path, text in connector_yamls().items():
+    for path, text in {**connector_yamls(), **run_yamls()}.items():
         if args.check:
             if not path.is_file() or path.read_text() != text:
                 stale.append(str(path.relative_to(ROOT)))
@@ -207,6 +208,66 @@ def main(argv=None):
         print("stale connector yamls (run python tools/generate_connector_yamls.py):", *stale, sep="\n  ")
         return 1
     return 0
+
+
+
+# ---- run yamls: the BLIP-2 twin's train / eval yamls with only `model:` and the output folder changed ----------
+PROJECTS = ROOT / "projects" / "xformer"
+# MODEL name (run_scripts/xformer/torchrun.sh's MODEL=...) -> (OPT arch and pretrain type, T5 arch and type, title)
+RUN_CONNECTORS = {
+    "perceiver": ("perceiver_opt", "pretrain_opt2.7b", "perceiver_t5", "pretrain_flant5xl",
+                  "Perceiver Resampler, BLIP-3 hyperparameters"),
+    "perceiver_matched": ("perceiver_opt", "pretrain_matched_opt2.7b", "perceiver_t5", "pretrain_matched_flant5xl",
+                          "Perceiver Resampler matched to the Q-Former's parameters and tokens"),
+    "projector": ("projector_opt", "pretrain_opt2.7b", "projector_t5", "pretrain_flant5xl",
+                  "MM1 average-pooling projector, 64 tokens"),
+    "projector_llava": ("projector_opt", "pretrain_llava_opt2.7b", "projector_t5", "pretrain_llava_flant5xl",
+                        "LLaVA-1.5 MLP projector of every patch"),
+    "perceiver_dual": ("perceiver_dual_opt", "pretrain_opt2.7b", "perceiver_dual_t5", "pretrain_flant5xl",
+                       "perceiver + X-Former's dual block over the frozen MAE"),
+}
+RUN_TWINS = {  # the BLIP-2 yaml -> (which model section, what `pretrained` is)
+    "train/pretrain_stage2_opt2.7b": ("pretrain", "opt", None),
+    "train/pretrain_stage2_flant5xl": ("pretrain", "t5", None),
+    "train/vqa_ft": ("vqa_ft", "opt", "pretrain_stage2_opt2.7b"),
+    "train/vqa_ft_flant5xl": ("vqa_ft", "t5", "pretrain_stage2_flant5xl"),
+    "eval/vqav2_zeroshot_opt2.7b": ("pretrain", "opt", "pretrain_stage2_opt2.7b"),
+    "eval/gqa_zeroshot_opt2.7b": ("pretrain", "opt", "pretrain_stage2_opt2.7b"),
+    "eval/okvqa_zeroshot_opt2.7b": ("pretrain", "opt", "pretrain_stage2_opt2.7b"),
+    "eval/gqa_zeroshot_flant5xl": ("pretrain", "t5", "pretrain_stage2_flant5xl"),
+    "eval/okvqa_zeroshot_flant5xl": ("pretrain", "t5", "pretrain_stage2_flant5xl"),
+}
+
+
+def run_yamls():
+    """{path: text}: for each twin and connector, ``<twin>_<connector>.yaml``."""
+    out = {}
+    for twin, (kind, llm, source) in RUN_TWINS.items():
+        text = (PROJECTS / f"{twin}_blip2.yaml").read_text()
+        head, rest = text.split("\nmodel:\n", 1)
+        rest = rest[rest.index("\ndatasets:"):]
+        for name, (opt_arch, opt_type, t5_arch, t5_type, title) in RUN_CONNECTORS.items():
+            arch, model_type = (opt_arch, opt_type) if llm == "opt" else (t5_arch, t5_type)
+            if kind == "vqa_ft":
+                if name not in ("perceiver", "projector"):
+                    continue  # VQA fine-tuning types exist for the BLIP-3 perceiver and the MM1 projector
+                model_type = model_type.replace("pretrain", "vqa_ft")
+            if source is None:  # one-stage training from the frozen encoders and LLM
+                pretrained = ("  load_pretrained: False   # one stage (BLIP-3's recipe): the connector starts random\n"
+                              '  pretrained: ""\n')
+            else:
+                pretrained = ("  load_pretrained: True\n  # The checkpoint to start from / evaluate (pass --options "
+                              "model.pretrained=... ; see run_scripts).\n"
+                              f'  pretrained: "output/{name}/{source}/<job_id>/checkpoint_0.pth"\n')
+            body = re.sub(r'output_dir: "output/blip2/', f'output_dir: "output/{name}/', rest)
+            comment = (f"# {title} ({arch}, {model_type}): generated by tools/generate_connector_yamls.py from\n"
+                       f"# {twin}_blip2.yaml, whose data and settings it keeps; only `model:` and the output folder "
+                       "differ.\n")
+            out[PROJECTS / f"{twin}_{name}.yaml"] = (
+                comment + f"model:\n  arch: {arch}\n  model_type: {model_type}\n  load_finetuned: False\n"
+                + pretrained + body
+            )
+    return out
 
 
 if __name__ == "__main__":
