@@ -219,3 +219,28 @@ def test_run_yamls_name_registered_connector_types():
     launcher = (REPO / "run_scripts" / "xformer" / "torchrun.sh").read_text()
     for name in generate_connector_yamls.RUN_CONNECTORS:
         assert name in launcher
+
+
+def test_paper_scale_rows(monkeypatch):
+    """analysis.params' connector table at paper scale (meta device): the perceiver with BLIP-3's sizes has its
+    written-out parameter count, the matched one is within 2% of BLIP-2's trainable count, and with the same 32
+    tokens the frozen OPT costs the same FLOPs behind either; the token / resolution rows change what they name."""
+    from lavis_xformer.analysis import params
+    from lavis_xformer.common.meta import build_on_meta, count_parameters
+
+    monkeypatch.setattr(params, "CONNECTOR_ROWS", (("blip2_baseline_opt", "pretrain_opt2.7b"),
+                                                   ("perceiver_opt", "pretrain_matched_opt2.7b")))
+    blip2, matched = params.connector_rows()
+    assert abs(matched.trainable / blip2.trainable - 1) < 0.02
+    assert matched.visual_tokens == blip2.visual_tokens == 32
+    assert matched.llm_flops == blip2.llm_flops and matched.forward_flops < blip2.forward_flops * 1.01
+    assert matched.frozen == blip2.frozen  # the same frozen EVA ViT-g and OPT-2.7B
+    assert "| perceiver_opt | pretrain_matched_opt2.7b | 32 | 224 |" in params.connectors_markdown([blip2, matched])
+
+    width, inner, ff = 1408, 16 * 96, 4 * 1408  # BLIP-3: depth 6, 16 x 96 heads, 128 latents, ff x4
+    per_layer = 4 * width * inner + 2 * width * ff + 3 * 2 * width  # q, kv (2), out; FF; three LayerNorms
+    expected = 6 * per_layer + 128 * width + 2 * width + (2 * width + 2560 * width + 2560)  # + latents, final
+    blip3 = count_parameters(build_on_meta("perceiver_opt", "pretrain_opt2.7b"))  # norm, ln_vision, projection
+    assert blip3.trainable == expected
+    assert build_on_meta("perceiver_opt", "tokens64_opt2.7b").perceiver.latents.shape == (64, 1408)
+    assert build_on_meta("blip2_baseline_opt", "res490_opt2.7b").config.image_size == 490
