@@ -164,7 +164,7 @@ def test_bad_configs_are_refused():
 # (projector_opt shares ConnectorLLM with perceiver_opt; its yaml is checked by test_connector_yamls)
 @pytest.mark.parametrize("connector", ["perceiver", "perceiver_dual"])
 def test_trains_through_lavis_xformer_train(tmp_path, connector):
-    from test_pipeline import run_cli, shapes_options
+    from helpers import run_cli, shapes_options
 
     yaml = REPO / "projects" / "xformer" / "demo" / f"pretrain_shapes_{connector}.yaml"
     out = tmp_path / "out"

@@ -33,6 +33,7 @@ from lavis_xformer.models.config_connectors import (
     ProjectorOPTConfig,
     ProjectorT5Config,
 )
+from lavis_xformer.models.inputs import check_image
 from lavis_xformer.models.llm_head import OPTHead, T5Head
 from lavis_xformer.models.perceiver import PerceiverResampler
 from lavis_xformer.models.projector import PooledProjector
@@ -76,7 +77,6 @@ class ConnectorLLM(Blip2LLMPartsMixin):
         CLIP-ViT's layer norms with ``freeze_vit_layernorms: False``)."""
         return (self.connector + ".", "ln_vision.", self.llm_projection + ".")
 
-    check_image = XFormerImageMixin.check_image  # [B, 3, image_size, image_size], float, finite
     clip_features = XFormerImageMixin.forward_clip  # C: the frozen CLIP-ViT, then the trainable ln_vision
 
     def visual_tokens(self, image) -> torch.Tensor:
@@ -85,7 +85,7 @@ class ConnectorLLM(Blip2LLMPartsMixin):
 
     def llm_image_inputs(self, image, questions=None):
         """The LLM's visual prefix (training and inference alike; the questions go to the LLM prompt only)."""
-        prefix = self.project_to_llm(self.visual_tokens(self.check_image(image)))
+        prefix = self.project_to_llm(self.visual_tokens(check_image(image, self.config.image_size)))
         return prefix, torch.ones(prefix.shape[:-1], dtype=torch.long, device=prefix.device)
 
 
@@ -136,7 +136,7 @@ class PerceiverDualLLM(XFormerStage2Mixin, PerceiverLLM):
         """X-Former's image pathway with the perceiver in the Q-Former's place: C and M from the frozen encoders,
         Z_q = the perceiver's latents, (Z', M') from the dual block. ``mask_ratio`` / ``noise``: the MAE masking
         (``XFormerImageMixin.forward_mae``); no text enters (there is no Q-Former)."""
-        clip_features, mae = self.forward_encoders(self.check_image(image), mask_ratio, noise)
+        clip_features, mae = self.forward_encoders(check_image(image, self.config.image_size), mask_ratio, noise)
         queries = self.perceiver(clip_features)  # Z_q: [B, latents, width]
         mae_features = mae.features if mae is not None else None
         mae_stream = self.fusion.mae_stream(mae_features) if mae_features is not None else None
