@@ -82,8 +82,10 @@ TINY_LLM = {
 """,
 }
 PAPER_LLM = {
-    "opt2.7b": "  opt_model: facebook/opt-2.7b\n  llm_precision: fp16\n  prompt: \"\"\n  max_txt_len: 32\n",
-    "flant5xl": "  t5_model: google/flan-t5-xl\n  llm_precision: bf16\n  prompt: \"\"\n  max_txt_len: 32\n",
+    "opt2.7b": "  opt_model: facebook/opt-2.7b\n  llm_precision: auto  # as blip2_baseline_opt's: OPT in fp16 with CUDA; "
+               "fp32 on a CPU\n  prompt: \"\"\n  max_txt_len: 32\n",
+    "flant5xl": "  t5_model: google/flan-t5-xl\n  llm_precision: auto  # as blip2_baseline_t5's: FlanT5 in bf16 with "
+                "CUDA; fp32 on a CPU\n  prompt: \"\"\n  max_txt_len: 32\n",
 }
 LLM_WIDTH = {"opt2.7b": 2560, "flant5xl": 2048, "opt": 64, "t5": 64}
 
