@@ -4,7 +4,7 @@ ratio stays the architecture's own overhead on every processor. The processors a
 import pytest
 import torch
 
-from lavis_xformer.analysis import bench
+from lavis_xformer.analysis import bench, bench_report
 from lavis_xformer.models import precision
 from lavis_xformer.models.precision import DeviceCaps
 
@@ -32,7 +32,7 @@ def test_rows_follow_the_policy_and_lavis_as_shipped_stays_fp32_on_a_cpu(process
     assert bench.row_precision(built["blip2"]) == {"clip_vit": "fp32"}
     assert bench.row_precision(built["blip2+impl"]) == {"clip_vit": auto}
     assert bench.row_precision(built["xformer"]) == {"clip_vit": auto, "mae_encoder": auto}
-    assert bench.precision_text(bench.row_precision(built["xformer"])) == f"CLIP-ViT {auto}, MAE encoder {auto}"
+    assert bench_report.precision_text(bench.row_precision(built["xformer"])) == f"CLIP-ViT {auto}, MAE encoder {auto}"
 
 
 def test_processor_record_names_the_processor_and_its_bf16(processor):

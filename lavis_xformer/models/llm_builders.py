@@ -11,6 +11,7 @@ code relies on) from a typed config:
   ``lavis_xformer/assets``. ``python -m lavis_xformer.models.llm_builders`` regenerates those files.
 """
 
+import argparse
 import itertools
 import logging
 import re
@@ -289,5 +290,13 @@ def write_tiny_tokenizers(out_dir: Path = ASSETS_DIR):
     logging.info("wrote %s and %s tokenizer files to %s", TINY_OPT_TOKENIZER, TINY_T5_TOKENIZER, out_dir)
 
 
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Regenerate the tiny OPT and T5 tokenizer files of the `tiny` types.")
+    parser.add_argument("--out-dir", type=Path, default=ASSETS_DIR, help="where to write them (default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    write_tiny_tokenizers(args.out_dir)
+
+
 if __name__ == "__main__":
-    write_tiny_tokenizers()
+    main()
