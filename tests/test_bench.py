@@ -193,3 +193,23 @@ def test_targets_run_by_run_in_fresh_processes(report):
         met = sum(run[op]["per_flop"] <= bench_report.TIME_PER_FLOP_TARGET for run in runs)
         assert f"{op}: met at the median in {met} of 2 runs" in stdout
         assert ("(met)" if met == 2 else "(not met)") in stdout.split(f"{op}: met at the median")[1].split(";")[0]
+
+
+def test_processor_and_each_rows_precision_are_recorded_and_printed(report):
+    """latest.json and the Markdown name the processor and the precision each row's frozen parts ran in: ``blip2`` as
+    LAVIS ships it (fp32 on a CPU), the other rows what ``frozen_precision: auto`` picks on this machine (whatever it
+    is: the expectation is the policy's, not a constant)."""
+    from lavis_xformer.models.precision import choose_precision, probe_device
+
+    data, stdout, _, _ = report
+    processor = data["machine"]["processor"]
+    assert set(processor) >= {"kind", "name", "capability", "native_bf16", "amx", "line"} and processor["kind"] == "cpu"
+    assert f"Processor: {processor['line']}." in stdout and processor["name"] in data["machine"]["device"]
+    auto = choose_precision("auto", probe_device("cpu")).name
+    for stage in ("stage1", "stage2"):
+        precision = data[stage]["precision"]
+        assert precision["blip2"]["clip_vit"] == "fp32"
+        assert precision[bench.REFERENCE]["clip_vit"] == precision["xformer"]["clip_vit"] == auto
+        assert precision["xformer"]["mae_encoder"] == auto
+        assert f"| xformer | {bench_report.precision_text(precision['xformer'])} |" in stdout
+    assert data["stage2"]["precision"]["xformer"]["llm"] == "fp32"  # LAVIS's LLM code runs no autocast on a CPU

@@ -7,13 +7,18 @@ Parameters and FLOPs at paper scale on the ``meta`` device; time, FLOPs, memory 
 ``bench`` size that keeps the paper's proportions, for the training step, feature extraction and ``predict_answers``
 of stage 1 and stage 2, the rows interleaved call by call. What each row is and how it is measured is in
 docs/speed.md; ``bench_report`` reads the results against BLIP-2 and writes the tables and figures.
+
+Every figure depends on the processor: the report records it (``machine.processor``: model name, torch's capability,
+native bf16 yes/no, AMX; on CUDA the GPU's compute capability and the host CPU) and the precision each row's frozen
+parts ran in (``stage<N>.precision``). ``blip2`` runs LAVIS's precision as shipped (fp16 with CUDA, fp32 on a CPU);
+``blip2+impl`` and the X-Former rows ``frozen_precision: auto`` (models/precision.py), so the ratio against
+``blip2+impl`` stays the architecture's own overhead on every processor.
 """
 
 import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -476,13 +481,39 @@ def operation_fns(stage: int, models: Dict[str, torch.nn.Module], samples: dict,
     return fns
 
 
+def row_precision(model: torch.nn.Module) -> Dict[str, str]:
+    """The precision each frozen part of a built row runs in: ``clip_vit``, ``mae_encoder`` (where built) and ``llm``
+    (its weights' dtype, stage 2)."""
+    from lavis_xformer.models.precision import DTYPES, runs_in_half_precision
+
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    parts = {"clip_vit": getattr(model, "visual_encoder", None), "mae_encoder": getattr(model, "mae_encoder", None)}
+    precision = {part: names[runs_in_half_precision(module) or torch.float32] for part, module in parts.items() if module is not None}
+    llm = getattr(model, "opt_model", None) or getattr(model, "t5_model", None)
+    if llm is not None:
+        precision["llm"] = names.get(next(llm.parameters()).dtype, str(next(llm.parameters()).dtype))
+    return precision
+
+
+def processor_record(device: torch.device) -> dict:
+    """What the figures depend on: the device's model name, torch's capability, native bf16 yes/no, AMX; on CUDA the
+    GPU's (with its compute capability) and the host CPU's."""
+    from lavis_xformer.models.precision import probe_cpu, probe_device
+
+    record = probe_device(device.type).as_record()
+    if device.type == "cuda":
+        record["host_cpu"] = probe_cpu().as_record()
+    return record
+
+
 def bench_stage(stage: int, size: BenchSize, device: torch.device, warmup: int, repeats: int, timer: Timer,
                 breakdown: bool = True) -> dict:
     """Time, FLOPs (of the same calls) and the profiled component breakdown of every operation of one stage."""
     torch.manual_seed(0)
     models = {name: build().to(device) for name, build in build_rows(size, stage).items()}
     fns = operation_fns(stage, models, image_text_samples(size, device), device)
-    result = {"parameters": {name: count_parameters(m)._asdict() for name, m in models.items()}, "flops": {}, "breakdown": {}}
+    result = {"parameters": {name: count_parameters(m)._asdict() for name, m in models.items()},
+              "precision": {name: row_precision(m) for name, m in models.items()}, "flops": {}, "breakdown": {}}
     for op, rows in ROWS_OF[stage].items():
         training = op == "train_step"
         for model in models.values():
@@ -585,9 +616,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     device = torch.device(args.device)
     timer = Timer(device, args.clock)
     _init_single_process_group()
+    processor = processor_record(device)
     report = {
         "machine": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            "device": processor["name"] if device.type == "cuda" else f"CPU ({processor['name']}, {os.cpu_count()} cores)",
+            "processor": processor,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "clock": timer.name,

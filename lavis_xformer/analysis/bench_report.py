@@ -159,8 +159,10 @@ def stage_markdown(stage: int, result: dict, report: dict) -> List[str]:
         cells = [f"{result[op][row]['median_s']:.4f} ({result[op][row]['iqr_s']:.4f})" if row in result[op] else "" for op in timed]
         flops = [f"{result['flops'][op][row] / 1e9:.2f}" if row in result["flops"].get(op, {}) else "" for op in timed]
         peak = memory.get(row, {}).get("peak_mb")
-        table.append([row] + cells + flops + [f"{peak:.0f}" if peak is not None else ""])
-    lines += _table(["row"] + [f"{op} median s (IQR)" for op in timed] + [f"{op} GFLOPs" for op in timed] + ["peak memory MB"], table)
+        precision = precision_text(result.get("precision", {}).get(row, {}))
+        table.append([row, precision] + cells + flops + [f"{peak:.0f}" if peak is not None else ""])
+    lines += _table(["row", "frozen parts' precision"] + [f"{op} median s (IQR)" for op in timed]
+                    + [f"{op} GFLOPs" for op in timed] + ["peak memory MB"], table)
 
     # X-Former against BLIP-2 built equally well: time ratio beside FLOPs ratio of the same calls.
     table = []
@@ -288,11 +290,23 @@ def scaling_markdown(points: List[dict]) -> List[str]:
     return lines
 
 
+def precision_text(precision: Dict[str, str]) -> str:
+    """``CLIP-ViT fp32, MAE encoder fp32, LLM fp32``."""
+    labels = {"clip_vit": "CLIP-ViT", "mae_encoder": "MAE encoder", "llm": "LLM"}
+    return ", ".join(f"{labels[part]} {name}" for part, name in precision.items())
+
+
 def markdown(report: dict) -> str:
     machine = report["machine"]
     lines = [f"# X-Former vs BLIP-2 cost ({machine['device']}, size {size_label(report['size'])})", "",
              f"torch {machine['torch']} | {machine['threads']} threads | clock: {machine['clock']} | "
              f"{report['settings']['warmup']} warm-up + {report['settings']['repeats']} interleaved repeats | {report['date']}", ""]
+    processor = machine.get("processor")
+    if processor:
+        lines += [f"Processor: {processor['line']}" + (f" (host: {processor['host_cpu']['line']})" if "host_cpu" in processor else "")
+                  + ". Every time below depends on it: `blip2` runs LAVIS's precision as shipped (fp16 with CUDA, fp32 on "
+                  "a CPU), the other rows `frozen_precision: auto`, which is bf16 only where the device has it natively "
+                  "(`lavis_xformer/models/precision.py`); the tables name each row's precision.", ""]
     if report.get("paper_scale"):
         lines += paper_scale_markdown(report["paper_scale"])
     for stage in (1, 2):

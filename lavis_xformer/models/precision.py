@@ -39,7 +39,7 @@ difference to the fp32 encoders and the stage-1 losses; tests/test_precision_pol
 import logging
 import platform
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -213,6 +213,27 @@ def resolve_llm_precision(cfg, lavis_half: str, caps: Optional[DeviceCaps] = Non
     return choose_llm_precision(cfg.llm_precision, caps or probe_device(), lavis_half)
 
 
+def run_precision_report(cfg, caps: Optional[DeviceCaps] = None) -> List[Tuple[str, str]]:
+    """(level, line) per frozen part of a model config, for ``check``: the precision the run will use on this device
+    and why ("OK"), or "WARNING" where a forced half type is emulated here (slow)."""
+    caps = caps or probe_device()
+    choices = []
+    if hasattr(cfg, "frozen_precision"):
+        choices.append(("frozen", "model.frozen_precision", resolve_frozen_precision(cfg, caps)))
+    if hasattr(cfg, "llm_precision"):
+        lavis_half = "bf16" if hasattr(cfg, "t5_model") else "fp16"  # LAVIS: FlanT5 in bf16, OPT in fp16
+        choices.append(("llm", "model.llm_precision", resolve_llm_precision(cfg, lavis_half, caps)))
+    report = []
+    for part, field, choice in choices:
+        line = f"{part} precision: {choice.name} ({choice.reason})"
+        if choice.emulated:
+            report.append(("WARNING", f"{line}: this device has no {choice.name} hardware, so the forced {choice.name} "
+                                      f"is emulated and slow; set {field}: auto (or fp32)"))
+        else:
+            report.append(("OK", line))
+    return report
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Running a frozen encoder in half precision
 # ----------------------------------------------------------------------------------------------------------------
@@ -275,4 +296,4 @@ def runs_in_half_precision(module: Optional[nn.Module]) -> Optional[torch.dtype]
 
 
 __all__ = ["DeviceCaps", "PrecisionChoice", "probe_device", "choose_precision", "choose_llm_precision", "resolve_frozen_precision",
-           "frozen_half_dtype", "resolve_llm_precision", "run_in_half_precision", "runs_in_half_precision", "HALF_DTYPES", "PRECISIONS"]
+           "frozen_half_dtype", "resolve_llm_precision", "run_precision_report", "run_in_half_precision", "runs_in_half_precision", "HALF_DTYPES", "PRECISIONS"]

@@ -31,7 +31,8 @@ from lavis_xformer.models.class_swaps import swap_class
 
 
 def _bf16_on_cpu(x: torch.Tensor) -> bool:
-    """True where the frozen encoders run in bfloat16 on a CPU (models/precision.py). There the fused SDPA kernel is
+    """True where the frozen encoders run in bfloat16 on a CPU (models/precision.py: ``frozen_precision: auto`` picks
+    it only on a CPU with native bf16; a forced bf16 elsewhere takes the same path). There the fused SDPA kernel is
     about 2x slower than the plain product the reference classes compute (measured on AVX-512-BF16 cores, head
     widths 8 to 88, 32 to 257 tokens), so the reference product runs instead; in fp32 and on CUDA, SDPA does."""
     if x.device.type != "cpu":
