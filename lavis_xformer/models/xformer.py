@@ -29,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAtte
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder, ViTMAEDecoderOutput
 
 from lavis_xformer.common import distributed as dist
-from lavis_xformer.models import variants
+from lavis_xformer.models import clip_recon, variants
 from lavis_xformer.models.builders import (
     ConfigBuildersMixin,
     blip2_init_kwargs,
@@ -211,7 +211,7 @@ class XFormerImageMixin:
         if config.reconstruction_loss:
             # Frozen, but the reconstruction loss's gradient flows back through it to M': it stays in the training
             # precision (fp32, or the runner's autocast). In bf16 it was also 2.7x slower at bench size.
-            self.mae_decoder = freeze(mae.decoder)
+            self.mae_decoder = mae.decoder if config.mae_decoder_trainable else freeze(mae.decoder)
             self.mae_decoder.__class__ = MaePatchDecoder  # predicts the masked patches alone for the loss
             # M' lives at the Q-Former width; the frozen decoder reads the MAE encoder's width.
             self.mae_out_proj = nn.Linear(config.qformer_hidden_size, config.mae_hidden_size)
@@ -326,16 +326,8 @@ class XFormerImageMixin:
         blocks (all of them, as C is read). The reconstruction target is MAE's (``mae_pixels``)."""
         if mask_ratio is None:
             mask_ratio = self.config.mask_ratio if self.training else self.config.eval_mask_ratio
-        vit = self.masked_clip
-        patches = vit.patch_embed(image) + vit.pos_embed[:, 1:]
-        if noise is None and mask_ratio == 0:
-            noise = torch.arange(patches.shape[1], device=image.device, dtype=torch.float).expand(image.shape[0], -1)
-        visible, mask, ids_restore = random_masking(patches, mask_ratio, noise)
-        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(image.shape[0], -1, -1)
-        hidden = vit.pos_drop(torch.cat([cls, visible], dim=1))
-        for block in vit.blocks:  # EVA's blocks; the built ViT has no relative position bias
-            hidden = torch.utils.checkpoint.checkpoint(block, hidden, None) if vit.use_checkpoint else block(hidden, None)
-        return MaeEncoding(features=hidden, mask=mask, ids_restore=ids_restore, pixels=self.mae_pixels(image))
+        features, mask, ids_restore = clip_recon.encode_visible_patches(self.masked_clip, image, mask_ratio, noise)
+        return MaeEncoding(features=features, mask=mask, ids_restore=ids_restore, pixels=self.mae_pixels(image))
 
     def forward_encoders(self, image, mask_ratio: Optional[float] = None, noise=None):
         """(C, MaeEncoding of M or None) from the frozen encoders; for clip_layer, M is a CLIP-ViT block's output, for
@@ -347,6 +339,8 @@ class XFormerImageMixin:
             return clip_features, MaeEncoding(features=block_features)
         if self.config.mae_source == "clip_vit":
             return self.forward_clip(image), self.forward_masked_clip(image, mask_ratio, noise)
+        if self.config.mae_source == "frozen_clip_vit":  # the frozen CLIP-ViT itself on the visible patches
+            return self.forward_clip(image), clip_recon.frozen_masked_clip(self, image, mask_ratio, noise)
         return self.forward_clip(image), self.forward_mae(image, mask_ratio, noise)
 
     # ------------------------------------------------------------------------------------------------------------
