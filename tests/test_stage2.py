@@ -146,7 +146,10 @@ def test_stage2_mae_masking_follows_mask_ratio_and_inference_sees_the_whole_imag
         return model
 
     samples = {"image": images(2), "text_input": CAPTIONS[:2]}
-    record(tiny("xformer_opt")).train()(samples)  # default stage 2: no masking in training
+    record(tiny("xformer_opt")).train()(samples)  # default stage 2: the paper's 50% masking in training
+    assert seen == [0.5, 2 * 8]
+    seen.clear()
+    record(tiny("xformer_opt", mask_ratio=0.0)).train()(samples)  # the _unmasked yamls: whole images
     assert seen == [0.0, 0]
     seen.clear()
     model = record(tiny("xformer_opt", reconstruction_loss=True, mask_ratio=0.5)).train()
