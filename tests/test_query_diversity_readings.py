@@ -114,3 +114,18 @@ def test_measure_readings_refuses_stage2_models_and_unpaired_texts():
         query_diversity.measure_readings(load_model("xformer_opt", "tiny").eval(), [(images(2), CAPTIONS[:2])], "x")
     with pytest.raises(ValueError, match="4 images but 3 texts"):
         query_diversity.measure_readings(load_model("xformer", "tiny").eval(), [(images(), CAPTIONS[:3])], "x")
+
+
+def test_cli_reports_the_four_readings_of_a_stage1_yaml_on_its_retrieval_test_split(tmp_path, capsys):
+    shapes = "datasets.xformer_shapes_retrieval.shapes"
+    out = tmp_path / "readings.json"
+    code = query_diversity.main([
+        "--cfg-path", "projects/xformer/demo/ret_shapes_eval.yaml", "--label", "X-Former", "--max-images", "3",
+        "--json", str(out), "--options", "model.load_finetuned=False", f"{shapes}.root={tmp_path / 'shapes'}",
+        f"{shapes}.num_train=8", f"{shapes}.num_val=4", f"{shapes}.num_test=4",
+    ])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert data["headline"] == "itm_queries/mean" and data["num_pairs"] >= 3  # every caption of 3 images
+    assert set(data["readings"]) == {"itm_queries/mean", "itm_queries/std", "text_tokens/mean", "text_tokens/std"}
+    assert "| X-Former |" in capsys.readouterr().out
