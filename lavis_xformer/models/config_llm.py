@@ -15,7 +15,10 @@ from typing import Optional
 from lavis_xformer.models.config import BackboneConfig, XFormerConfig, _check_choice
 
 LLM_PRECISIONS = ("fp16", "bf16", "fp32")
-VQA_PROMPT = "Question: {} Short answer:"  # the paper's VQA prompt (supplement section 2)
+# The paper's prompt, as section 3.1 writes it for OC/MCI: 'We use the prompt "Question: {} Short Answer:"'
+# (zero-shot VQAv2 and supplement section 2 print it without the braces: "Question: Short Answer:").
+PAPER_VQA_PROMPT = "Question: {} Short Answer:"
+VQA_PROMPT = PAPER_VQA_PROMPT  # the default of ``vqa_prompt``
 
 
 @dataclass

@@ -22,7 +22,7 @@ Losses (equal to LAVIS's ``Blip2OPT.forward`` / ``Blip2T5.forward`` on the same 
 * ``prefix_lm_loss(prefix, prefix_atts, prompts, targets, weights=None)``: the LLM reads prompt + target, the loss
   is on the target tokens only (prompt, prefix and padding are -100). OPT: one sequence [prompt | target + "\\n"],
   the target after one space when the prompt does not end in one (the token generation emits after
-  "Short answer:"). T5: prompt -> encoder, target -> decoder labels (LAVIS's ``text_input`` / ``text_output``).
+  "Short Answer:"). T5: prompt -> encoder, target -> decoder labels (LAVIS's ``text_input`` / ``text_output``).
   Prompt and target are each truncated to ``max_txt_len`` tokens, as LAVIS truncates its texts.
   Reduction: the mean over target tokens, each token of sample i weighted by ``weights[i]`` (default 1, which is
   LAVIS's token mean). A batch with ``text_output`` is trained with it, for OPT as for T5.
@@ -40,7 +40,7 @@ Generation (``generate`` / ``predict_answers`` keep LAVIS's keyword arguments an
    plain sampling for both LLMs, as ``Blip2OPT`` and the docstring have it.
 4. ``Blip2T5.__init__`` casts T5 to bf16 unconditionally (fails on CPU): the builders keep the LLM in fp32 where
    CUDA is absent (``llm_precision``), and the bf16 autocast below is CUDA-only (``maybe_autocast``).
-The VQA prompt defaults to the config's ``vqa_prompt``, the paper's "Question: {} Short answer:", for both LLMs
+The VQA prompt defaults to the config's ``vqa_prompt``, the paper's "Question: {} Short Answer:", for both LLMs
 (``Blip2T5``'s default is "", but LAVIS's tasks always pass their ``run.prompt``); the VQA length penalty to
 LAVIS's per-LLM default (OPT 0, as LAVIS's later ``Blip2OPT.predict_answers``; T5 -1, ``Blip2T5``'s), because
 LAVIS's own ``vqa`` task never passes one (the plugin's ``xformer_vqa`` task does).
