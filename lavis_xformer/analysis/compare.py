@@ -16,7 +16,8 @@ zero-shot VQA generation LAVIS 1.0.2's ``Blip2OPT`` lacks. The first model is th
 
 Every model answers the same questions (``--limit N``: a uniform sample of N, seeded by ``--seed``, identical for
 every model) with the same protocol (the paper's 5 beams and length penalty 0; at most 10 new tokens, a choice; the
-prompt "Question: {} Short answer:", the demo stand-in LLM's format, where the paper writes "Short Answer:"), run by LAVIS's task for the benchmark (``valid_step`` -> ``predict_answers``). Each model
+prompt "Question: {} Short answer:", the demo stand-in LLM's format, where the paper writes "Short Answer:"), run by
+LAVIS's task for the benchmark (``valid_step`` -> ``predict_answers``). Each model
 sees images through its own eval processor, and questions through LAVIS's ``blip_question`` processor.
 
 Benchmarks (LAVIS builders; data found where LAVIS's dataset configs point, under its ``cache_root``; change paths

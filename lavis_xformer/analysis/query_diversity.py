@@ -243,7 +243,9 @@ def text_token_states(model, texts: Sequence[str], device=None) -> torch.Tensor:
     """[batch, max_txt_len, width]: the Q-Former's text pass (ITC's, text alone) over the captions tokenised as
     stage 1 tokenises them, padded to ``max_txt_len``; every position, padding included."""
     if not (hasattr(model, "Qformer") and hasattr(model, "tokenizer") and hasattr(model, "itm_head")):
-        raise TypeError(f"{type(model).__name__} has no stage-1 text pass: the text-token reading needs a stage-1 model")
+        raise TypeError(
+            f"{type(model).__name__} has no stage-1 text pass: the text-token reading needs a stage-1 model"
+        )
     device = device if device is not None else model.query_tokens.device
     tokens = model.tokenizer(
         list(texts), padding="max_length", truncation=True, max_length=model.max_txt_len, return_tensors="pt"
@@ -316,7 +318,9 @@ def measure_readings(model, pairs: Iterable[tuple], label: str, device="cpu", pr
     pairs_seen, scores_seen = float(sums[-2]), float(sums[-1])
     if not pairs_seen:
         raise ValueError("no image-text pair was seen: cannot average")
-    readings = {key: float(sums[i]) / (scores_seen if key.endswith("/mean") else pairs_seen) for i, key in enumerate(keys)}
+    readings = {
+        key: float(sums[i]) / (scores_seen if key.endswith("/mean") else pairs_seen) for i, key in enumerate(keys)
+    }
     return QueryDiversityReadings(label, readings, int(pairs_seen))
 
 
