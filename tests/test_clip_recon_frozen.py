@@ -1,6 +1,8 @@
 """"CLIP w Recon." read with a frozen CLIP-ViT (variant ``clip_recon``, ``mae_source: frozen_clip_vit``): the frozen
 CLIP-ViT that gives C also encodes the visible patches of the masked image; X-Former and the MAE decoder train."""
 
+import copy
+
 import pytest
 import torch
 from lavis.models import load_model
@@ -9,6 +11,7 @@ from omegaconf import OmegaConf
 from lavis_xformer.models.builders import no_hub
 from lavis_xformer.models.clip_recon import encode_visible_patches
 from lavis_xformer.models.config import XFormerConfig
+from lavis_xformer.models.precision import run_in_half_precision
 from lavis_xformer.models.variants import VARIANTS
 from lavis_xformer.models.xformer import XFormer, random_masking
 
@@ -98,14 +101,12 @@ def test_stage2_frozen_reading_has_no_clip_copy_and_builds_from_stage1_weights()
 
 
 def test_half_precision_frozen_clip_runs_under_its_autocast():
-    model = frozen_recon().eval()
-    vit = model.visual_encoder
-    cfg = XFormerConfig(**{**model.config.to_dict(), "vit_precision": "fp16", "frozen_cpu_precision": "bf16"})
-    half = XFormer(cfg).eval()
-    half.visual_encoder.load_state_dict({k: v.to(half.visual_encoder.state_dict()[k].dtype) for k, v in vit.state_dict().items()})
-    ours = encode_visible_patches(half.visual_encoder, images(), 0.5, noise())[0]
+    vit = frozen_recon().eval().visual_encoder  # the tiny types keep it fp32
+    half = run_in_half_precision(copy.deepcopy(vit), torch.bfloat16)
+    ours = encode_visible_patches(half, images(), 0.5, noise())[0]
     reference = encode_visible_patches(vit, images(), 0.5, noise())[0]
     assert ours.dtype == torch.float32
+    assert not torch.equal(ours, reference)  # it did run in bf16
     torch.testing.assert_close(ours, reference, rtol=0.1, atol=0.1)
 
 

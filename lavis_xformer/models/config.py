@@ -25,7 +25,8 @@ LAVIS_LOADING_KEYS = frozenset(
 class BackboneConfig:
     """The BLIP-2 part shared by BLIP-2 and X-Former: frozen CLIP-ViT, Q-Former, text tokenizer.
 
-    Defaults are the paper's: EVA-CLIP ViT-g (second-to-last layer), a BERT-base Q-Former with 32 queries.
+    Defaults are the paper's EVA-CLIP ViT-g (second-to-last layer) and 32 queries (supplement Fig. 7's 32x32), and
+    BLIP-2's BERT-base Q-Former, which the paper extends.
     """
 
     # --- frozen CLIP-ViT (LAVIS's EVA ViT class) ---
@@ -117,7 +118,9 @@ class XFormerConfig(BackboneConfig):
     dual_query_self_attention: bool = True  #: self-attention over Z_q before it attends to M' (paper ablation)
     dual_dropout: float = 0.1  #: dropout on the residual branches (attention and FFN outputs)
     dual_attention_dropout: float = 0.0  #: dropout on attention probabilities (0 keeps SDPA's fused kernel; see README)
-    itg_conditioning: str = "enriched_cache"  #: "enriched_cache": ITG text sees Z'; "qformer_cache": BLIP-2's
+    #: "enriched_cache": ITG text sees Z' (this project's choice: the paper says only that Z' is optimised for ITG);
+    #: "qformer_cache": BLIP-2's
+    itg_conditioning: str = "enriched_cache"
 
     # --- the paper's baselines and ablations (models/variants.py): where M comes from, how it meets the queries ---
     mae_fusion: str = "dual"  #: "dual": the dual block; "concat" (Fig. 1b), "early_ca" (Fig. 1c): M inside the Q-Former

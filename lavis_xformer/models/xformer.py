@@ -407,7 +407,8 @@ class XFormerImageMixin:
 
         In BLIP-2 the text decoder sees, at every Q-Former layer, the keys/values of that layer's query states
         (``past_key_values``). Here every layer's query states get Z' - Z_q added before its key/value
-        projections, so ITG is conditioned on Z'; with a zero enrichment this is exactly BLIP-2's cache.
+        projections, so ITG is conditioned on Z'; with a zero enrichment this is exactly BLIP-2's cache. This route
+        is the project's choice (``itg_conditioning``): the paper says only that Z' is "optimized for ITC, ITM, and ITG".
         """
         num_queries = self.query_tokens.shape[1]
         cache = []
