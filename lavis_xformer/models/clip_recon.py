@@ -29,6 +29,7 @@ import contextlib
 import torch
 import torch.utils.checkpoint
 
+from lavis_xformer.models.masking import ordered_noise, random_masking
 from lavis_xformer.models.precision import runs_in_half_precision
 
 #: ``mae_source`` values whose M is a CLIP-ViT's encoding of the visible patches
@@ -39,14 +40,12 @@ def encode_visible_patches(vit, image, mask_ratio: float, noise=None):
     """(features [B, 1 + visible, vit width] fp32, mask [B, N] with 1 = masked, ids_restore [B, N]): ``vit`` (LAVIS's
     EVA ViT) on the patches MAE's masking keeps. A ViT switched to half precision (``run_in_half_precision``) runs
     under its autocast, as its own forward would."""
-    from lavis_xformer.models.xformer import random_masking  # the masking of the MAE branch
-
     half = runs_in_half_precision(vit)
     autocast = torch.autocast(image.device.type, dtype=half) if half is not None else contextlib.nullcontext()
     with autocast:
         patches = vit.patch_embed(image) + vit.pos_embed[:, 1:]  # [B, N, width]
         if noise is None and mask_ratio == 0:
-            noise = torch.arange(patches.shape[1], device=image.device, dtype=torch.float).expand(image.shape[0], -1)
+            noise = ordered_noise(image.shape[0], patches.shape[1], image.device)
         visible, mask, ids_restore = random_masking(patches, mask_ratio, noise)  # [B, visible, width]
         cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(image.shape[0], -1, -1)
         hidden = vit.pos_drop(torch.cat([cls, visible], dim=1))  # [B, 1 + visible, width]
