@@ -235,7 +235,7 @@ def paper_scale_stage2() -> Dict[str, dict]:
     at 50%."""
     return paper_scale_rows({
         "blip2": ("blip2_baseline_opt", "pretrain_opt6.7b", {}),
-        "xformer": ("xformer_opt", "pretrain_opt6.7b", {}),
+        "xformer": ("xformer_opt", "pretrain_opt6.7b", {"mask_ratio": 0.0}),  # the _unmasked yamls
         "xformer-mask50": ("xformer_opt", "pretrain_opt6.7b", {"mask_ratio": 0.5}),
     })
 
