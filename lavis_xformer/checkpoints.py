@@ -44,6 +44,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from lavis_xformer.common import jobs
+from lavis_xformer.common.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -240,49 +241,26 @@ def _test_save_delay(path: str) -> float:
 
 
 def save_checkpoint_atomically(obj, path) -> str:
-    """``torch.save`` to ``path`` so that a reader sees the old file or the complete new one, never a torn one.
-
-    The bytes go to a temporary file in the same folder, are flushed and fsync'ed, then ``os.replace`` swaps the
-    file in (atomic on POSIX and Windows); the folder is fsync'ed so that the rename survives a power cut.
-    """
+    """``torch.save`` to ``path`` so that a reader sees the old file or the complete new one, never a torn one
+    (``common.atomic.atomic_write``; the temporary file names its writer, for ``remove_interrupted_saves``)."""
     path = os.fspath(path)
-    tmp_path = f"{path}.tmp-{jobs.this_host()}-{os.getpid()}"  # the writer, for ``remove_interrupted_saves``
     delay = _test_save_delay(path)
-    try:
-        with open(tmp_path, "wb") as handle:
-            if delay:
-                buffer = io.BytesIO()
-                torch.save(obj, buffer)
-                data = buffer.getvalue()
-                handle.write(data[: len(data) // 2])
-                handle.flush()
-                os.fsync(handle.fileno())
-                time.sleep(delay)
-                handle.write(data[len(data) // 2 :])
-            else:
-                torch.save(obj, handle)
+
+    def write(handle):
+        if delay:
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            data = buffer.getvalue()
+            handle.write(data[: len(data) // 2])
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+            time.sleep(delay)
+            handle.write(data[len(data) // 2 :])
+        else:
+            torch.save(obj, handle)
+
+    atomic_write(path, write, tmp_path=f"{path}.tmp-{jobs.this_host()}-{os.getpid()}")
     return path
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows, where folders cannot be opened; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not support fsync on folders
-    finally:
-        os.close(fd)
 
 
 def export_safetensors(model_or_state_dict, path: str, trainable_only: bool = False,

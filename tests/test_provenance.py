@@ -9,7 +9,7 @@ import sys
 import torch
 
 from lavis_xformer.common import provenance
-from test_pipeline import PROJECTS, run_cli, shapes_options
+from helpers import PROJECTS, run_cli, shapes_options
 from lavis.models import load_model
 
 

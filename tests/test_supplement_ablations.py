@@ -12,7 +12,8 @@ from transformers.models.vit_mae.modeling_vit_mae import ViTMAEEmbeddings
 
 from lavis_xformer.models.builders import no_hub
 from lavis_xformer.models.config import XFormerConfig
-from lavis_xformer.models.xformer import XFormer, random_masking
+from lavis_xformer.models.masking import random_masking
+from lavis_xformer.models.xformer import XFormer
 
 CAPTIONS = ["a red circle", "two blue squares and a star", "a green triangle", "three yellow circles"]
 TRAIN = Path(__file__).resolve().parent.parent / "projects" / "xformer" / "train"

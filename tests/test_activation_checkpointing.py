@@ -3,7 +3,7 @@
 import torch
 from lavis.models import load_model
 
-from lavis_xformer.models.checkpointing import CheckpointedLayer
+from lavis_xformer.models.activation_checkpointing import CheckpointedLayer
 from lavis_xformer.models.config import XFormerConfig
 from lavis_xformer.models.config_llm import XFormerOPTConfig
 from lavis_xformer.models.xformer import XFormer

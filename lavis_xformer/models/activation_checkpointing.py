@@ -1,21 +1,20 @@
 """Activation checkpointing of the trainable layers: memory for time (``checkpoint_trainable_layers``).
 
-Every Q-Former layer (LAVIS's ``BertLayer``, the early-CA variant's too) and every dual cross-attention layer keeps
-only its inputs in training; its activations are recomputed in the backward (``torch.utils.checkpoint``, the
-non-reentrant kind, which restores the RNG state so that dropout draws the same masks). LAVIS's own switch
-(``gradient_checkpointing`` in the Q-Former's config) turns the query cache off, which ITG reads, so the layers are
-wrapped here instead; as in ``sdpa.use_sdpa_attention`` the class of each layer is swapped in place and no parameter
-is touched. The cross-attention keys/values shared within a step (``sdpa.SharedContextProjections``) are re-entered
-for the recomputation, so it repeats the forward op for op. tests/test_checkpointing.py: losses and gradients equal
-without it. The frozen CLIP-ViT has LAVIS's switch, ``use_grad_checkpoint``.
-"""
+    layer(inputs) in training -> torch.utils.checkpoint(layer.forward, inputs): only the inputs are kept
 
-from typing import Dict
+Every Q-Former layer (LAVIS's ``BertLayer``, the early-CA variant's too) and every dual cross-attention layer is
+recomputed in the backward (the non-reentrant kind, which restores the RNG state, so dropout draws the same masks).
+LAVIS's own switch (``gradient_checkpointing`` in the Q-Former's config) turns off the query cache that ITG reads,
+so the layers' classes are swapped instead (``class_swaps``); no parameter is touched. The cross-attention
+keys/values shared within a step (``sdpa.SharedContextProjections``) are re-entered for the recomputation, so it
+repeats the forward op for op. The frozen CLIP-ViT has LAVIS's switch, ``use_grad_checkpoint``.
+"""
 
 import torch
 from lavis.models.blip2_models.Qformer import BertLayer
 from torch.utils.checkpoint import checkpoint
 
+from lavis_xformer.models.class_swaps import mixed_class, swap_class
 from lavis_xformer.models.fusion import DualCrossAttentionLayer
 from lavis_xformer.models.sdpa import current_shared_context, reusing_projections
 
@@ -36,20 +35,11 @@ class CheckpointedLayer:
         return checkpoint(run, *args, use_reentrant=False)
 
 
-_CHECKPOINTED: Dict[type, type] = {}
-
-
-def _checkpointed_class(cls: type) -> type:
-    if cls not in _CHECKPOINTED:
-        _CHECKPOINTED[cls] = type(f"Checkpointed{cls.__name__}", (CheckpointedLayer, cls), {"__module__": cls.__module__})
-    return _CHECKPOINTED[cls]
-
-
 def checkpoint_trainable_layers(model: torch.nn.Module) -> int:
     """Checkpoint every Q-Former and dual-block layer inside ``model``; returns how many were switched."""
     switched = 0
     for module in model.modules():
         if isinstance(module, (BertLayer, DualCrossAttentionLayer)) and not isinstance(module, CheckpointedLayer):
-            module.__class__ = _checkpointed_class(type(module))
+            swap_class(module, mixed_class(CheckpointedLayer, type(module), "Checkpointed"), "activation_checkpointing")
             switched += 1
     return switched
