@@ -83,9 +83,7 @@ def environment() -> dict:
             packages[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             packages[name] = None
-    from lavis_xformer import __version__
-
-    packages["lavis-xformer"] = __version__
+    packages["lavis-xformer"] = getattr(sys.modules.get("lavis_xformer"), "__version__", None)
     return {"packages": packages, "python": sys.version.split()[0], "platform": platform.platform(), "git": git_state()}
 
 
