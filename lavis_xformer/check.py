@@ -422,10 +422,24 @@ def check(cfg_path, options=None, training: Optional[bool] = None, memory: bool 
     model_keys = set(model.state_dict()) if model is not None else None
     for key, value in checkpoint_settings(cfg.model_cfg, cfg.run_cfg):
         findings.append(check_checkpoint(key, value, model_keys))
+    findings += output_dir_findings(cfg.run_cfg, model if training else None)
     if memory and model is not None:
         batch = int(cfg.run_cfg.get("batch_size_train" if training else "batch_size_eval", 1) or 1)
         findings += memory_estimate(model, config, batch, training)
     return findings
+
+
+def output_dir_findings(run_cfg, model=None) -> List[Finding]:
+    """The output folder exists or can be created, is writable and has room for the run's checkpoints
+    (``common.jobs.output_dir_problems``), before anything is built."""
+    from lavis_xformer.common import jobs
+
+    output_dir = run_cfg.get("output_dir", None)
+    if output_dir is None:
+        return []
+    need = jobs.checkpoint_bytes_estimate(model) if model is not None else 0
+    problems = jobs.output_dir_problems(output_dir, need)
+    return [Finding("ERROR", problem) for problem in problems] or [Finding("OK", f"run.output_dir {output_dir} writable")]
 
 
 def errors(findings: Iterable[Finding]) -> List[Finding]:

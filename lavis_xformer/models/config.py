@@ -142,6 +142,7 @@ class XFormerConfig(BackboneConfig):
 
     # --- losses ---
     reconstruction_loss: bool = True  #: build the frozen MAE decoder and add the reconstruction loss
+    itc_loss: str = "softmax"  #: stage 1's contrastive loss: "softmax" (BLIP-2's) or "sigmoid" (SigLIP, contrastive.py)
     loss_weight_itc: float = 1.0  #: weight of the image-text contrastive loss in the total
     loss_weight_itm: float = 1.0  #: weight of the image-text matching loss in the total
     loss_weight_itg: float = 1.0  #: weight of the image-grounded text generation loss in the total
@@ -150,6 +151,7 @@ class XFormerConfig(BackboneConfig):
     def __post_init__(self):
         BackboneConfig.__post_init__(self)
         _check_choice("itg_conditioning", self.itg_conditioning, ("enriched_cache", "qformer_cache"))
+        _check_choice("itc_loss", self.itc_loss, ("softmax", "sigmoid"))
         if not 0.0 <= self.mask_ratio < 1.0 or not 0.0 <= self.eval_mask_ratio < 1.0:
             raise ValueError(
                 f"mask_ratio={self.mask_ratio} and eval_mask_ratio={self.eval_mask_ratio} must lie in [0, 1): "

@@ -39,6 +39,7 @@ from lavis_xformer.models.builders import (
 )
 from lavis_xformer.models.activation_checkpointing import checkpoint_trainable_layers
 from lavis_xformer.models.config import XFormerConfig
+from lavis_xformer.models.contrastive import SigmoidITC
 from lavis_xformer.models.fusion import FUSIONS, NO_FUSION, Fusion, MaeStream, build_fusion, mae_stream_of_pairs
 from lavis_xformer.models.inputs import check_image, check_image_batch, check_texts
 from lavis_xformer.models.mae_decoder import predict_some_patches
@@ -410,6 +411,9 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
         if config.freeze_vit and not config.freeze_vit_layernorms:
             self.unfreeze_vit_layernorms()
         self.build_mae_branch(config)
+        self.sigmoid_itc = SigmoidITC() if config.itc_loss == "sigmoid" else None  # SigLIP's t' and b
+        if self.sigmoid_itc is not None:
+            self.temp.requires_grad_(False)  # the softmax's temperature: unused
         if config.sdpa_attention:
             use_sdpa_attention(self)
         if config.checkpoint_trainable_layers:
@@ -450,6 +454,8 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
             text_tokens.input_ids, attention_mask=text_tokens.attention_mask, return_dict=True
         )  # text alone: the unimodal mask keeps queries and text apart
         text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)  # [B, D]
+        if self.sigmoid_itc is not None:  # itc_loss: sigmoid (SigLIP; models/contrastive.py)
+            return self.sigmoid_itc(image_feats, text_feat, rank)
 
         image_feats_all = dist.concat_all_gather(image_feats)  # [B * world, Q, D]
         text_feat_all = dist.concat_all_gather(text_feat)  # [B * world, D]
