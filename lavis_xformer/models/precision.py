@@ -39,10 +39,12 @@ difference to the fp32 encoders and the stage-1 losses; tests/test_precision_pol
 import logging
 import platform
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
+
+from lavis_xformer.models.class_swaps import mixed_class, swap_class
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPES = {"fp32": torch.float32, **HALF_DTYPES}
@@ -244,15 +246,8 @@ class HalfPrecisionForward:
         return _to_float(output)
 
 
-_HALF_CLASSES: Dict[tuple, type] = {}
-
-
 def _half_class(cls: type, dtype: torch.dtype) -> type:
-    key = (cls, dtype)
-    if key not in _HALF_CLASSES:
-        name = f"{'BF16' if dtype == torch.bfloat16 else 'FP16'}{cls.__name__}"
-        _HALF_CLASSES[key] = type(name, (HalfPrecisionForward, cls), {"half_dtype": dtype, "__module__": cls.__module__})
-    return _HALF_CLASSES[key]
+    return mixed_class(HalfPrecisionForward, cls, "BF16" if dtype == torch.bfloat16 else "FP16", half_dtype=dtype)
 
 
 def run_in_half_precision(module: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
@@ -270,7 +265,7 @@ def run_in_half_precision(module: nn.Module, dtype: Optional[torch.dtype]) -> nn
                 if param is not None:
                     param.data = param.data.to(dtype)
     if not isinstance(module, HalfPrecisionForward):
-        module.__class__ = _half_class(type(module), dtype)
+        swap_class(module, _half_class(type(module), dtype), "half_precision")
     return module
 
 
