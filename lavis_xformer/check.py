@@ -36,6 +36,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lavis_xformer.common.meta import on_meta
+from lavis_xformer.models.precision import run_precision_report
 from lavis_xformer.run_config import ConfigError
 from lavis_xformer.paths import PLACEHOLDER
 
@@ -330,14 +331,14 @@ def _size(n_bytes: float) -> str:
 
 
 def gpu_weight_bytes(name: str, param, config) -> int:
-    """A parameter's bytes on a GPU: the frozen CLIP-ViT and MAE encoder in half precision when ``vit_precision``
-    says fp16, the frozen LLM at ``llm_precision`` (what the builders do with CUDA; on the meta device, built
-    without CUDA, they are fp32); everything else at its built dtype."""
+    """A parameter's bytes on a GPU: the frozen CLIP-ViT and MAE encoder and the frozen LLM in half precision unless
+    their config forces fp32 (with CUDA, ``frozen_precision`` / ``llm_precision: auto`` pick bf16 or fp16; on the
+    meta device, built without CUDA, they are fp32); everything else at its built dtype."""
     if not param.requires_grad:
-        half = {"fp16": 2, "bf16": 2}
-        if name.startswith(("visual_encoder.", "mae_encoder.")) and getattr(config, "vit_precision", "") in half:
+        vit_half = getattr(config, "vit_precision", "") != "fp32" and getattr(config, "frozen_precision", "") != "fp32"
+        if name.startswith(("visual_encoder.", "mae_encoder.")) and vit_half:
             return param.numel() * 2
-        if name.startswith(("opt_model.", "t5_model.")) and getattr(config, "llm_precision", "") in half:
+        if name.startswith(("opt_model.", "t5_model.")) and getattr(config, "llm_precision", "fp32") != "fp32":
             return param.numel() * 2
     return param.numel() * param.element_size()
 
@@ -412,6 +413,7 @@ def check(cfg_path, options=None, training: Optional[bool] = None, memory: bool 
     model = config = None
     if getattr(model_cls, "config_class", None) is not None:
         config = model_cls.config_class.from_lavis_cfg(cfg.model_cfg)
+        findings += [Finding(level, line) for level, line in run_precision_report(config)]  # precision on this device
         findings += check_hub_weights(config)
         try:  # the sizes of a local LLM or encoder folder are only known by loading it
             with on_meta():  # sizes only, no weights read
@@ -422,10 +424,24 @@ def check(cfg_path, options=None, training: Optional[bool] = None, memory: bool 
     model_keys = set(model.state_dict()) if model is not None else None
     for key, value in checkpoint_settings(cfg.model_cfg, cfg.run_cfg):
         findings.append(check_checkpoint(key, value, model_keys))
+    findings += output_dir_findings(cfg.run_cfg, model if training else None)
     if memory and model is not None:
         batch = int(cfg.run_cfg.get("batch_size_train" if training else "batch_size_eval", 1) or 1)
         findings += memory_estimate(model, config, batch, training)
     return findings
+
+
+def output_dir_findings(run_cfg, model=None) -> List[Finding]:
+    """The output folder exists or can be created, is writable and has room for the run's checkpoints
+    (``common.jobs.output_dir_problems``), before anything is built."""
+    from lavis_xformer.common import jobs
+
+    output_dir = run_cfg.get("output_dir", None)
+    if output_dir is None:
+        return []
+    need = jobs.checkpoint_bytes_estimate(model) if model is not None else 0
+    problems = jobs.output_dir_problems(output_dir, need)
+    return [Finding("ERROR", problem) for problem in problems] or [Finding("OK", f"run.output_dir {output_dir} writable")]
 
 
 def errors(findings: Iterable[Finding]) -> List[Finding]:

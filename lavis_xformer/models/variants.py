@@ -5,7 +5,8 @@ Every variant is the same ``XFormer`` (stage 1) or stage-2 class with a few ``XF
     field                         values
     ``mae_fusion``                "dual" (X-Former), "concat" (Fig. 1b), "early_ca" (Fig. 1c): models/fusion.py
     ``mae_source``                "mae" (frozen MAE-ViT), "clip_layer" (CLIP-ViT block ``clip_feature_layer``),
-                                  "clip_vit" (a trainable CLIP-ViT copy on the masked image)
+                                  "frozen_clip_vit" / "clip_vit" (the frozen CLIP-ViT / a trainable copy of it on
+                                  the visible patches of the masked image)
     ``reconstruction_loss``       frozen MAE decoder + reconstruction loss on/off
     ``dual_query_self_attention`` self-attention over Z_q before it attends to M' (supplement "w/o SA")
 
@@ -28,15 +29,20 @@ clip_layer26 / 28 / 30 (Table 5)
     same CLIP forward pass by a forward hook, then projected into the dual block exactly as MAE features would be.
     No MAE is built; no reconstruction loss.
 
-clip_recon (supplement Table 6 row 1 "CLIP w Recon.")
+clip_recon and clip_recon_trainable (supplement Table 6 row 1 "CLIP w Recon."; models/clip_recon.py)
     "We replace MAE encoder with CLIP-ViT and pass masked image to CLIP-ViT which is then optimized for image
-    reconstruction with MAE decoder." A second CLIP-ViT (the frozen one's architecture and initial weights; C still
-    comes from the frozen one) takes the MAE encoder's place: it encodes the visible patches of the image masked at
-    ``mask_ratio`` (MAE's visible-only encoding), the dual block fuses it, and M' goes through the frozen MAE decoder
-    to the reconstruction loss. "Optimized" is read literally: that CLIP-ViT is trainable (fp32), by the
-    reconstruction loss and, through Z', the stage-1 losses. It stays trainable in stage 2 (LM loss only, as the rest
-    of X-Former): checkpoints hold trainable weights only, so a frozen copy would not reach a stage-2 checkpoint's
-    evaluation. Its paper-scale trainable count is therefore about a billion parameters more than X-Former's.
+    reconstruction with MAE decoder." A CLIP-ViT takes the MAE encoder's place: it encodes the visible patches of the
+    image masked at ``mask_ratio`` (MAE's visible-only encoding), the dual block fuses it, and M' goes through the MAE
+    decoder to the reconstruction loss. What "optimized" trains is the open question; two readings:
+    ``clip_recon`` (default; ``mae_source: frozen_clip_vit``): the frozen CLIP-ViT itself encodes the visible patches,
+    X-Former and the MAE decoder (``mae_decoder_trainable``, a choice) are optimised. The supplement's own constraint
+    implies it: "BLIP-2 completely unfreezes the CLIP ViT, resulting in a total of 1.2 Billion trainable parameters
+    during fine-tuning. However, due to resource constraints, we are unable to train such large models."
+    ``clip_recon_trainable`` (``mae_source: clip_vit``): "optimized" read literally, a trainable fp32 copy of the
+    CLIP-ViT (C still comes from the frozen one), trained by the reconstruction loss and, through Z', the stage-1
+    losses; it stays trainable in stage 2 (checkpoints hold trainable weights only, so a frozen copy would not reach
+    a stage-2 checkpoint's evaluation): about a billion trainable parameters more than X-Former's, which is what the
+    sentence above says the authors could not train.
 
 stage2_recon (Table 6 row 2, stage 2 only)
     Stage 2 with the frozen MAE decoder and the reconstruction loss kept next to the language-modelling loss.
@@ -49,8 +55,9 @@ with ``Variant.model_section``'s fields (``python tools/generate_variant_yamls.p
 them). A stage-2 variant type starts from the same variant's stage-1 checkpoint (``pretrained:``).
 """
 
+import re
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from lavis_xformer.paths import configs_root
 
@@ -135,7 +142,14 @@ VARIANTS: Dict[str, Variant] = {
         ),
         Variant(
             name="clip_recon",
-            paper="supplement Table 6 row 1 'CLIP w Recon.'",
+            paper="supplement Table 6 row 1 'CLIP w Recon.' (frozen-CLIP reading, the default)",
+            summary="the frozen CLIP-ViT encodes the visible patches of the masked image in the MAE encoder's place; the "
+            "dual block's M' is reconstructed by the MAE decoder, which trains (a choice) with X-Former",
+            overrides={"mae_source": "frozen_clip_vit", "mae_decoder_trainable": True},
+        ),
+        Variant(
+            name="clip_recon_trainable",
+            paper="supplement Table 6 row 1 'CLIP w Recon.' (trainable-copy reading)",
             summary="a trainable copy of the CLIP-ViT in the MAE encoder's place, encoding the visible patches of the "
             "masked image; the dual block's M' is reconstructed by the frozen MAE decoder",
             overrides={"mae_source": "clip_vit"},
@@ -151,6 +165,48 @@ VARIANTS: Dict[str, Variant] = {
             stages=(2,),
         ),
     )
+}
+
+
+@dataclass(frozen=True)
+class ScaleVariant:
+    """MM1's two axes (seed 004: "Number of visual tokens and image resolution matters most, while the type of VL
+    connector has little effect") as a row: a base type with another token count or image resolution. Its yaml
+    (``tools/generate_variant_yamls.py``) is the base yaml with ``num_query_token`` or ``image_size`` (model and
+    processors) replaced. Paper-scale bases only; a stage-2 type of a two-stage connector (Q-Former, X-Former)
+    starts from a stage-1 checkpoint trained with the same token count."""
+
+    name: str
+    summary: str
+    num_query_token: Optional[int] = None  # visual tokens: Q-Former queries, perceiver latents, pooled tokens
+    image_size: Optional[int] = None  # CLIP-ViT input resolution (px), model and processors
+
+    def render(self, base_text: str) -> str:
+        """The variant's yaml text from its base yaml's text."""
+        text = base_text
+        if self.num_query_token is not None:
+            text = re.sub(r"(?m)^(  num_query_token:) \d+", rf"\g<1> {self.num_query_token}", text)
+            # a released checkpoint (BLIP-2's) has 32 queries: the type starts from one trained with this count
+            text = re.sub(r'(?m)^  pretrained: "http.*', '  pretrained: ""', text)
+        if self.image_size is not None:
+            text = re.sub(r"(?m)^(\s+image_size:) \d+", rf"\g<1> {self.image_size}", text)
+        header = f"# Generated by `python tools/generate_variant_yamls.py`: the base type with {self.summary}.\n"
+        return header + text
+
+
+SCALE_VARIANTS: Dict[str, ScaleVariant] = {
+    v.name: v
+    for v in (
+        *(ScaleVariant(f"tokens{n}", f"{n} visual tokens", num_query_token=n) for n in (32, 64, 128)),
+        *(ScaleVariant(f"res{px}", f"{px} px images", image_size=px) for px in (224, 364, 490)),
+    )
+}
+# architecture -> the paper-scale base types its scale variants are made from
+SCALE_VARIANT_BASES: Dict[str, Tuple[str, ...]] = {
+    "xformer": ("pretrain",),
+    "xformer_opt": ("pretrain_opt2.7b",),
+    "blip2_baseline_opt": ("pretrain_opt2.7b",),
+    "perceiver_opt": ("pretrain_opt2.7b", "pretrain_matched_opt2.7b"),
 }
 
 
@@ -173,4 +229,9 @@ def variant_model_types(arch: str, base_types, stage: int) -> Dict[str, str]:
             path = folder / f"{arch}_{variant.name}_{base}.yaml"
             if path.is_file():
                 types[variant_type_name(variant.name, base)] = str(path)
+    for name in SCALE_VARIANTS:  # token count and resolution, both stages
+        for base in base_types:
+            path = folder / f"{arch}_{name}_{base}.yaml"
+            if path.is_file():
+                types[variant_type_name(name, base)] = str(path)
     return types
