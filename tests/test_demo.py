@@ -1,4 +1,4 @@
-"""The demo (``make demo`` = ``python -m lavis_xformer.demo``): its whole pipeline at smoke size (two seeds),
+"""The LLM VQA demo (``make demo-vqa`` = ``python -m lavis_xformer.demo``; ``make demo`` runs the experiment): its whole pipeline at smoke size (two seeds),
 through the real entry points (stage 1, retrieval, stage 2, zero-shot VQA, VQA fine-tuning for X-Former and BLIP-2),
 its multi-seed report (intervals, paired tests, verdicts) and figures; the shared CLIP-ViT stand-in; the pieces the
 reconstruction figure is made of; the demo yamls."""

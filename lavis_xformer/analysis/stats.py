@@ -188,3 +188,48 @@ def paired_t_p_value(values_a: Sequence[float], values_b: Sequence[float]) -> Op
     if np.all(differences == differences[0]):
         return 1.0 if differences[0] == 0 else 0.0
     return float(scipy_stats.ttest_rel(b, a).pvalue)
+
+
+def paired_t_interval(
+    values_a: Sequence[float], values_b: Sequence[float], confidence: float = DEFAULT_CONFIDENCE
+) -> Tuple[float, Optional[float], Optional[float]]:
+    """(mean, low, high) of the paired differences ``b - a`` over runs (the seed is the unit): Student's t interval
+    with n - 1 degrees of freedom, as ``scipy.stats.ttest_rel(b, a).confidence_interval``; no interval under 2 runs."""
+    a, b = _paired_arrays(values_a, values_b)
+    return mean_t_interval(b - a, confidence)
+
+
+def paired_t_power(effect: float, sd: float, n: int, alpha: float = 1 - DEFAULT_CONFIDENCE) -> float:
+    """Power of the two-sided paired t-test at level ``alpha`` over ``n`` runs to detect a true mean difference
+    ``effect`` when the differences have standard deviation ``sd``: P(|T| > t_crit) under the noncentral t with
+    n - 1 degrees of freedom and noncentrality ``effect * sqrt(n) / sd``."""
+    from scipy import stats as scipy_stats
+
+    if n < 2:
+        raise ValueError(f"the paired t-test needs at least 2 runs, got {n}")
+    if sd <= 0:
+        return 1.0 if effect != 0 else alpha
+    df, noncentrality = n - 1, effect * math.sqrt(n) / sd
+    critical = scipy_stats.t.ppf(1 - alpha / 2, df)
+    power = float(scipy_stats.nct.sf(critical, df, noncentrality) + scipy_stats.nct.cdf(-critical, df, noncentrality))
+    if math.isnan(power):  # scipy's noncentral t fails far in the tail at 1-2 degrees of freedom: power is ~1 there
+        power = float(scipy_stats.norm.sf(critical - abs(noncentrality)))
+    return power
+
+
+def minimal_detectable_effect(sd: float, n: int, power: float = 0.8, alpha: float = 1 - DEFAULT_CONFIDENCE) -> float:
+    """The smallest true mean difference the two-sided paired t-test over ``n`` runs detects with probability
+    ``power`` (``paired_t_power`` solved for the effect), given the differences' standard deviation ``sd``; in the
+    units of ``sd``. 0 when the differences do not vary."""
+    from scipy.optimize import brentq
+
+    if n < 2:
+        raise ValueError(f"the paired t-test needs at least 2 runs, got {n}")
+    if not alpha < power < 1:
+        raise ValueError(f"power must lie in (alpha, 1), got {power}")
+    if sd <= 0:
+        return 0.0
+    high = sd
+    while paired_t_power(high, sd, n, alpha) < power:
+        high *= 2
+    return float(brentq(lambda effect: paired_t_power(effect, sd, n, alpha) - power, 0.0, high, xtol=1e-10 * sd))

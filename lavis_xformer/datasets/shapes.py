@@ -385,3 +385,79 @@ def resolve_root(root: Optional[str]) -> Path:
 def annotation_path(folder, name: str) -> Path:
     """Absolute path of an annotation file of a generated dataset (e.g. ``"vqa_val_questions"``)."""
     return Path(folder) / "annotations" / f"{name}.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planted facts (the experiment, lavis_xformer/experiment): what each image shows, as questions with known answers
+# ---------------------------------------------------------------------------------------------------------------
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+MAX_COUNT = 3  #: counting questions are asked only where the answer is 0..MAX_COUNT (the balanced answer set)
+#: question type -> its answers; each type's questions are balanced over these (``balanced_questions``)
+QUESTION_TYPES = {
+    "count_shape": tuple(str(n) for n in range(MAX_COUNT + 1)),  # how many circles?
+    "count_colour": tuple(str(n) for n in range(MAX_COUNT + 1)),  # how many red things?
+    "quadrant": QUADRANTS,  # where is the red circle? (asked when exactly one red circle is present)
+    "exists": ("no", "yes"),  # is there a red circle?
+}
+KINDS = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES)  # "red circle", ...: 12 named objects
+
+
+def quadrant(obj: Shape, image_size: int) -> str:
+    """The quadrant that holds the object's centre (pixel centres: ``x + 0.5`` against ``image_size / 2``)."""
+    half = image_size / 2
+    return QUADRANTS[2 * (obj.center[1] + 0.5 >= half) + (obj.center[0] + 0.5 >= half)]
+
+
+def set_caption(objects: List[Shape]) -> str:
+    """What occurs, and nothing more: "blue square and red circle" -- each (colour, shape) once, in name order,
+    singular, no number, no plural, no position (the experiment's CLIP stand-in learns from these)."""
+    kinds = sorted({(o.color, o.shape) for o in objects}, key=lambda k: (list(COLORS).index(k[0]), SHAPES.index(k[1])))
+    phrases = [f"{color} {shape}" for color, shape in kinds]
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def detail_caption(objects: List[Shape], image_size: int) -> str:
+    """Counts and positions: "two red circles top left and bottom right and a blue square top right" (``describe``'s
+    groups, each followed by its objects' quadrants in ``QUADRANTS`` order): both Q-Formers' stage-1 captions."""
+    counts = Counter((o.color, o.shape) for o in objects)
+    color_order, shape_order = list(COLORS), list(SHAPES)
+    groups = sorted(counts.items(), key=lambda kv: (-kv[1], color_order.index(kv[0][0]), shape_order.index(kv[0][1])))
+    phrases = []
+    for (color, shape), n in groups:
+        places = sorted((quadrant(o, image_size) for o in objects if (o.color, o.shape) == (color, shape)),
+                        key=QUADRANTS.index)
+        phrases.append(f"{NUMBER_WORDS[n]} {color} {shape}{'s' if n > 1 else ''} {' and '.join(places)}")
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def facts(objects: List[Shape], image_size: int) -> dict:
+    """Every planted fact of an image: ``{question type: {target: answer}}`` (targets: a shape, a colour, a named
+    object); counting answers above ``MAX_COUNT`` and quadrants of repeated objects are left out (not asked)."""
+    kinds = Counter(f"{o.color} {o.shape}" for o in objects)
+    found = {
+        "count_shape": {s: str(sum(o.shape == s for o in objects)) for s in SHAPES},
+        "count_colour": {c: str(sum(o.color == c for o in objects)) for c in COLORS},
+        "quadrant": {f"{o.color} {o.shape}": quadrant(o, image_size) for o in objects
+                     if kinds[f"{o.color} {o.shape}"] == 1},
+        "exists": {k: "yes" if kinds[k] else "no" for k in KINDS},
+    }
+    for qtype in ("count_shape", "count_colour"):
+        found[qtype] = {t: a for t, a in found[qtype].items() if int(a) <= MAX_COUNT}
+    return found
+
+
+def balanced_questions(image_facts: List[dict], rng: random.Random) -> List[Tuple[int, str, str, str]]:
+    """(image index, question type, target, answer) tuples, every answer of a type equally often: of each type's
+    candidate questions (every fact of every image), each answer keeps as many as the rarest answer has, drawn
+    with ``rng``; sorted by image, type and target. An image-blind guess then scores 1 / (number of answers)."""
+    chosen = []
+    for qtype, answers in QUESTION_TYPES.items():
+        by_answer = {a: [] for a in answers}
+        for index, found in enumerate(image_facts):
+            for target, answer in sorted(found[qtype].items()):
+                by_answer[answer].append((index, qtype, target, answer))
+        keep = min(len(v) for v in by_answer.values())
+        for answer in answers:
+            chosen += rng.sample(by_answer[answer], keep)
+    type_order = list(QUESTION_TYPES)
+    return sorted(chosen, key=lambda q: (q[0], type_order.index(q[1]), q[2]))

@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -113,6 +113,36 @@ def random_hflip(batch: torch.Tensor, generator) -> torch.Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
 
 
+def train_standin(module, num_samples: int, recipe: StandInRecipe, step_loss: Callable, generator, name: str,
+                  console: Optional[Console] = None, every: int = 10) -> Tuple[List[float], List[float]]:
+    """The one pretraining loop of every stand-in: AdamW with ``recipe``'s warm-up and cosine schedule, ``epochs``
+    shuffled passes (``generator``) over ``num_samples`` samples in batches of ``batch_size`` row indices.
+
+    ``step_loss(rows)`` returns (loss, a side metric or None) for the rows of one batch. Returns the per-epoch
+    sample-weighted means of the loss and of the side metric (empty when there is none)."""
+    optimizer, schedule = recipe.optimizer_and_schedule([p for p in module.parameters() if p.requires_grad],
+                                                        num_samples)
+    losses, metrics = [], []
+    for epoch in range(recipe.epochs):
+        order, epoch_loss, epoch_metric = torch.randperm(num_samples, generator=generator), 0.0, 0.0
+        for first in range(0, num_samples, recipe.batch_size):
+            rows = order[first : first + recipe.batch_size]
+            loss, metric = step_loss(rows)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            epoch_loss += loss.item() * len(rows)
+            epoch_metric += (metric if metric is not None else 0.0) * len(rows)
+        losses.append(epoch_loss / num_samples)
+        if metric is not None:
+            metrics.append(epoch_metric / num_samples)
+        if console is not None and (epoch == 0 or (epoch + 1) % every == 0 or epoch + 1 == recipe.epochs):
+            extra = f"  side metric {metrics[-1]:.2f}" if metrics else ""
+            console.say(f"{name}: epoch {epoch + 1}/{recipe.epochs}  loss {losses[-1]:.4f}{extra}")
+    return losses, metrics
+
+
 # ================================================================================================================
 # The frozen CLIP-ViT (both models)
 # ================================================================================================================
@@ -128,16 +158,18 @@ class ClipStandIn(torch.nn.Module):
     on the project's local vocabulary as the text tower (discarded after pretraining), linear projections to a
     shared space and a learnable temperature; the loss is CLIP's symmetric cross-entropy over the batch.
 
-    The image embedding pools every ViT output token (CLIP pools its class token): the Q-Former cross-attends to
-    all of them, so the objective should shape all of them, and with two blocks the last block's patch outputs
-    would otherwise get no gradient at all.
+    ``pool="mean"`` (the demo's): the image embedding pools every ViT output token, so that the objective shapes
+    all of them (with two blocks the last block's patch outputs would otherwise get no gradient at all);
+    ``pool="cls"`` (the experiment's): the class token alone, as CLIP pools.
     """
 
-    def __init__(self, vit, vocab_size: int, embed_dim: int, max_positions: int):
+    def __init__(self, vit, vocab_size: int, embed_dim: int, max_positions: int, pool: str = "mean"):
         from transformers import BertConfig, BertModel
 
+        if pool not in ("mean", "cls"):
+            raise ValueError(f"pool={pool!r}: choose 'mean' (every token) or 'cls' (the class token, as CLIP)")
         super().__init__()
-        self.vit = vit
+        self.vit, self.pool = vit, pool
         self.image_norm = torch.nn.LayerNorm(vit.num_features)
         self.image_proj = torch.nn.Linear(vit.num_features, embed_dim, bias=False)
         text = BertConfig(vocab_size=vocab_size, max_position_embeddings=max_positions, **CLIP_TEXT_TOWER)
@@ -148,7 +180,9 @@ class ClipStandIn(torch.nn.Module):
     def forward(self, images, input_ids, attention_mask):
         import torch.nn.functional as F
 
-        image = F.normalize(self.image_proj(self.image_norm(self.vit(images).mean(dim=1))), dim=-1)
+        tokens = self.vit(images)  # [B, 1 + patches, width], the class token first
+        pooled = tokens[:, 0] if self.pool == "cls" else tokens.mean(dim=1)
+        image = F.normalize(self.image_proj(self.image_norm(pooled)), dim=-1)
         text = F.normalize(self.text_proj(self.text(input_ids, attention_mask).last_hidden_state[:, 0]), dim=-1)
         logits = self.logit_scale.clamp(max=math.log(100)).exp() * image @ text.t()
         labels = torch.arange(len(images), device=images.device)
@@ -201,25 +235,13 @@ def pretrain_clip(settings: DemoSettings, console: Console) -> Optional[dict]:
 
 
 def _train_clip(clip, images, tokens, recipe: StandInRecipe, generator, device, console):
-    optimizer, schedule = recipe.optimizer_and_schedule(clip.parameters(), len(images))
-    losses, accuracies = [], []
-    for epoch in range(recipe.epochs):
-        order, epoch_loss, epoch_accuracy = torch.randperm(len(images), generator=generator), 0.0, 0.0
-        for first in range(0, len(images), recipe.batch_size):
-            rows = order[first : first + recipe.batch_size]
-            batch = random_hflip(images[rows], generator).to(device)
-            loss, accuracy = clip(batch, tokens.input_ids[rows].to(device), tokens.attention_mask[rows].to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            epoch_loss, epoch_accuracy = epoch_loss + loss.item() * len(rows), epoch_accuracy + accuracy.item() * len(rows)
-        losses.append(epoch_loss / len(images))
-        accuracies.append(epoch_accuracy / len(images))
-        if epoch == 0 or (epoch + 1) % 10 == 0 or epoch + 1 == recipe.epochs:
-            console.say(f"CLIP-ViT stand-in: epoch {epoch + 1}/{recipe.epochs}  contrastive loss {losses[-1]:.4f}  "
-                        f"in-batch image->text accuracy {accuracies[-1]:.2f}")
-    return losses, accuracies
+    def step_loss(rows):
+        batch = random_hflip(images[rows], generator).to(device)
+        loss, accuracy = clip(batch, tokens.input_ids[rows].to(device), tokens.attention_mask[rows].to(device))
+        return loss, accuracy.item()
+
+    return train_standin(clip, len(images), recipe, step_loss, generator, "CLIP-ViT stand-in (contrastive loss, "
+                         "in-batch image->text accuracy)", console)
 
 
 # ================================================================================================================
@@ -286,24 +308,13 @@ def pretrain_mae(settings: DemoSettings, console: Console) -> Optional[dict]:
 
 
 def _train_mae(mae, pixels, recipe: StandInRecipe, generator, device, console) -> List[float]:
-    optimizer, schedule = recipe.optimizer_and_schedule(mae.parameters(), len(pixels))
-    losses = []
-    for epoch in range(recipe.epochs):
-        order, epoch_loss = torch.randperm(len(pixels), generator=generator), 0.0
-        for first in range(0, len(pixels), recipe.batch_size):
-            batch = random_hflip(pixels[order[first : first + recipe.batch_size]], generator).to(device)  # MAE's only
-            # augmentation here
-            noise = torch.rand(len(batch), mae.vit.embeddings.num_patches, generator=generator).to(device)
-            loss = mae(pixel_values=batch, noise=noise).loss  # mask_ratio of the stage-1 config
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            epoch_loss += loss.item() * len(batch)
-        losses.append(epoch_loss / len(pixels))
-        if epoch == 0 or (epoch + 1) % 5 == 0 or epoch + 1 == recipe.epochs:
-            console.say(f"MAE stand-in: epoch {epoch + 1}/{recipe.epochs}  reconstruction loss {losses[-1]:.4f}")
-    return losses
+    def step_loss(rows):
+        batch = random_hflip(pixels[rows], generator).to(device)  # MAE's only augmentation here
+        noise = torch.rand(len(batch), mae.vit.embeddings.num_patches, generator=generator).to(device)
+        return mae(pixel_values=batch, noise=noise).loss, None  # mask_ratio of the config
+
+    return train_standin(mae, len(pixels), recipe, step_loss, generator, "MAE stand-in (reconstruction loss)",
+                         console, every=5)[0]
 
 
 # ================================================================================================================
@@ -419,24 +430,16 @@ def train_context_lm(opt, tokenizer, documents: List[ContextDocument], recipe: S
     """Train ``opt`` (every weight) on ``documents`` (``context_lm_batch``, ``CONTEXT_DROPOUT`` of them without
     context), then freeze it; returns the per-epoch mean losses."""
     opt = opt.to(device).train().requires_grad_(True)
-    optimizer, schedule = recipe.optimizer_and_schedule(opt.parameters(), len(documents))
-    losses = []
-    for epoch in range(recipe.epochs):
-        order, epoch_loss = torch.randperm(len(documents), generator=generator), 0.0
-        for first in range(0, len(documents), recipe.batch_size):
-            rows = order[first : first + recipe.batch_size].tolist()
-            drop = (torch.rand(len(rows), generator=generator) < CONTEXT_DROPOUT).tolist()
-            batch = context_lm_batch(tokenizer, [documents[i] for i in rows], max_length, drop)
-            input_ids, attention_mask, labels = (tensor.to(device) for tensor in batch)
-            loss = opt(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            epoch_loss += loss.item() * len(rows)
-        losses.append(epoch_loss / len(documents))
-        if console is not None and (epoch == 0 or (epoch + 1) % 5 == 0 or epoch + 1 == recipe.epochs):
-            console.say(f"OPT stand-in: epoch {epoch + 1}/{recipe.epochs}  LM loss {losses[-1]:.4f}")
+
+    def step_loss(rows):
+        rows = rows.tolist()
+        drop = (torch.rand(len(rows), generator=generator) < CONTEXT_DROPOUT).tolist()
+        batch = context_lm_batch(tokenizer, [documents[i] for i in rows], max_length, drop)
+        input_ids, attention_mask, labels = (tensor.to(device) for tensor in batch)
+        return opt(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss, None
+
+    losses, _ = train_standin(opt, len(documents), recipe, step_loss, generator, "OPT stand-in (LM loss)", console,
+                              every=5)
     opt.eval().requires_grad_(False)
     return losses
 
