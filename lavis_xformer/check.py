@@ -26,6 +26,7 @@ One line per finding, ``ERROR`` / ``WARNING`` / ``OK``, and exit status 1 when t
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -176,14 +177,24 @@ def _lavis_dataset_findings(name, cfg, allow_downloads) -> List[Finding]:
 # ---------------------------------------------------------------------------------------------------------------
 def _producing_command(path: str) -> str:
     """The project yaml whose ``run.output_dir`` the placeholder path lies in, as a train command."""
+    folder = str(path).split("<", 1)[0].rstrip("/")
+    return _output_dirs().get(folder, "the training run that writes it")
+
+
+@functools.lru_cache(maxsize=1)
+def _output_dirs() -> dict:
+    """``run.output_dir`` -> the train command of the project yaml that writes it (plain yaml: fast)."""
+    import yaml as pyyaml
+
     from lavis_xformer.paths import projects_root
 
-    folder = str(path).split("<", 1)[0].rstrip("/")
-    for yaml in sorted(projects_root().rglob("*.yaml")):
-        output_dir = (OmegaConf.load(yaml).get("run", None) or {}).get("output_dir", None)
-        if output_dir and str(output_dir).rstrip("/") == folder:
-            return f"python -m lavis_xformer.train --cfg-path {yaml.relative_to(projects_root().parent)}"
-    return "the training run that writes it"
+    commands = {}
+    for path in sorted(projects_root().rglob("*.yaml")):
+        output_dir = ((pyyaml.safe_load(path.read_text()) or {}).get("run", None) or {}).get("output_dir", None)
+        if output_dir:
+            relative = path.relative_to(projects_root().parent)
+            commands.setdefault(str(output_dir).rstrip("/"), f"python -m lavis_xformer.train --cfg-path {relative}")
+    return commands
 
 
 def _open_checkpoint(path: Path):
@@ -439,19 +450,20 @@ def check(cfg_path, options=None, training: Optional[bool] = None, memory: bool 
     model = config = None
     if getattr(model_cls, "config_class", None) is not None:
         config = model_cls.config_class.from_lavis_cfg(cfg.model_cfg)
-        findings += check_hub_weights(config)
-        try:  # the sizes of a local LLM or encoder folder are only known by loading it
-            with on_meta():  # sizes only, no weights read
-                model = model_cls(config)
-        except ValueError as error:
-            findings.append(Finding("WARNING", f"model not built on the meta device ({error}): checkpoints are not "
-                                               "matched against its parameters and memory is not estimated"))
+        hub = check_hub_weights(config)
+        findings += hub
+        # The hub boundary: with hub weights missing offline the run cannot build its model, so nothing past this
+        # point can agree with it; the meta-device build (seconds at paper scale) is then only made for the memory
+        # estimate. train/evaluate (memory=False) stop here exactly as check does.
+        if memory or not errors(hub):
+            model = _build_on_meta(model_cls, config, findings)
     model_keys = set(model.state_dict()) if model is not None else None
-    checkpoint_findings = [check_checkpoint(key, value, model_keys)
-                           for key, value in checkpoint_settings(cfg.model_cfg, cfg.run_cfg)]
+    settings = checkpoint_settings(cfg.model_cfg, cfg.run_cfg)
+    checkpoint_findings = [check_checkpoint(key, value, model_keys) for key, value in settings]
     findings += checkpoint_findings
+    loads_model_weights = any(key.startswith("model.") for key, _ in settings)
     local = all(f.level == "OK" and "cached" not in f.message for f in checkpoint_findings)
-    if model is not None and local and hasattr(model, "load_checkpoint_from_config"):
+    if model is not None and loads_model_weights and local and hasattr(model, "load_checkpoint_from_config"):
         problem = dry_run_load(model, cfg.model_cfg)
         findings += [problem] if problem else []
     if memory and model is not None:
@@ -459,6 +471,16 @@ def check(cfg_path, options=None, training: Optional[bool] = None, memory: bool 
         vqa = "vqa" in str(cfg.run_cfg.get("task", ""))  # the task's training batches: questions and answers
         findings += memory_estimate(model, config, batch, training, vqa=vqa)
     return findings
+
+
+def _build_on_meta(model_cls, config, findings):
+    try:  # the sizes of a local LLM or encoder folder are only known by loading it
+        with on_meta():  # sizes only, no weights read
+            return model_cls(config)
+    except ValueError as error:
+        findings.append(Finding("WARNING", f"model not built on the meta device ({error}): checkpoints are not "
+                                           "matched against its parameters and memory is not estimated"))
+    return None
 
 
 def errors(findings: Iterable[Finding]) -> List[Finding]:
