@@ -466,6 +466,7 @@ def check(cfg_path, options=None, training: Optional[bool] = None, memory: bool 
     if model is not None and loads_model_weights and local and hasattr(model, "load_checkpoint_from_config"):
         problem = dry_run_load(model, cfg.model_cfg)
         findings += [problem] if problem else []
+    findings += output_dir_findings(cfg.run_cfg, model if training else None)
     if memory and model is not None:
         batch = int(cfg.run_cfg.get("batch_size_train" if training else "batch_size_eval", 1) or 1)
         vqa = "vqa" in str(cfg.run_cfg.get("task", ""))  # the task's training batches: questions and answers
@@ -481,6 +482,19 @@ def _build_on_meta(model_cls, config, findings):
         findings.append(Finding("WARNING", f"model not built on the meta device ({error}): checkpoints are not "
                                            "matched against its parameters and memory is not estimated"))
     return None
+
+
+def output_dir_findings(run_cfg, model=None) -> List[Finding]:
+    """The output folder exists or can be created, is writable and has room for the run's checkpoints
+    (``common.jobs.output_dir_problems``), before anything is built."""
+    from lavis_xformer.common import jobs
+
+    output_dir = run_cfg.get("output_dir", None)
+    if output_dir is None:
+        return []
+    need = jobs.checkpoint_bytes_estimate(model) if model is not None else 0
+    problems = jobs.output_dir_problems(output_dir, need)
+    return [Finding("ERROR", problem) for problem in problems] or [Finding("OK", f"run.output_dir {output_dir} writable")]
 
 
 def errors(findings: Iterable[Finding]) -> List[Finding]:

@@ -28,8 +28,9 @@ running the saved original (``ORIGINALS``) into its failure first.
    ``model`` is ``runner_model`` and ``eval_epoch`` is ``runner_eval_epoch`` (LAVIS's with the run's device passed
    on), the same functions ``runner_xformer`` uses.
 5. ``BaseDataset.__init__`` -- lavis/datasets/datasets/base_dataset.py:27 ``json.load``s every annotation file; a
-   malformed one fails with a bare ``JSONDecodeError`` that names no file. Wrapped: the same load, and on a decode
-   error an ``AnnotationFileError`` naming the file, the line and column.
+   malformed one fails with a bare ``JSONDecodeError`` that names no file, a file of the wrong shape with a
+   traceback deep in a dataset class. Replaced by the same body with every file checked as it is parsed: an
+   ``AnnotationFileError`` names the file and the line and column, or the entry index and the field.
 """
 
 import contextlib
@@ -144,24 +145,91 @@ def runner_eval_epoch(self, split_name, cur_epoch, skip_reload=False):
 # 5. Annotation files that are not JSON are named
 # ---------------------------------------------------------------------------------------------------------------
 class AnnotationFileError(ValueError):
-    """An annotation file that cannot be read as JSON."""
+    """An annotation file that cannot be used: not JSON, or not the shape LAVIS's datasets read (named: the file,
+    the entry index and the field)."""
+
+
+# Fields LAVIS's dataset classes read from every entry while they are built (a missing one was a KeyError naming
+# no file): CaptionDataset / RetrievalDataset index ``image_id``, RetrievalEvalDataset reads ``image`` and
+# ``caption``. Matched by class name along the dataset's MRO.
+REQUIRED_AT_BUILD = {"CaptionDataset": ("image_id",), "RetrievalDataset": ("image_id",),
+                     "RetrievalEvalDataset": ("image", "caption")}
+# Field -> (allowed types, what to say): checked in every entry that has the field.
+FIELD_TYPES = {
+    "image_id": ((str, int), "a string or an integer"),
+    "image": ((str,), "a file path (string)"),
+    "question": ((str,), "a string"),
+    "caption": ((str, list), "a string or a list of strings"),
+    "answer": ((str, list), "a string or a list of strings"),
+}
+
+
+def _load_annotation_file(path) -> list:
+    try:
+        with open(path, "r") as handle:
+            entries = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise AnnotationFileError(f"annotation file {path} is not valid JSON (line {err.lineno}, column "
+                                  f"{err.colno}: {err.msg}); fix or re-create it") from err
+    except RecursionError as err:
+        raise AnnotationFileError(f"annotation file {path} is nested too deeply to read (an entry is a dict or list "
+                                  "holding entries: expected a flat list of objects)") from err
+    except UnicodeDecodeError as err:
+        raise AnnotationFileError(f"annotation file {path} is not UTF-8 text ({err.reason} at byte {err.start})") \
+            from err
+    if not isinstance(entries, list):
+        raise AnnotationFileError(f"annotation file {path}: the top level is a JSON {type(entries).__name__}, "
+                                  "expected a list of entries (objects such as {\"image\": ..., \"caption\": ...})")
+    return entries
+
+
+def check_annotation_entries(entries: list, path, required=()) -> None:
+    """Every entry an object; the fields LAVIS reads of the right type, and ``required`` ones present; the first
+    problem raises ``AnnotationFileError`` naming the file, the entry index and the field."""
+    for index, entry in enumerate(entries):
+        where = f"annotation file {path}, entry {index}"
+        if not isinstance(entry, dict):
+            raise AnnotationFileError(f"{where} is a JSON {type(entry).__name__} ({str(entry)[:60]!r}); every "
+                                      "entry must be an object with the dataset's fields")
+        for field in required:
+            if field not in entry:
+                raise AnnotationFileError(f"{where} has no {field!r} field, which "
+                                          f"{'/'.join(required)} entries need (it has: {', '.join(map(str, entry))})")
+        for field, (types, said) in FIELD_TYPES.items():
+            if field in entry and (not isinstance(entry[field], types) or isinstance(entry[field], bool)):
+                raise AnnotationFileError(f"{where}: {field!r} is a JSON {type(entry[field]).__name__} "
+                                          f"({str(entry[field])[:60]!r}); it must be {said}")
+            if field in entry and isinstance(entry[field], list) and not all(isinstance(x, str) for x in entry[field]):
+                raise AnnotationFileError(f"{where}: {field!r} must be a list of strings")
+
+
+def _check_image_paths(entries, path, vis_root) -> None:
+    from lavis_xformer.processors import image_path_problem
+
+    for index, entry in enumerate(entries):
+        problem = image_path_problem(vis_root, entry.get("image"))
+        if problem:
+            raise AnnotationFileError(f"annotation file {path}, entry {index}: 'image' {problem}; set "
+                                      "run.allow_outside_image_paths=True to read images outside the root")
 
 
 def base_dataset_init(self, vis_processor=None, text_processor=None, vis_root=None, ann_paths=()):
-    """LAVIS's ``BaseDataset.__init__``; a file that is not JSON is named in the error (base_dataset.py:27)."""
-    try:
-        ORIGINALS["BaseDataset.__init__"](self, vis_processor, text_processor, vis_root, list(ann_paths))
-    except json.JSONDecodeError as err:
-        for path in ann_paths:  # find the file (LAVIS's error does not say which)
-            try:
-                with open(path, "r") as handle:
-                    json.load(handle)
-            except json.JSONDecodeError as file_err:
-                raise AnnotationFileError(
-                    f"annotation file {path} is not valid JSON (line {file_err.lineno}, column {file_err.colno}: "
-                    f"{file_err.msg}); fix or re-create it"
-                ) from err
-        raise
+    """LAVIS's ``BaseDataset.__init__`` (base_dataset.py:27) with every annotation file checked first: not JSON, a
+    top level that is not a list, an entry that is not an object, a field of the wrong type, or a field the
+    dataset's class reads at build time missing -- each an ``AnnotationFileError`` naming the file, the entry index
+    and the field, instead of a traceback naming none."""
+    required = tuple(dict.fromkeys(field for cls in type(self).__mro__
+                                   for field in REQUIRED_AT_BUILD.get(cls.__name__, ())))
+    self.vis_root = vis_root
+    self.annotation = []
+    for path in ann_paths:  # (LAVIS's body, with each file parsed once and checked)
+        entries = _load_annotation_file(path)
+        check_annotation_entries(entries, path, required)
+        _check_image_paths(entries, path, vis_root)
+        self.annotation.extend(entries)
+    self.vis_processor = vis_processor
+    self.text_processor = text_processor
+    self._add_instance_ids()
 
 
 # ---------------------------------------------------------------------------------------------------------------

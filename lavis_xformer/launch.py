@@ -39,6 +39,7 @@ import lavis_xformer  # noqa: F401  (registers the plugin's models, tasks, runne
 from lavis_xformer.common import distributed
 from lavis_xformer.check import check_before_launch
 from lavis_xformer.paths import resolve_cfg_path
+from lavis_xformer.processors import allow_outside_image_paths
 # (ConfigError and validate_config are also reached as launch.* by users and tests)
 from lavis_xformer.run_config import ConfigError, dot_list, validate_config, validate_model_fields  # noqa: F401
 
@@ -106,6 +107,7 @@ def build_runner(argv=None, description="Training"):
     cfg.pretty_print()
 
     task = tasks.setup_task(cfg)
+    allow_outside_image_paths(bool(cfg.run_cfg.get("allow_outside_image_paths", False)))  # before datasets
     datasets = task.build_datasets(cfg)
     model = task.build_model(cfg)
     runner = runner_class(cfg)(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)

@@ -4,9 +4,15 @@ at 224 by default, registered in LAVIS's processor registry.
 
 They output CLIP-normalised tensors (what the CLIP-ViT expects); the model re-normalises its MAE input itself, so
 the statistics are fixed here. Text uses LAVIS's own ``blip_caption``.
-Any PIL image mode is accepted: palette, grayscale, CMYK, 16-bit and alpha images are converted to 8-bit RGB
-(alpha composited on white), so one odd file never stops a run.
+Any PIL image mode is accepted: palette, grayscale, CMYK, 16/32-bit and alpha images are converted to 8-bit RGB
+(alpha composited on white; high bit depths scaled by their format's range), so one odd file never stops a run.
+Image paths from annotation files stay inside the dataset's root and name regular files (``image_path_problem``,
+``resolved_image_problem``), unless ``run.allow_outside_image_paths``.
 """
+
+import os
+import stat
+from typing import Optional
 
 import numpy as np
 from lavis.common.registry import registry
@@ -25,17 +31,71 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # Scale high-bit-depth data to 0..255 instead of letting PIL clip it.
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        scaled = np.zeros_like(array) if high == low else (array - low) / (high - low) * 255.0
-        return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(_high_bit_depth_to_uint8(image), mode="L").convert("RGB")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
+
+
+def _high_bit_depth_to_uint8(image: Image.Image) -> np.ndarray:
+    """16/32-bit pixels to 0..255 by the format's range, the same for every image (a choice; the per-image min-max
+    stretch it replaces turned a uniform mid-grey black): integer modes are read as 16-bit data (0..65535, what
+    16-bit PNG and TIFF hold; larger values clip), float mode as 0..1 when every value lies there, else 0..255."""
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scale = 255.0 if array.size and 0.0 <= array.min() and array.max() <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0
+    return np.clip(np.nan_to_num(array * scale), 0, 255).round().astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image paths: inside the dataset's root, regular files only
+# ---------------------------------------------------------------------------------------------------------------
+_OUTSIDE_ROOT_ALLOWED = [False]
+
+
+def allow_outside_image_paths(allowed: bool) -> None:
+    """``run.allow_outside_image_paths``: let annotation files name images outside their dataset's root (absolute
+    paths, ``..``, symlinks leading out). Off by default: a file's content decides nothing about what is read."""
+    _OUTSIDE_ROOT_ALLOWED[0] = bool(allowed)
+
+
+def image_path_problem(root, name) -> Optional[str]:
+    """Why an annotation's image ``name`` may not be read under ``root``, from the text alone (no file system access,
+    cheap for millions of entries): an absolute path or one whose ``..`` leads out of the root; None if fine."""
+    if root is None or _OUTSIDE_ROOT_ALLOWED[0] or not isinstance(name, str):
+        return None
+    if os.path.isabs(name):
+        return f"{name!r} is an absolute path; image paths are relative to the dataset root {root}"
+    if os.path.normpath(name).split(os.sep)[0] == os.pardir:
+        return f"{name!r} leads out of the dataset root {root}"
+    return None
+
+
+def resolved_image_problem(root, name) -> Optional[str]:
+    """Why the file an image path names may not be opened, checked on disk just before loading: a symlink leading out
+    of the root, or not a regular file (a FIFO would block the run forever, a device or /proc file is no image)."""
+    if root is None or not isinstance(name, str):
+        return None
+    path = os.path.join(str(root), name)
+    problem = image_path_problem(root, name)
+    if problem:
+        return problem
+    if not _OUTSIDE_ROOT_ALLOWED[0]:
+        real, real_root = os.path.realpath(path), os.path.realpath(str(root))
+        if os.path.commonpath([real, real_root]) != real_root:
+            return f"{name!r} resolves to {real}, outside the dataset root {root} (a symlink leads out)"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # missing: the dataset's own open reports it
+    if not stat.S_ISREG(mode):
+        return f"{name!r} is not a regular file (a FIFO, device or folder): not opened"
+    return None
 
 
 def _refuse_custom_stats(cfg, name):

@@ -23,13 +23,13 @@ class ConfigError(ValueError):
 
 
 FLOAT_FIELDS = ("init_lr", "min_lr", "warmup_lr", "weight_decay", "beta2", "lr_decay_rate", "max_bad_fraction",
-                "length_penalty")
+                "length_penalty", "checkpoint_every_minutes")
 INT_FIELDS = ("max_epoch", "batch_size_train", "batch_size_eval", "num_workers", "warmup_steps", "seed", "log_freq",
               "accum_grad_iters", "max_consecutive_bad_steps", "checkpoint_every_iters", "bad_fraction_min_samples",
               "max_image_pixels", "world_size", "k_test", "num_beams", "max_len", "min_len", "max_iters",
               "iters_per_inner_epoch")
 BOOL_FIELDS = ("amp", "evaluate", "distributed", "robust_data", "use_dist_eval_sampler", "find_unused_parameters",
-               "allow_downloads", "tensorboard")
+               "allow_downloads", "tensorboard", "allow_outside_image_paths", "resume_ignore_locks")
 # (field, minimum) for the integer fields that have one
 INT_MINIMUM = {"max_epoch": 1, "batch_size_train": 1, "batch_size_eval": 1, "num_workers": 0, "warmup_steps": 0,
                "log_freq": 1, "accum_grad_iters": 1, "max_consecutive_bad_steps": 1, "checkpoint_every_iters": 0,
@@ -188,6 +188,7 @@ def validate_config(cfg_path, options=None, training: bool = True) -> None:
             problem = _type_problem(str(key), run.get(key))
             if problem:
                 problems.append(problem)
+        problems += run_value_problems(run)
 
         if not any(str(key) in ("max_iters", "iters_per_inner_epoch") and _type_problem(str(key), run.get(key))
                    for key in run):
@@ -269,3 +270,55 @@ def validate_model_fields(cfg) -> None:
     config_class = getattr(model_cls, "config_class", None)
     if config_class is not None and hasattr(config_class, "from_lavis_cfg"):
         config_class.from_lavis_cfg(cfg.model_cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Values that pass the type check but fail inside torch / numpy (issue 25): optimiser betas, seed, device, workers
+# ---------------------------------------------------------------------------------------------------------------
+SEED_LIMIT = 2 ** 32  # numpy's seeds; LAVIS seeds every rank with run.seed + rank
+DEVICE_PATTERN = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+def max_workers() -> int:
+    """The cap on ``run.num_workers`` (DataLoader worker processes per rank): 4 per core of this machine, at least 8."""
+    import os
+
+    return max(8, 4 * (os.cpu_count() or 1))
+
+
+def run_value_problems(run) -> list:
+    """``run.beta2`` in [0, 1) (AdamW's second-moment decay: betas (0.9, beta2)); ``run.seed`` in [0, 2**32 - world
+    size) (numpy refuses larger seeds, negative ones too); ``run.device`` cpu, cuda, cuda:N or mps; ``run.num_workers``
+    at most ``max_workers()``. Values of the wrong type are left to the type check."""
+    problems = []
+    beta2 = run.get("beta2", None)
+    if _is_number(beta2) and not 0.0 <= float(beta2) < 1.0:
+        problems.append(f"run.beta2={beta2!r} must lie in [0, 1) (AdamW's betas are (0.9, beta2); LAVIS uses 0.999)")
+    seed = run.get("seed", None)
+    if _is_integer(seed):
+        world = int(run.get("world_size", 1) or 1) if _is_integer(run.get("world_size", 1)) else 1
+        if not 0 <= int(seed) < SEED_LIMIT - world:
+            problems.append(f"run.seed={seed!r} must lie in [0, {SEED_LIMIT - world}] (numpy's seed range; each rank "
+                            "uses seed + rank)")
+    device = run.get("device", None)
+    if device is not None and not DEVICE_PATTERN.match(str(device)):
+        problems.append(f"run.device={device!r} is not a device this plugin runs on: cpu, cuda, cuda:N or mps")
+    workers = run.get("num_workers", None)
+    if _is_integer(workers) and int(workers) > max_workers():
+        problems.append(f"run.num_workers={workers!r} is more than this machine can run ({max_workers()}: 4 per core, "
+                        "per rank); 4-8 per GPU is usual")
+    return problems
+
+
+def _is_number(value) -> bool:
+    try:
+        return value is not None and not isinstance(value, bool) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_integer(value) -> bool:
+    try:
+        return value is not None and not isinstance(value, (bool, float)) and str(int(value)) == str(value).strip()
+    except (TypeError, ValueError):
+        return False

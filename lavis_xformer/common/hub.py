@@ -1,7 +1,7 @@
 """The switch that keeps model builds off the network: inside ``no_hub()`` every part is built from its config
 with random weights and a size-only vocabulary (``models/builders.py`` and ``models/llm_builders.py`` read it).
 
-It lives apart from the builders so that code below the models (``checkpoints.py``, which builds a model on the
+It lives apart from the builders so that code below the models (``checkpoints``, which builds a model on the
 ``meta`` device to learn its trainable parameters) can use it without importing them.
 """
 

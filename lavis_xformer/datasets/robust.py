@@ -26,6 +26,7 @@ from PIL import Image, ImageFile
 logger = logging.getLogger(__name__)
 
 TEXT_KEYS = ("text_input", "caption", "text_output", "question")
+ANSWER_KEYS = ("answers", "answer", "text_output")  # lists of answers (LAVIS's VQA samples: "answers", "weights")
 
 
 @contextlib.contextmanager
@@ -85,10 +86,27 @@ def _sample_file(dataset, index: int) -> str:
     return f"sample #{index}"
 
 
+def _check_image_file(dataset, index: int) -> None:
+    """Before the dataset opens an entry's image: a path leaving the dataset's root (symlinks included) or naming
+    something other than a regular file (a FIFO would hang the run) raises ``ValueError`` (a bad sample)."""
+    from lavis_xformer.processors import resolved_image_problem
+
+    annotation = getattr(dataset, "annotation", None)
+    if annotation is None or not 0 <= index < len(annotation) or not isinstance(annotation[index], dict):
+        return
+    problem = resolved_image_problem(getattr(dataset, "vis_root", None), annotation[index].get("image"))
+    if problem:
+        raise ValueError(problem)
+
+
 def check_sample(sample) -> None:
-    """Raise ``ValueError`` for a loaded sample the models cannot use (texts that are empty or not UTF-8)."""
+    """Raise ``ValueError`` for a loaded sample the models cannot use (texts that are empty or not UTF-8, an empty
+    list of answers)."""
     if sample is None:
         raise ValueError("dataset returned None")
+    for key in ANSWER_KEYS:
+        if isinstance(sample.get(key), (list, tuple)) and not sample[key]:
+            raise ValueError(f"{key} is an empty list (a question needs at least one answer)")
     for key in TEXT_KEYS:
         if key not in sample:
             continue
@@ -104,7 +122,27 @@ def check_sample(sample) -> None:
                 raise ValueError(f"{key} is not valid UTF-8 ({err.reason})") from err
 
 
-class RobustDataset(torch.utils.data.Dataset):
+class DatasetWrapper(torch.utils.data.Dataset):
+    """A dataset around another (``RobustDataset``, the runner's ``SeededSamples``): its length, ``collater`` and
+    every attribute the wrapper does not set itself come from ``dataset`` (LAVIS's runner and evaluation code read
+    ``collater``, ``annotation``, ``text``, ``img2txt``, ...)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):
+        if name == "dataset":  # not set yet (unpickling in a DataLoader worker): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def collater(self, samples):
+        return self.dataset.collater(samples)
+
+
+class RobustDataset(DatasetWrapper):
     """``dataset`` with unusable samples replaced and counted (see the module docstring)."""
 
     def __init__(
@@ -116,7 +154,7 @@ class RobustDataset(torch.utils.data.Dataset):
         max_image_pixels: Optional[int] = None,
         max_bad_samples: Optional[int] = None,
     ):
-        self.dataset = dataset
+        super().__init__(dataset)
         self.configure(max_bad_fraction, min_samples_before_limit, max_image_pixels, max_bad_samples)
         self.accept_truncated_images = accept_truncated_images
         # Shared with forked DataLoader workers: attempted and bad samples in the current epoch, and one bit per
@@ -125,18 +163,6 @@ class RobustDataset(torch.utils.data.Dataset):
         self._bad = multiprocessing.Value("q", 0)
         self._bad_total = multiprocessing.Value("q", 0)
         self._bad_seen = multiprocessing.Array("B", (len(dataset) + 7) // 8)
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getattr__(self, name):
-        # LAVIS's runner and evaluation code read dataset attributes (collater, annotation, text, img2txt, ...).
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-    def collater(self, samples):
-        return self.dataset.collater(samples)
 
     def configure(self, max_bad_fraction: float = 0.01, min_samples_before_limit: int = 100,
                   max_image_pixels: Optional[int] = None, max_bad_samples: Optional[int] = None) -> None:
@@ -204,6 +230,7 @@ class RobustDataset(torch.utils.data.Dataset):
             with self._attempted.get_lock():
                 self._attempted.value += 1
             try:
+                _check_image_file(self.dataset, current)
                 with _truncated_images_raise(self.accept_truncated_images), _giant_images_raise(self.max_image_pixels):
                     sample = self.dataset[current]
                 check_sample(sample)

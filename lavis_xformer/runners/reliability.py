@@ -16,9 +16,7 @@ import contextlib
 import itertools
 import logging
 import math
-import os
 import random
-import signal
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -26,7 +24,10 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lavis_xformer import testing
 from lavis_xformer.common import distributed
+from lavis_xformer.datasets.robust import DatasetWrapper
+from lavis_xformer.runners.preemption import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -91,23 +92,15 @@ def forked_cpu_rng():
 # ---------------------------------------------------------------------------------------------------------------
 # Data order
 # ---------------------------------------------------------------------------------------------------------------
-class SeededSamples(torch.utils.data.Dataset):
+class SeededSamples(DatasetWrapper):
     """``dataset[index]`` loaded with python/numpy/torch RNGs seeded from (seed, epoch, index): the sample's random
     augmentation is a function of those three, whichever process, worker or resumed run loads it. The caller's RNG
     states are restored afterwards (the model's dropout and masking keep their own stream)."""
 
     def __init__(self, dataset, seed: int):
-        self.dataset = dataset
+        super().__init__(dataset)
         self.seed = int(seed)
         self.epoch = 0
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getattr__(self, name):
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
     def __getitem__(self, index):
         seed = derive_seed(self.seed, self.epoch, index)
@@ -154,6 +147,7 @@ class EpochLoader:
         self.loader = DataLoader(
             self.samples, batch_size=self.batch_size, sampler=self.sampler, num_workers=num_workers,
             collate_fn=collate_fn, pin_memory=pin_memory, drop_last=True, generator=self.generator,
+            worker_init_fn=ignore_stop_signals if num_workers else None,  # the main process stops on them
         )
         self.iterable = wrap(self.loader) if wrap is not None else self.loader
         self.batches_per_epoch = self.sampler.num_samples // self.batch_size
@@ -298,40 +292,34 @@ class StepGuard:
         self.consecutive = 0
         self.skipped_total = 0
         self.skipped_epoch = 0
+        self.kept_epoch = 0  # optimiser steps taken (or left to the amp scaler) this epoch
         self.amp_overflows_epoch = 0
         self.last_bad: List[str] = []
 
     # -- state ----------------------------------------------------------------------------------------------------
     def start_epoch(self) -> None:
         self.skipped_epoch = 0
+        self.kept_epoch = 0
         self.amp_overflows_epoch = 0
 
     def state_dict(self) -> dict:
         return {"consecutive": self.consecutive, "skipped_total": self.skipped_total,
-                "skipped_epoch": self.skipped_epoch, "last_bad": list(self.last_bad)}
+                "skipped_epoch": self.skipped_epoch, "kept_epoch": self.kept_epoch, "last_bad": list(self.last_bad)}
 
     def load_state_dict(self, state: dict) -> None:
         self.consecutive = int(state.get("consecutive", 0))
         self.skipped_total = int(state.get("skipped_total", 0))
         self.skipped_epoch = int(state.get("skipped_epoch", 0))
+        self.kept_epoch = int(state.get("kept_epoch", 0))
         self.last_bad = list(state.get("last_bad", []))
 
     # -- test hook ------------------------------------------------------------------------------------------------
     def inject(self, output, global_step: int):
-        """``run.debug_nan_steps``: turn ``debug_nan_loss`` (and the total) into NaN at those global steps."""
-        if global_step not in self.debug_nan_steps:
+        """``run.debug_nan_steps`` (``testing.inject_nan``)."""
+        if not self.debug_nan_steps:
             return output
-        if self.debug_nan_ranks is not None and distributed.get_rank() not in self.debug_nan_ranks:
-            return output
-        if not isinstance(output, Mapping) or "loss" not in output:
-            return output
-        key = self.debug_nan_loss if output.get(self.debug_nan_loss) is not None else "loss"
-        poisoned = output[key] * float("nan")
-        output[key] = poisoned
-        if key != "loss":
-            output["loss"] = output["loss"] + poisoned
-        logger.warning("debug_nan_steps: %s set to NaN at global step %d", key, global_step)
-        return output
+        return testing.inject_nan(output, global_step, self.debug_nan_steps, self.debug_nan_ranks,
+                                  self.debug_nan_loss)
 
     # -- decisions ------------------------------------------------------------------------------------------------
     def check(self, loss: torch.Tensor, output) -> List[str]:
@@ -368,28 +356,22 @@ class StepGuard:
 
     def stepped(self) -> None:
         self.consecutive = 0
+        self.kept_epoch += 1
+
+    def end_epoch(self, epoch) -> None:
+        """An epoch whose every optimiser step was skipped is a failure, however short (the streak limit cannot
+        trigger in an epoch of fewer steps): ``NonFiniteLossError`` before its checkpoint is written."""
+        if self.skipped_epoch and not self.kept_epoch:
+            raise NonFiniteLossError(
+                f"every optimiser step of epoch {epoch} ({self.skipped_epoch}) had a non-finite loss or gradient; "
+                f"last: {', '.join(self.last_bad)}. No checkpoint of this epoch is written: check the weights the run "
+                f"started from (a corrupt or diverged checkpoint), the data, and the learning rate.")
 
     def amp_overflow(self, scale_before: float, scale_after: float) -> None:
         self.amp_overflows_epoch += 1
+        self.kept_epoch += 1  # the scaler's business, not a bad step
         logger.info("amp: gradients overflowed at scale %g; GradScaler skipped the step (scale now %g)",
                     scale_before, scale_after)
-
-
-TEST_KILL_ENV = "LAVIS_XFORMER_TEST_KILL"
-
-
-def test_kill(global_step: int) -> None:
-    """``LAVIS_XFORMER_TEST_KILL=RANK@STEP``: SIGKILL this process in the forward of global step STEP when it is
-    rank RANK, in the first attempt of a torchrun job only (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so the
-    restarted job runs through. A test hook for killing one rank of a distributed run; unset in real runs."""
-    value = os.environ.get(TEST_KILL_ENV, "")
-    if not value or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
-        return
-    rank, _, step = value.partition("@")
-    if int(rank) == distributed.get_rank() and int(step) == global_step:
-        logger.warning("%s: killing rank %s at global step %d", TEST_KILL_ENV, rank, global_step)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class OutputWatch:
@@ -397,8 +379,9 @@ class OutputWatch:
     loss term that broke and the runner can log the task's loss terms, and applies the NaN test hook. Inactive
     outside ``watching()`` (evaluation passes)."""
 
-    def __init__(self, module: torch.nn.Module, guard: StepGuard):
+    def __init__(self, module: torch.nn.Module, guard: StepGuard, stop_requested=lambda: False):
         self.guard = guard
+        self.stop_requested = stop_requested  # for ``testing.pause_at_step``: a signal handler's stop request
         self.output = None
         self.global_step: Optional[int] = None
         self._handle = module.register_forward_hook(self._hook)
@@ -406,7 +389,8 @@ class OutputWatch:
     def _hook(self, module, inputs, output):
         if self.global_step is None:
             return None
-        test_kill(self.global_step)
+        testing.kill_at_step(self.global_step)
+        testing.pause_at_step(self.global_step, self.stop_requested)
         output = self.guard.inject(output, self.global_step)
         self.output = output
         return output

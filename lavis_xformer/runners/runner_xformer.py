@@ -64,15 +64,12 @@ Reliability (run-config keys, all optional):
   (10) in a row stop the run with ``NonFiniteLossError`` naming the loss. Under amp the scaler is neither stepped nor
   updated on such a step (its scale and growth tracker are untouched); finite losses with overflowing gradients are
   the scaler's own business (it skips and backs off). Without amp a non-finite gradient also skips the step.
-  Test hooks: ``run.debug_nan_steps`` (global steps whose ``run.debug_nan_loss``, default ``loss_itc``, becomes NaN;
-  ``run.debug_nan_ranks`` restricts them to some ranks) and the environment variable
-  ``LAVIS_XFORMER_TEST_SAVE_DELAY=SECONDS[@NAME]`` (a save writes half its bytes, then sleeps) and
-  ``LAVIS_XFORMER_TEST_KILL=RANK@STEP`` (that rank SIGKILLs itself at that global step, in the first torchrun attempt).
+  Test hooks (NaN steps, a stalled save, a killed rank, a pause for a signal): ``lavis_xformer/testing.py``.
+* Resume bookkeeping (job folder, checkpoint content, save, resume) lives in ``runners/resume.py``.
 """
 
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,17 +85,7 @@ from lavis.runners.runner_base import RunnerBase
 from lavis.tasks.base_task import BaseTask
 
 from lavis_xformer import compat, run_config
-from lavis_xformer.checkpoints import (
-    CheckpointError,
-    extract_state_dict,
-    find_resume_checkpoint,
-    load_trainable_state_dict,
-    read_checkpoint,
-    remove_interrupted_saves,
-    save_checkpoint_atomically,
-    trainable_state_dict,
-)
-from lavis_xformer.common import distributed, jobs
+from lavis_xformer.common import distributed
 from lavis_xformer.common.distributed import get_rank, get_world_size, is_main_process
 from lavis_xformer.datasets.robust import RobustDataset, check_bad_sample_limits
 from lavis_xformer.runners.logs import IterationLog
@@ -107,18 +94,17 @@ from lavis_xformer.runners.reliability import (
     MixedLoader,
     OutputWatch,
     StepGuard,
-    capture_rng_state,
     derive_seed,
     first_nonfinite_gradient,
-    restore_rng_state,
 )
-
-TRAINER_STATE_FORMAT = 1
-# Run settings that change what an exact resume computes: a difference from the checkpoint's config is reported.
-_EXACTNESS_KEYS = ("seed", "batch_size_train", "accum_grad_iters", "world_size", "amp", "lr_sched", "init_lr",
-                   "min_lr", "warmup_lr", "warmup_steps", "weight_decay", "beta2", "iters_per_inner_epoch",
-                   "train_dataset_ratios")
-
+from lavis_xformer.runners.preemption import (
+    DEFAULT_CHECKPOINT_MINUTES,
+    DEFAULT_SIGNALS,
+    Preempted,
+    StopSignals,
+    log_preempted,
+)
+from lavis_xformer.runners.resume import ResumeMixin
 
 # ---------------------------------------------------------------------------------------------------------------
 # Bad data
@@ -170,16 +156,6 @@ def make_train_datasets_robust(datasets: dict, train_splits, run_cfg) -> List[Ro
             logging.info("%s/%s: unusable samples are replaced and counted (max_bad_fraction %g)",
                          name, split, dataset.max_bad_fraction)
     return robust
-
-
-def _lr_scheduler_state(scheduler) -> dict:
-    """LAVIS's schedulers are plain objects whose lr is a function of (epoch, step) and their parameters: those
-    are saved (a torch scheduler's ``state_dict`` would be saved as such)."""
-    if hasattr(scheduler, "state_dict"):
-        return {"class": type(scheduler).__name__, "state": scheduler.state_dict()}
-    params = {key: value for key, value in vars(scheduler).items()
-              if value is None or isinstance(value, (bool, int, float, str))}
-    return {"class": type(scheduler).__name__, "params": params}
 
 
 def _format_meter(meter) -> str:
@@ -238,11 +214,12 @@ _iteration_mode = run_config.iteration_mode  # one rule for check and the runner
 
 
 @registry.register_runner("runner_xformer")
-class RunnerXFormer(RunnerBase):
+class RunnerXFormer(ResumeMixin, RunnerBase):
     # Set by __init__ / train(); class defaults keep a bare instance's loop (tests build one) epoch-based, unlogged.
     max_iters = iters_per_inner_epoch = 0
     _iteration_log = None
     _train_ratios = None
+    stop_signals = StopSignals(signals=(), every_minutes=0)  # no handlers, no periodic checkpoint
 
     def __init__(self, cfg, task, model, datasets, job_id):
         run_cfg = cfg.run_cfg
@@ -266,24 +243,13 @@ class RunnerXFormer(RunnerBase):
         if self.checkpoint_every_iters < 0:
             raise ValueError(f"run.checkpoint_every_iters={every} must be >= 0")
         self.max_iters, self.iters_per_inner_epoch = _iteration_mode(run_cfg)
+        self.stop_signals = StopSignals(run_cfg.get("preemption_signals", DEFAULT_SIGNALS),
+                                        run_cfg.get("checkpoint_every_minutes", DEFAULT_CHECKPOINT_MINUTES))
         self.best_agg_metric, self.best_epoch = 0, 0
         self._start_iter = 0  # the iteration the first (resumed) epoch starts at
         self._pending_loader = None  # iteration mode: the training loader's position from the checkpoint
         self._iters_per_epoch = None
         self._pending_rng = None  # this rank's RNG states from the checkpoint, restored just before training
-
-    def _claim_job_folder(self, output_dir) -> str:
-        """The run's own job folder under ``output_dir``, created and locked by rank 0 (``common.jobs``), its name
-        broadcast to every rank. LAVIS's ``job_id`` (``now()``, minutes) is not used: two runs started in the same
-        minute shared a folder and overwrote each other's checkpoints."""
-        job_id, self._job_lock = None, None
-        if is_main_process():
-            job_id, self._job_lock = jobs.claim_job_folder(output_dir)
-        return distributed.broadcast_from_main(job_id)
-
-    def _release_job_folder(self) -> None:
-        if getattr(self, "_job_lock", None) is not None:
-            self._job_lock.release()
 
     @property
     def iteration_based(self) -> bool:
@@ -400,6 +366,26 @@ class RunnerXFormer(RunnerBase):
         if not self.evaluate_only and self.resume_ckpt_path is not None:
             self._resume(self.resume_ckpt_path)
         if not self.evaluate_only:
+            self.stop_signals.install()
+        try:
+            cur_epoch = self._train_epochs()
+        except Preempted as stop:
+            if self._iteration_log is not None:
+                self._iteration_log.close()
+            self._release_job_folder()
+            if is_main_process():
+                log_preempted(stop.signum, stop.epoch, stop.iteration, stop.checkpoint)
+            raise
+        finally:
+            self.stop_signals.restore()
+        test_epoch = "best" if len(self.valid_splits) > 0 else cur_epoch
+        self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
+        logging.info("Training time {}".format(time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time))))
+        self._release_job_folder()
+
+    def _train_epochs(self):
+        """The epochs of ``train`` (LAVIS's loop body); returns the last epoch."""
+        if not self.evaluate_only:
             self._iteration_log = IterationLog(
                 self.output_dir, int(self.config.run_cfg.batch_size_train) * get_world_size(),
                 tensorboard=bool(self.config.run_cfg.get("tensorboard", False)))
@@ -429,10 +415,7 @@ class RunnerXFormer(RunnerBase):
 
         if self._iteration_log is not None:
             self._iteration_log.close()
-        test_epoch = "best" if len(self.valid_splits) > 0 else cur_epoch
-        self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
-        logging.info("Training time {}".format(time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time))))
-        self._release_job_folder()
+        return cur_epoch
 
     def train_epoch(self, epoch):
         """One epoch of LAVIS's training (the task's ``train_step``, LAVIS's schedule, accumulation, amp and logs)
@@ -501,7 +484,7 @@ class RunnerXFormer(RunnerBase):
             epoch=epoch, iters_per_epoch=iters_per_epoch, start_iters=start_iters, model=model, optimizer=optimizer,
             scaler=scaler, accum_grad_iters=accum_grad_iters, cuda_enabled=cuda_enabled,
             trainable=[(n, p) for n, p in self.unwrap_dist_model(model).named_parameters() if p.requires_grad],
-            watch=OutputWatch(self.unwrap_dist_model(model), self.step_guard),
+            watch=OutputWatch(self.unwrap_dist_model(model), self.step_guard, self.stop_signals.requested),
             log_freq=log_freq, iteration_log=self._iteration_log,
         )
         first = first_iter
@@ -511,7 +494,8 @@ class RunnerXFormer(RunnerBase):
         if first:
             logging.info("resuming epoch %s at iteration %d", epoch, first)
         try:
-            for i in run.metric_logger.log_every(range(first, iters_per_epoch), log_freq, run.header):
+            steps = range(first, iters_per_epoch)  # empty for a run resumed at the epoch's very end
+            for i in run.metric_logger.log_every(steps, log_freq, run.header) if len(steps) else steps:
                 samples = prepare_sample(next(data_loader), cuda_enabled=cuda_enabled)
                 samples.update({"epoch": run.inner_epoch, "num_iters_per_epoch": iters_per_epoch, "iters": i})
                 lr_scheduler.step(cur_epoch=run.inner_epoch, cur_step=i)
@@ -522,8 +506,11 @@ class RunnerXFormer(RunnerBase):
                 self._log_step(run, loss, bad)
                 self._log_iteration(run, i)
                 self._checkpoint_inside_epoch(run, done=i + 1)
+                self._stop_or_save(run, done=i + 1)
         finally:
             run.watch.remove()
+        if first < iters_per_epoch:  # (a run resumed at the epoch's very end has no step of its own here)
+            self.step_guard.end_epoch(epoch)
         if run.iteration_log is not None:
             run.iteration_log.end_epoch(self._loss_meters(run), self._iteration_log_names)
         return self._epoch_stats(run)
@@ -617,6 +604,19 @@ class RunnerXFormer(RunnerBase):
         if every and done < run.iters_per_epoch and done % every == 0 and done % run.accum_grad_iters == 0:
             self.save_progress(run.epoch, done, complete=False)
 
+    def _stop_or_save(self, run, done) -> None:
+        """At the end of an accumulation window: on a stop signal (any rank's), a resumable checkpoint and
+        ``Preempted``; else the periodic checkpoint when ``run.checkpoint_every_minutes`` have passed
+        (``runners/preemption.py``)."""
+        if done % run.accum_grad_iters:
+            return
+        stop, due = self.stop_signals.poll()
+        if stop:
+            path = self.save_progress(run.epoch, done, complete=False)
+            raise Preempted(stop, path, run.epoch, done)
+        if due and done < run.iters_per_epoch:
+            self.save_progress(run.epoch, done, complete=False)
+
     def _epoch_stats(self, run) -> dict:
         """The epoch's averages over all ranks: LAVIS's ``lr`` and ``loss``, then the task's loss terms."""
         run.metric_logger.synchronize_between_processes()
@@ -653,171 +653,3 @@ class RunnerXFormer(RunnerBase):
             first = self.robust_datasets[0]
             check_bad_sample_limits(bad, loaded, first.max_bad_fraction, first.max_bad_samples)
         return stats
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Checkpoints
-    # ------------------------------------------------------------------------------------------------------------
-    def checkpoint_path(self, tag) -> str:
-        """``checkpoint_{tag}.pth`` in the job's output folder (tag: an epoch number, "{epoch}_iter{k}" or "best")."""
-        return os.path.join(self.output_dir, f"checkpoint_{tag}.pth")
-
-    def checkpoint_state(self, cur_epoch) -> dict:
-        """LAVIS's checkpoint content; ``restore_checkpoint_state`` is its inverse."""
-        return {
-            "model": trainable_state_dict(self.unwrap_dist_model(self.model)),
-            "optimizer": self.optimizer.state_dict(),
-            "config": self.config.to_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "epoch": cur_epoch,
-        }
-
-    def trainer_state(self, epoch, next_iter, iters_per_epoch, complete, rank_states) -> dict:
-        """What an exact resume needs beyond LAVIS's content (``checkpoint["trainer"]``)."""
-        return {
-            "format": TRAINER_STATE_FORMAT,
-            "epoch": int(epoch),
-            "iteration": int(next_iter),
-            "iters_per_epoch": int(iters_per_epoch),
-            "complete": bool(complete),
-            "world_size": int(get_world_size()),
-            "ranks": rank_states,  # per rank: RNG states and bad-data counts
-            "data": {"seed": self.data_seed, "batch_size": int(self.config.run_cfg.batch_size_train),
-                     "order": "EpochLoader" if isinstance(self.train_loader, EpochLoader) else "lavis"},
-            "lr_scheduler": _lr_scheduler_state(self.lr_scheduler),
-            "best_agg_metric": float(self.best_agg_metric),
-            "best_epoch": int(self.best_epoch),
-            "step_guard": self.step_guard.state_dict(),
-            **({"loader": self.train_loader.state_dict()}
-               if self.iteration_based and hasattr(self.train_loader, "state_dict") else {}),
-        }
-
-    def _gather_rank_states(self) -> list:
-        """Every rank's RNG states and bad-data counts, in rank order (a collective)."""
-        return distributed.gather_objects(
-            {"rng": capture_rng_state(), "robust": [d.stats() for d in self.robust_datasets]}
-        )
-
-    def save_progress(self, epoch, next_iter, complete):
-        """Write a resumable checkpoint: ``checkpoint_{epoch}.pth`` at the end of an epoch, else
-        ``checkpoint_{epoch}_iter{next_iter}.pth`` (the older mid-epoch ones of this job are then removed). Called on
-        every rank (the RNG states are gathered); rank 0 writes."""
-        rank_states = self._gather_rank_states()
-        if not is_main_process():
-            return
-        iters_per_epoch = self._iters_per_epoch or len(self.train_loader)
-        path = self.checkpoint_path(epoch if complete else f"{epoch}_iter{next_iter}")
-        # LAVIS resumes after ``epoch``: a mid-epoch checkpoint names the last complete epoch there.
-        state = self.checkpoint_state(epoch if complete else epoch - 1)
-        state["trainer"] = self.trainer_state(epoch, next_iter, iters_per_epoch, complete, rank_states)
-        logging.info("Saving checkpoint at epoch %s, iteration %s to %s.", epoch, next_iter, path)
-        save_checkpoint_atomically(state, path)
-        for old in Path(self.output_dir).glob("checkpoint_*_iter*.pth"):
-            if str(old) != path:
-                old.unlink(missing_ok=True)
-
-    def _resume(self, source):
-        """``run.resume_ckpt_path``: a file; ``auto`` (the furthest readable checkpoint under run.output_dir); or a
-        folder (the furthest readable checkpoint in it and its job folders)."""
-        checkpoint = None
-        search = str(source).lower() == "auto" or os.path.isdir(str(source))
-        if search:
-            path = None
-            if is_main_process():
-                auto = str(source).lower() == "auto"
-                root = Path(self.config.run_cfg.output_dir) if auto else Path(str(source))
-                remove_interrupted_saves(root)
-                # auto: never a folder a live run holds (this run's own included); a named folder is taken as given
-                path, checkpoint = find_resume_checkpoint(root, skip_folder=jobs.folder_in_use if auto else None)
-                logging.info("resume: auto -> %s", path or "no checkpoint under %s, starting fresh" % root)
-            path = distributed.broadcast_from_main(path)
-            if path is None:
-                return
-            source = path
-        if checkpoint is None:
-            checkpoint = read_checkpoint(str(source))
-        self.restore_checkpoint_state(checkpoint, str(source))
-        logging.info("Resume checkpoint from %s (epoch %d, iteration %d)", source, self.start_epoch, self._start_iter)
-        # Build everything lazily built (nothing of it draws random numbers), then put the RNG states back last.
-        _ = self.dataloaders, self.lr_scheduler, self.optimizer
-        if self._pending_rng is not None:
-            restore_rng_state(self._pending_rng)
-            self._pending_rng = None
-
-    def restore_checkpoint_state(self, checkpoint: dict, source: str) -> None:
-        """Load weights, optimizer and scaler; with a ``trainer`` state also the position (epoch, iteration), this
-        rank's RNG states and counters. Older/LAVIS checkpoints continue after their epoch, not bit-exactly."""
-        if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint or "epoch" not in checkpoint:
-            raise CheckpointError(
-                f"run.resume_ckpt_path={source!r} holds weights only (no optimizer state and epoch), so a run cannot "
-                f"resume from it; give a training checkpoint (checkpoint_*.pth of a run), or start a new run from "
-                f"these weights with model.pretrained={source}")
-        load_trainable_state_dict(self.unwrap_dist_model(self.model), extract_state_dict(checkpoint), source)
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if self.scaler is not None and checkpoint.get("scaler"):
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        self.start_epoch, self._start_iter = int(checkpoint["epoch"]) + 1, 0
-        trainer = checkpoint.get("trainer")
-        if not trainer:
-            logging.warning("%s holds no trainer state (RNG, data order): training continues after epoch %d, but "
-                            "not bit-identically to an uninterrupted run", source, self.start_epoch - 1)
-            return
-        if trainer.get("complete", True):
-            self.start_epoch, self._start_iter = int(trainer["epoch"]) + 1, 0
-        else:
-            self.start_epoch, self._start_iter = int(trainer["epoch"]), int(trainer["iteration"])
-        self.best_agg_metric = trainer.get("best_agg_metric", 0)
-        self.best_epoch = int(trainer.get("best_epoch", 0))
-        self.step_guard.load_state_dict(trainer.get("step_guard", {}))
-        self._pending_loader = trainer.get("loader")
-        if self.iteration_based and self._pending_loader is None:
-            logging.warning("%s holds no training-stream position: the data restarts at its first batch, and the "
-                            "resumed run is not bit-identical", source)
-        self._report_resume_differences(checkpoint, trainer, source)
-        ranks = trainer.get("ranks") or []
-        if len(ranks) == get_world_size():
-            mine = ranks[get_rank()]
-            self._pending_rng = mine["rng"]
-            if not trainer.get("complete", True):
-                for dataset, counts in zip(self.robust_datasets, mine.get("robust", [])):
-                    dataset.load_stats(counts)
-        else:
-            logging.warning("%s was written by %d ranks, this run has %d: RNG states are not restored, and each "
-                            "rank's share of the data differs; training continues, not bit-identically",
-                            source, len(ranks), get_world_size())
-
-    def _report_resume_differences(self, checkpoint, trainer, source) -> None:
-        saved_run = (checkpoint.get("config") or {}).get("run", {}) or {}
-        current = self.config.run_cfg
-        changed = [f"{key}: {saved_run.get(key)!r} -> {current.get(key)!r}" for key in _EXACTNESS_KEYS
-                   if key in saved_run and saved_run.get(key) != current.get(key)]
-        saved_model = (checkpoint.get("config") or {}).get("model")
-        if saved_model is not None and saved_model != self.config.to_dict().get("model"):
-            changed.append("model config")
-        saved_sched = trainer.get("lr_scheduler") or {}
-        if "state" in saved_sched and hasattr(self.lr_scheduler, "load_state_dict"):
-            self.lr_scheduler.load_state_dict(saved_sched["state"])
-        elif "params" in saved_sched:
-            now = _lr_scheduler_state(self.lr_scheduler).get("params", {})
-            changed += [f"lr schedule {key}: {value!r} -> {now.get(key)!r}"
-                        for key, value in saved_sched["params"].items() if now.get(key) != value]
-        if changed:
-            logging.warning("resuming %s with settings that differ from the checkpoint's (the current ones apply, "
-                            "so the run is not a bit-identical continuation): %s", source, "; ".join(changed))
-
-    def _save_checkpoint(self, cur_epoch, is_best=False):
-        """LAVIS's save (used for ``checkpoint_best.pth``), atomic; rank 0 writes."""
-        if not is_main_process():
-            return
-        path = self.checkpoint_path("best" if is_best else cur_epoch)
-        logging.info("Saving checkpoint at epoch %s to %s.", cur_epoch, path)
-        save_checkpoint_atomically(self.checkpoint_state(cur_epoch), path)
-
-    def _load_checkpoint(self, url_or_filename):
-        """LAVIS's resume entry point: read safely, then restore everything the checkpoint holds."""
-        self._resume(url_or_filename)
-
-    def _reload_best_model(self, model):
-        path = self.checkpoint_path("best")
-        logging.info("Loading checkpoint from %s.", path)
-        load_trainable_state_dict(model, extract_state_dict(read_checkpoint(path)), path)
-        return model

@@ -1,0 +1,3 @@
+from lavis_xformer.checkpoints.cli import main
+
+raise SystemExit(main())
