@@ -65,6 +65,7 @@ setup(
     extras_require={"test": (ROOT / "requirements-test.txt").read_text().split()},
     entry_points={
         "console_scripts": [
+            "lavis-xformer = lavis_xformer.cli:main",  # one command line: lavis-xformer {train,evaluate,check,...}
             "lavis-xformer-train = lavis_xformer.train:main",
             "lavis-xformer-evaluate = lavis_xformer.evaluate:main",
             "lavis-xformer-compare = lavis_xformer.analysis.compare:cli",
