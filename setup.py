@@ -54,6 +54,7 @@ setup(
     description="X-Former (Unifying Contrastive and Reconstruction Learning for MLLMs) as a LAVIS plugin",
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
     python_requires=">=3.10",
     packages=find_packages(include=["lavis_xformer", "lavis_xformer.*"]) + list(SHIPPED_FOLDERS),
     package_dir={package: folder for package, (folder, _) in SHIPPED_FOLDERS.items()},
