@@ -2,7 +2,7 @@
 
 Everything else that LAVIS gets wrong off-GPU is fixed by subclassing (``runner_xformer``, the plugin's tasks and
 models). What is left has no extension point: a module-level function or a class LAVIS instantiates itself.
-Each patch keeps LAVIS's behaviour on GPUs, names the line it replaces, and is tested in tests/test_pipeline.py by
+Each patch keeps LAVIS's behaviour on GPUs, names the line it replaces, and is tested in tests/test_lavis_on_cpu.py by
 running the saved original (``ORIGINALS``) into its failure first.
 
 1. ``SmoothedValue.synchronize_between_processes`` -- lavis/common/logger.py:43 builds its tensor with

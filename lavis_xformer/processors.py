@@ -41,12 +41,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _high_bit_depth_to_uint8(image: Image.Image) -> np.ndarray:
-    """16/32-bit pixels to 0..255 by the format's range, the same for every image (a choice; the per-image min-max
-    stretch it replaces turned a uniform mid-grey black): integer modes are read as 16-bit data (0..65535, what
-    16-bit PNG and TIFF hold; larger values clip), float mode as 0..1 when every value lies there, else 0..255."""
+    """16/32-bit pixels to 0..255 by the format's range, not by the image's own (a choice; the per-image min-max
+    stretch it replaces turned a uniform mid-grey black): ``I;16*`` is 16-bit data (0..65535, what Pillow opens 16-bit
+    PNG and TIFF as); ``I`` is 16-bit data when a value exceeds 255, else 8-bit data (what ``convert("I")`` of an
+    8-bit image gives); ``F`` is 0..1 when every value lies there, else 0..255. Values outside the range clip."""
     array = np.asarray(image, dtype=np.float64)
     if image.mode == "F":
         scale = 255.0 if array.size and 0.0 <= array.min() and array.max() <= 1.0 else 1.0
+    elif image.mode == "I" and (not array.size or array.max() <= 255):
+        scale = 1.0
     else:
         scale = 255.0 / 65535.0
     return np.clip(np.nan_to_num(array * scale), 0, 255).round().astype(np.uint8)

@@ -11,7 +11,7 @@ from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
 from lavis_xformer.models.config import XFormerConfig
 from lavis_xformer.models.xformer import XFormer
-from test_pipeline import PROJECTS, run_cli, shapes_options
+from helpers import PROJECTS, run_cli, shapes_options
 
 CAPTIONS = ["a red circle", "two blue squares and a star", "a green triangle", "three yellow circles"]
 

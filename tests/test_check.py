@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from lavis_xformer import check, launch, paths, run_config
 from lavis_xformer.check import CheckFailed, Finding
 from lavis_xformer.common.meta import build_on_meta
-from test_pipeline import DEMO_TRAIN, PROJECTS, REPO, shapes_options, subprocess_env
+from helpers import DEMO_TRAIN, PROJECTS, REPO, shapes_options, subprocess_env
 
 DEMO_STAGE2 = PROJECTS / "demo" / "pretrain_stage2_shapes.yaml"
 PAPER_VQA_EVAL = PROJECTS / "eval" / "vqav2_zeroshot_opt2.7b.yaml"

@@ -22,7 +22,8 @@ from lavis.models.base_model import BaseModel
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 from PIL import Image
 
-from lavis_xformer.analysis import compare, figures, query_diversity, stats
+from lavis_xformer.analysis import compare, figures, query_diversity, stats, vqa_scoring
+from lavis_xformer.common import atomic
 from lavis_xformer.paths import model_config_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,7 +341,7 @@ def test_known_prediction_file_scores_as_the_official_vqa_evaluator(tmp_path, sh
         else:
             prediction = [answer, NUMBER_WORDS[answer], "the " + answer, str(int(answer) + 1)][i % 4]
         predictions.append({"question_id": qid, "prediction": prediction})
-    ours = compare.score_vqa(prepared, predictions, tmp_path / "scoring", "known")
+    ours = vqa_scoring.score_vqa(prepared, predictions, tmp_path / "scoring", "known")
 
     # LAVIS's VQATask._report_metrics on the same file (LAVIS's result format) with the same official files.
     result_file = tmp_path / "known_vqa_result.json"
@@ -357,7 +358,7 @@ def test_known_prediction_file_scores_as_the_official_vqa_evaluator(tmp_path, sh
     sampled = compare.prepare_benchmark(
         compare.BENCHMARKS["shapes"], compare.Protocol(), shapes_overrides, limit=20, seed=3
     )
-    subset = compare.score_vqa(
+    subset = vqa_scoring.score_vqa(
         sampled,
         [p for p in predictions if p["question_id"] in set(sampled.question_ids)],
         tmp_path / "scoring_subset",
@@ -393,7 +394,7 @@ def test_gqa_is_scored_as_lavis_gqa_task(tmp_path, monkeypatch):
     predictions = [
         {"question_id": i, "prediction": p} for i, p in enumerate(["Yes.", "the table", "two", "right", "white"])
     ]
-    ours = compare.score_gqa(prepared, predictions)
+    ours = vqa_scoring.score_gqa(prepared, predictions)
     result_file = tmp_path / "gqa_result.json"
     result_file.write_text(
         json.dumps(
@@ -521,7 +522,7 @@ def test_missing_data_is_reported_or_skipped(tmp_path, shapes_overrides):
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):
     target = tmp_path / "cache" / "entry.json"
-    compare.atomic_write_json(target, {"a": 1})
+    atomic.atomic_write_json(target, {"a": 1})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in target.parent.iterdir()] == ["entry.json"]
 

@@ -11,7 +11,7 @@ from lavis.datasets.builders.base_dataset_builder import load_dataset_config
 from omegaconf import OmegaConf
 from PIL import Image
 
-from lavis_xformer.analysis import compare
+from lavis_xformer.analysis import compare, vqa_scoring
 from lavis_xformer.datasets import finegrained
 from lavis_xformer.datasets.finegrained import DerivationRule
 
@@ -253,7 +253,7 @@ def test_scoring_normalises_number_words_for_every_model(tmp_path, coco_file):
     with_article = [{"question_id": q, "prediction": f"the {a} "} for q, a in truth.items()]
     wrong = [{"question_id": q, "prediction": str(int(a) + 1)} for q, a in truth.items()]
     scores = {
-        name: compare.score_vqa(prepared, preds, tmp_path / "scoring", name)
+        name: vqa_scoring.score_vqa(prepared, preds, tmp_path / "scoring", name)
         for name, preds in [("digits", as_digits), ("words", as_words), ("article", with_article), ("wrong", wrong)]
     }
     assert scores["digits"].accuracy == scores["words"].accuracy == scores["article"].accuracy == 100.0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pipeline import REPO, subprocess_env
+from helpers import REPO, subprocess_env
 
 STDLIB = set(sys.stdlib_module_names)
 

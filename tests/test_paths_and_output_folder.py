@@ -97,7 +97,7 @@ def test_unwritable_output_folder_is_reported(tmp_path, monkeypatch):
 
 def test_check_reports_the_output_folder_before_building_anything(tmp_path):
     from lavis_xformer.check import check
-    from test_pipeline import DEMO_TRAIN
+    from helpers import DEMO_TRAIN
 
     (tmp_path / "blocker").write_text("x")
     findings = check(DEMO_TRAIN, [f"run.output_dir={tmp_path / 'blocker'}"], memory=False)

@@ -18,7 +18,7 @@ import torch
 from lavis_xformer.checkpoints import read_checkpoint
 from lavis_xformer.common import jobs
 from lavis_xformer.runners.preemption import Preempted, StopSignals, parse_signals
-from test_pipeline import DEMO_TRAIN, shapes_options, subprocess_env
+from helpers import DEMO_TRAIN, shapes_options, subprocess_env
 
 BUILDER = "xformer_shapes_caption"
 SIZES = dict(num_train=48, num_val=4, num_test=8)  # 48 / batch 16 = 3 steps per epoch
@@ -209,3 +209,16 @@ def test_torchrun_sigterm_every_rank_stops_at_the_same_step_and_one_checkpoint_r
     assert result.returncode == 0, output[-5000:]
     assert f"resume: auto -> {job / 'checkpoint_1_iter1.pth'}" in output
     assert "resuming epoch 1 at iteration 1" in output and len(list(out.glob("*/checkpoint_1.pth"))) == 1
+
+
+def test_a_tasks_own_loop_runs_under_pythons_handlers():
+    """A task with its own training loop never polls the flag: the signal must act as Python's default there."""
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = StopSignals(["SIGUSR1"], every_minutes=0)
+    stop.install()
+    try:
+        with stop.suspended():
+            assert signal.getsignal(signal.SIGUSR1) is before
+        assert signal.getsignal(signal.SIGUSR1) == stop._handle
+    finally:
+        stop.restore()

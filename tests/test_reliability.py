@@ -27,7 +27,7 @@ from lavis_xformer.datasets.robust import RobustDataset
 from lavis_xformer.runners import reliability
 from lavis_xformer.runners.reliability import NonFiniteLossError, StepGuard
 from lavis_xformer.runners.runner_xformer import RunnerXFormer, make_train_datasets_robust
-from test_pipeline import DEMO_TRAIN, shapes_options, subprocess_env
+from helpers import DEMO_TRAIN, shapes_options, subprocess_env
 from test_robust_data import BAD_KINDS, GOOD_KINDS, write_dataset
 
 SIZES = dict(num_train=48, num_val=4, num_test=8)  # 48 / batch 16 = 3 steps per epoch
@@ -44,7 +44,7 @@ def train_args(data_root, output_dir, *options, sizes=SIZES):
 
 
 def child_env(**extra):
-    """test_pipeline's subprocess environment with one OpenMP thread per process: on a 2-core machine shared with
+    """helpers.subprocess_env with one OpenMP thread per process: on a 2-core machine shared with
     other processes, two spinning OpenMP threads per process make a step ~50x slower (measured: 4.7 s vs 0.08 s).
     Every run of this file uses it, so the runs compared bit for bit use the same thread count."""
     return dict(subprocess_env(), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", **extra)

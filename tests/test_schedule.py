@@ -17,7 +17,7 @@ from lavis_xformer import launch
 from lavis_xformer.checkpoints import read_checkpoint
 from lavis_xformer.runners.runner_xformer import RunnerXFormer
 from lavis_xformer.runners.schedulers import LinearWarmupCosineIterLRScheduler
-from test_pipeline import DEMO_TRAIN, PROJECTS, shapes_options
+from helpers import DEMO_TRAIN, PROJECTS, shapes_options
 
 INIT, MIN, WARM_START = 1e-4, 5e-5, 1e-6
 

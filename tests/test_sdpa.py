@@ -23,7 +23,7 @@ def pair():
     # fp32 frozen encoders: in bf16 on the CPU the CLIP-ViT and MAE take the reference attention (faster there), and
     # this module is about the SDPA code paths.
     base = load_model("xformer", "tiny").config.to_dict()
-    config = XFormerConfig(**{**base, "sdpa_attention": True, "frozen_cpu_precision": "fp32"})
+    config = XFormerConfig(**{**base, "sdpa_attention": True, "frozen_precision": "fp32"})
     fast = XFormer(config).eval()
     reference = XFormer(XFormerConfig(**{**config.to_dict(), "sdpa_attention": False})).eval()
     reference.load_state_dict(fast.state_dict())
@@ -127,7 +127,7 @@ def _bf16_mae(**overrides):
 
     torch.manual_seed(0)
     base = load_model("xformer", "tiny").config.to_dict()
-    model = XFormer(XFormerConfig(**{**base, "sdpa_attention": True, "frozen_cpu_precision": "fp32", **overrides})).eval()
+    model = XFormer(XFormerConfig(**{**base, "sdpa_attention": True, "frozen_precision": "fp32", **overrides})).eval()
     return model, run_in_half_precision(model.mae_encoder, torch.bfloat16)
 
 

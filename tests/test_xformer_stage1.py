@@ -133,7 +133,7 @@ def test_decoder_predicting_only_the_masked_patches_gives_the_same_loss_and_grad
     (``MaePatchDecoder``): the same predictions there as transformers' decoder, the same loss and gradients as
     ``reconstruction_loss`` over every patch's prediction."""
     from lavis_xformer.models.sdpa import use_reference_attention, use_sdpa_attention
-    from lavis_xformer.models.xformer import masked_patches
+    from lavis_xformer.models.masking import masked_patches
 
     model = tiny(norm_pix_loss=norm_pix_loss, mae_decoder_num_layers=2).train()
     noise = torch.rand(4, 16, generator=torch.Generator().manual_seed(1))

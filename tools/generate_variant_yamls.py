@@ -16,7 +16,7 @@ from typing import Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from lavis_xformer.models.variants import VARIANTS, Variant  # noqa: E402
+from lavis_xformer.models.variants import SCALE_VARIANT_BASES, SCALE_VARIANTS, VARIANTS, Variant  # noqa: E402
 from lavis_xformer.paths import configs_root  # noqa: E402
 
 # Every architecture with variant types: arch -> (stage, {base type: yaml title}).
@@ -84,6 +84,11 @@ def variant_yamls() -> Dict[Path, str]:
                     texts[variant_yaml_path(arch, variant.name, base)] = render_variant_yaml(
                         base_text, variant, "tiny" in base, title
                     )
+    for arch, bases in SCALE_VARIANT_BASES.items():  # MM1's axes: token count and resolution
+        for base in bases:
+            base_text = base_yaml_path(arch, base).read_text()
+            for variant in SCALE_VARIANTS.values():
+                texts[variant_yaml_path(arch, variant.name, base)] = variant.render(base_text)
     return texts
 
 

@@ -103,6 +103,11 @@ class BenchSize:
 TINY = BenchSize(name="tiny", width_divisor=32, depth_divisor=13, batch_size=2, image_size=56, max_txt_len=12)
 
 
+def lavis_shipped_precision() -> str:
+    """The frozen CLIP-ViT's precision in LAVIS's BLIP-2 as shipped: fp16 with CUDA, fp32 on a CPU."""
+    return "fp16" if torch.cuda.is_available() else "fp32"
+
+
 def backbone_fields(size: BenchSize, optimised: bool) -> dict:
     from lavis_xformer.models import published
 
@@ -116,8 +121,9 @@ def backbone_fields(size: BenchSize, optimised: bool) -> dict:
         vit_num_heads=size.heads(vit["num_heads"]),
         vit_mlp_ratio=vit["mlp_ratio"],
         vit_precision="fp16",
-        # LAVIS as shipped runs the frozen ViT in fp32 on a CPU (its fp16 is CUDA-only); the optimised rows in bf16.
-        frozen_cpu_precision="bf16" if optimised else "fp32",
+        # LAVIS as shipped runs the frozen ViT in fp16 with CUDA and fp32 on a CPU (its autocast is CUDA-only); the
+        # optimised rows follow the plugin's policy (bf16 only where the device has it natively: models/precision.py).
+        frozen_precision="auto" if optimised else lavis_shipped_precision(),
         qformer_weights=None,
         qformer_hidden_size=size.width(bert["hidden_size"], bert["num_attention_heads"]),
         qformer_num_layers=size.depth(bert["num_hidden_layers"]),
@@ -162,7 +168,7 @@ def llm_fields(size: BenchSize) -> dict:
     return dict(
         opt_model=None,
         llm_tokenizer="tiny_opt",
-        llm_precision="fp16",
+        llm_precision="auto",  # LAVIS's: OPT in fp16 with CUDA, fp32 on a CPU
         llm_hidden_size=size.width(opt["hidden_size"], opt["num_attention_heads"]),
         llm_num_layers=size.depth(opt["num_hidden_layers"]),
         llm_num_heads=size.heads(opt["num_attention_heads"]),

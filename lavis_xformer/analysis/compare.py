@@ -8,61 +8,20 @@
     python -m lavis_xformer.analysis.compare --models blip2_baseline_opt:tiny xformer_opt:tiny \\
         --benchmarks shapes --limit 48 --out /tmp/cmp                  # offline, on the embedded shapes data
 
-Models are ``[label=]arch:model_type`` (the label defaults to ``arch:model_type``; give one to compare the same
-architecture with different ``--checkpoint LABEL=PATH`` weights). LAVIS's ``blip2_opt`` / ``blip2_t5`` are loaded as
-the plugin's ``blip2_baseline_opt`` / ``blip2_baseline_t5``: the same classes and released weights, with the
-zero-shot VQA generation LAVIS 1.0.2's ``Blip2OPT`` lacks. The first model is the reference: deltas are
-``other - reference``.
-
-Every model answers the same questions (``--limit N``: a uniform sample of N, seeded by ``--seed``, identical for
-every model) with the same protocol (the paper's: prompt "Question: {} Short answer:", 5 beams, length penalty 0,
-at most 10 new tokens), run by LAVIS's task for the benchmark (``valid_step`` -> ``predict_answers``). Each model
-sees images through its own eval processor, and questions through LAVIS's ``blip_question`` processor.
-
-Benchmarks (LAVIS builders; data found where LAVIS's dataset configs point, under its ``cache_root``; change paths
-with ``--options BENCHMARK.key=value``, e.g. ``--options vqav2.build_info.images.storage=/data/coco/images``):
-
-=============  ==============================  ===========  =======================  =================================
-name           builder                         split        task                     scoring
-=============  ==============================  ===========  =======================  =================================
-vqav2          coco_vqa (eval config)          val          xformer_vqa              official VQA accuracy, per type
-gqa            gqa (balanced_testdev config)   val=testdev  xformer_gqa              LAVIS's GQA exact match
-okvqa          ok_vqa                          test         xformer_vqa              official VQA accuracy
-oc_coco ...    xformer_{oc,mci}_{coco,vcr}     test         xformer_finegrained      official VQA accuracy = exact match
-shapes         xformer_shapes_vqa              test         xformer_vqa              official VQA accuracy, per type
-=============  ==============================  ===========  =======================  =================================
-
-``oc`` stands for ``oc_coco oc_vcr`` and ``mci`` for ``mci_coco mci_vcr``. VQA accuracy comes from
-``lavis.common.vqa_tools`` (``VQA`` + ``VQAEval``) on the benchmark's official question/annotation files (restricted
-to the evaluated questions when ``--limit`` is given); GQA is scored as LAVIS's ``GQATask`` scores it (VQAEval's
-punctuation and digit/article normalisation of the prediction, then exact match).
-
-Output in ``--out``:
-
-* ``comparison.md`` / ``comparison.json`` -- per benchmark: accuracy per model, delta, for VQA-style benchmarks the
-  accuracy per answer type (VQAv2: yes/no, number, other), and the paired statistics of ``analysis.stats``
-  (bootstrap 95% interval of the delta, McNemar's exact test);
-* ``per_question/<benchmark>.jsonl`` -- every question with its ground truth and each model's prediction and score;
-* ``accuracy.png`` -- the accuracies as grouped bars;
-* ``query_diversity.json`` / ``query_diversity.png`` -- ``analysis.query_diversity`` per model;
-* ``cache/<model>/<benchmark>.json`` -- one file per finished (model, benchmark): the predictions and what produced
-  them. A rerun with the same settings reads them instead of recomputing, so an interrupted comparison resumes
-  with the first unfinished benchmark (``--recompute`` ignores them); files are written atomically.
+Models are ``[label=]arch:model_type``; the first is the reference (deltas are ``other - reference``). Every model
+answers the same questions with the same protocol through the benchmark's LAVIS task (``vqa_benchmarks``); rank 0
+scores them (``vqa_scoring``) and writes the report (``compare_report``); a finished (model, benchmark) is cached
+(``compare_cache``), so an interrupted comparison resumes. The benchmarks, the scoring and the output files are
+described in docs/evaluation.md.
 """
 
 import argparse
-import contextlib
-import hashlib
-import io
-import json
 import logging
-import os
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -72,68 +31,35 @@ from omegaconf import OmegaConf
 
 import lavis_xformer  # noqa: F401  (registers the plugin's models, tasks, builders; applies compat)
 from lavis.common.registry import registry
-from lavis.common.vqa_tools.vqa import VQA
-from lavis.common.vqa_tools.vqa_eval import VQAEval
-from lavis.datasets.builders.base_dataset_builder import load_dataset_config
 from lavis.models import load_model_and_preprocess
-from lavis.tasks.vqa import GQATask
 from torch.utils.data import DataLoader, Subset
 
 from lavis_xformer import checkpoints
-from lavis_xformer.analysis import figures, query_diversity, stats
+from lavis_xformer.analysis import query_diversity, stats
+from lavis_xformer.analysis.compare_cache import (
+    DIVERSITY,
+    cache_path,
+    diversity_fingerprint,
+    prediction_fingerprint,
+    read_cache,
+)
+from lavis_xformer.analysis.compare_report import write_report
+from lavis_xformer.analysis.vqa_benchmarks import (
+    BENCHMARK_GROUPS,
+    BENCHMARKS,
+    DEFAULT_BENCHMARKS,
+    PreparedBenchmark,
+    Protocol,
+    expand_benchmarks,
+    prepare_benchmark,
+)
 from lavis_xformer.common import distributed
+from lavis_xformer.common.atomic import atomic_write_json
 from lavis_xformer.common.distributed import get_rank, get_world_size
-from lavis_xformer.datasets.finegrained import resolve_path
-
-CACHE_FORMAT = 1
-DIVERSITY = "query_diversity"  # the cache entry of the query-diversity analysis
-
-# ---------------------------------------------------------------------------------------------------------------
-# Benchmarks
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    name: str
-    title: str  #: how tables name it
-    builder: str  #: LAVIS dataset builder
-    config_type: str  #: key of the builder's DATASET_CONFIG_DICT
-    split: str
-    task: str  #: registered LAVIS task that runs it
-
-
-BENCHMARKS = {
-    b.name: b
-    for b in (
-        Benchmark("vqav2", "VQAv2", "coco_vqa", "eval", "val", "xformer_vqa"),
-        Benchmark("gqa", "GQA", "gqa", "balanced_testdev", "val", "xformer_gqa"),
-        Benchmark("okvqa", "OK-VQA", "ok_vqa", "default", "test", "xformer_vqa"),
-        Benchmark("oc_coco", "OC (COCO)", "xformer_oc_coco", "default", "test", "xformer_finegrained"),
-        Benchmark("oc_vcr", "OC (VCR)", "xformer_oc_vcr", "default", "test", "xformer_finegrained"),
-        Benchmark("mci_coco", "MCI (COCO)", "xformer_mci_coco", "default", "test", "xformer_finegrained"),
-        Benchmark("mci_vcr", "MCI (VCR)", "xformer_mci_vcr", "default", "test", "xformer_finegrained"),
-        Benchmark("shapes", "Shapes VQA", "xformer_shapes_vqa", "default", "test", "xformer_vqa"),
-    )
-}
-BENCHMARK_GROUPS = {"oc": ("oc_coco", "oc_vcr"), "mci": ("mci_coco", "mci_vcr")}
-DEFAULT_BENCHMARKS = ("vqav2", "gqa", "okvqa", "oc", "mci")
-
-
-def expand_benchmarks(names: Sequence[str]) -> List[Benchmark]:
-    expanded = []
-    for name in names:
-        for member in BENCHMARK_GROUPS.get(name, (name,)):
-            if member not in BENCHMARKS:
-                valid = sorted(BENCHMARKS) + sorted(BENCHMARK_GROUPS)
-                raise ValueError(f"unknown benchmark {name!r}; choose from {valid}")
-            if BENCHMARKS[member] not in expanded:
-                expanded.append(BENCHMARKS[member])
-    return expanded
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Models and protocol
+# Models
 # ---------------------------------------------------------------------------------------------------------------
 # LAVIS's architecture -> the plugin's class with the same model types and weights, and a zero-shot predict_answers.
 MODEL_ALIASES = {"blip2_opt": "blip2_baseline_opt", "blip2_t5": "blip2_baseline_t5"}
@@ -195,169 +121,6 @@ def parse_model_specs(entries: Sequence[str], checkpoint_entries: Sequence[str] 
     return [ModelSpec(label, arch, model_type, weights.get(label)) for label, arch, model_type in parsed]
 
 
-@dataclass(frozen=True)
-class Protocol:
-    """How every model answers: LAVIS's VQA task settings (``run:`` keys) plus the length penalty."""
-
-    prompt: str = "Question: {} Short answer:"
-    num_beams: int = 5
-    length_penalty: float = 0.0
-    max_len: int = 10
-    min_len: int = 1
-    inference_method: str = "generate"
-    num_ans_candidates: int = 128
-
-    def run_cfg(self):
-        return OmegaConf.create({**asdict(self), "evaluate": True})
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Benchmark preparation: LAVIS task + dataset, and the questions every model answers
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class PreparedBenchmark:
-    benchmark: Benchmark
-    task: object  #: the LAVIS task (VQATask / GQATask subclass) that runs and scores it
-    dataset: object  #: LAVIS eval dataset of the split
-    indices: List[int]  #: dataset positions evaluated, ascending
-    question_ids: List[int]
-    question_file: Optional[str] = None  #: official VQA files (VQA-style scoring)
-    annotation_file: Optional[str] = None
-
-    @property
-    def scoring(self) -> str:
-        return "gqa" if isinstance(self.task, GQATask) else "vqa"
-
-    def question_ids_digest(self) -> str:
-        return hashlib.sha1(json.dumps(self.question_ids).encode()).hexdigest()
-
-
-def dataset_config(benchmark: Benchmark, overrides: Sequence[str] = ()):
-    """The builder's default dataset config, LAVIS's question processor, and the user's overrides."""
-    builder_cls = registry.get_builder_class(benchmark.builder)
-    if builder_cls is None:
-        raise ValueError(f"dataset builder {benchmark.builder!r} is not registered")
-    cfg = load_dataset_config(builder_cls.default_config_path(benchmark.config_type))
-    cfg = OmegaConf.merge(cfg, {"text_processor": {"eval": {"name": "blip_question"}}})
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    build_info = cfg.get("build_info", None)
-    if build_info is not None and benchmark.split in build_info.annotations:
-        # Only the evaluated split: GQA's default config would otherwise load its 1.4 GB train questions.
-        build_info.annotations = {benchmark.split: build_info.annotations[benchmark.split]}
-    return cfg
-
-
-def missing_inputs(benchmark: Benchmark, cfg) -> List[str]:
-    """Files the benchmark needs that are not there (generated data -- shapes, derived OC/MCI files -- excepted)."""
-    if "shapes" in cfg:
-        return []
-    if "finegrained" in cfg:
-        wanted = [cfg.finegrained.annotations, cfg.finegrained.images]
-    else:
-        info = cfg.build_info
-        if benchmark.split not in info.annotations:
-            return [f"build_info.annotations.{benchmark.split} (not in the dataset config)"]
-        storage = info.annotations[benchmark.split].storage
-        wanted = ([storage] if isinstance(storage, str) else list(storage)) + [info.get(cfg.data_type).storage]
-    return [str(resolve_path(p)) for p in wanted if not resolve_path(p).exists()]
-
-
-def prepare_benchmark(
-    benchmark: Benchmark, protocol: Protocol, overrides: Sequence[str] = (), limit: Optional[int] = None, seed: int = 0
-) -> PreparedBenchmark:
-    """Set up the benchmark's LAVIS task from the protocol and build its dataset with the task (which also picks
-    up the official question/annotation files and answer list, as in a LAVIS evaluation run)."""
-    cfg = dataset_config(benchmark, overrides)
-    missing = missing_inputs(benchmark, cfg)
-    if missing:
-        raise FileNotFoundError(
-            f"{benchmark.name}: not found: {', '.join(missing)}. Put the data where LAVIS's dataset config points "
-            f"(relative paths are under cache_root {registry.get_path('cache_root')}) or override the paths with "
-            f"--options {benchmark.name}.<config key>=<path>"
-        )
-    task = registry.get_task_class(benchmark.task).setup_task(SimpleNamespace(run_cfg=protocol.run_cfg()))
-    datasets = task.build_datasets(SimpleNamespace(datasets_cfg={benchmark.builder: cfg}))
-    splits = datasets[benchmark.builder]
-    if benchmark.split not in splits:
-        raise ValueError(
-            f"{benchmark.name}: builder {benchmark.builder} built splits {sorted(splits)}, not {benchmark.split}"
-        )
-    dataset = splits[benchmark.split]
-    indices = list(range(len(dataset)))
-    if limit is not None and limit < len(indices):
-        indices = sorted(random.Random(seed).sample(indices, limit))
-    question_ids = [int(dataset.annotation[i]["question_id"]) for i in indices]
-    return PreparedBenchmark(
-        benchmark=benchmark,
-        task=task,
-        dataset=dataset,
-        indices=indices,
-        question_ids=question_ids,
-        question_file=task.ques_files.get(benchmark.split),
-        annotation_file=task.anno_files.get(benchmark.split),
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------------------------------
-def atomic_write_text(path, text: str) -> Path:
-    """Write ``text`` so that ``path`` holds either its old content or all of the new one, even after a crash."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # make the rename itself durable where the platform allows
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    return path
-
-
-def atomic_write_json(path, data) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=1) + "\n")
-
-
-def cache_path(out_dir, spec: ModelSpec, name: str) -> Path:
-    return Path(out_dir) / "cache" / spec.slug / f"{name}.json"
-
-
-def prediction_fingerprint(spec: ModelSpec, prepared: PreparedBenchmark, protocol: Protocol, seed: int) -> dict:
-    return {
-        "format": CACHE_FORMAT,
-        "model": spec.identity(),
-        "build_seed": seed,
-        "benchmark": prepared.benchmark.name,
-        "builder": prepared.benchmark.builder,
-        "split": prepared.benchmark.split,
-        "protocol": asdict(protocol),
-        "num_questions": len(prepared.question_ids),
-        "question_ids_sha1": prepared.question_ids_digest(),
-    }
-
-
-def read_cache(path: Path, fingerprint: dict) -> Optional[dict]:
-    """The cached entry if it was produced by exactly these settings, else None."""
-    if not path.is_file():
-        return None
-    try:
-        entry = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        logging.warning("%s is unreadable; recomputing", path)
-        return None
-    if entry.get("fingerprint") != fingerprint:
-        logging.warning("%s was produced with other settings; recomputing", path)
-        return None
-    return entry
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Inference (every rank)
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,218 +169,6 @@ def predict(
     if sorted(by_id) != sorted(prepared.question_ids):
         raise RuntimeError(f"{prepared.benchmark.name}: predictions do not cover the evaluated questions exactly")
     return [by_id[qid] for qid in sorted(by_id)]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Scoring (rank 0)
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class BenchmarkScores:
-    accuracy: float  #: percent, as the evaluator reports it
-    per_answer_type: Dict[str, float]  #: percent per answer type (VQA-style benchmarks)
-    per_question: Dict[int, float]  #: question_id -> score in [0, 1]
-    ground_truth: Dict[int, List[str]] = field(default_factory=dict)
-    answer_types: Dict[int, str] = field(default_factory=dict)
-
-
-def official_files_for(prepared: PreparedBenchmark, workdir: Path):
-    """The official question/annotation files, restricted to the evaluated questions when they are a subset
-    (VQA.loadRes insists that a result file answers every question of the files)."""
-    if not prepared.question_file or not prepared.annotation_file:
-        raise ValueError(
-            f"{prepared.benchmark.name}: the dataset has no official VQA question/annotation files to score with"
-        )
-    questions = json.loads(Path(prepared.question_file).read_text())
-    wanted = set(prepared.question_ids)
-    if {q["question_id"] for q in questions["questions"]} == wanted:
-        return prepared.question_file, prepared.annotation_file
-    annotations = json.loads(Path(prepared.annotation_file).read_text())
-    questions["questions"] = [q for q in questions["questions"] if q["question_id"] in wanted]
-    annotations["annotations"] = [a for a in annotations["annotations"] if a["question_id"] in wanted]
-    if len(annotations["annotations"]) != len(wanted):
-        raise ValueError(f"{prepared.benchmark.name}: the official files lack some evaluated questions")
-    question_file = atomic_write_json(workdir / "questions.json", questions)
-    annotation_file = atomic_write_json(workdir / "annotations.json", annotations)
-    return str(question_file), str(annotation_file)
-
-
-def score_vqa(prepared: PreparedBenchmark, predictions: List[dict], workdir: Path, label: str) -> BenchmarkScores:
-    """LAVIS's official VQA evaluation (what ``VQATask._report_metrics`` runs), keeping the per-question scores."""
-    question_file, annotation_file = official_files_for(prepared, workdir)
-    result_file = atomic_write_json(
-        workdir / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', label)}_vqa_result.json",
-        [{"question_id": p["question_id"], "answer": p["prediction"]} for p in predictions],
-    )
-    with contextlib.redirect_stdout(io.StringIO()):  # the evaluator prints progress bars
-        vqa = VQA(annotation_file, question_file)
-        ground_truth = {qid: [a["answer"] for a in vqa.qa[qid]["answers"]] for qid in prepared.question_ids}
-        answer_types = {qid: vqa.qa[qid]["answer_type"] for qid in prepared.question_ids}
-        result = vqa.loadRes(resFile=str(result_file), quesFile=question_file)
-        evaluator = VQAEval(vqa, result, n=2)
-        evaluator.evaluate()
-    return BenchmarkScores(
-        accuracy=evaluator.accuracy["overall"],
-        per_answer_type=dict(sorted(evaluator.accuracy["perAnswerType"].items())),
-        per_question={qid: evaluator.evalQA[qid] / 100.0 for qid in prepared.question_ids},
-        ground_truth=ground_truth,
-        answer_types=answer_types,
-    )
-
-
-def score_gqa(prepared: PreparedBenchmark, predictions: List[dict]) -> BenchmarkScores:
-    """LAVIS's ``GQATask._report_metrics`` rule per question: normalise the generated answer with VQAEval's
-    punctuation and digit/article processing, then exact match with the ground truth."""
-    normalizer = VQAEval()
-    truth = {
-        int(prepared.dataset.annotation[i]["question_id"]): prepared.dataset.annotation[i]["answer"]
-        for i in prepared.indices
-    }
-    per_question = {}
-    for p in predictions:
-        answer = p["prediction"]
-        if prepared.task.inference_method == "generate":
-            answer = normalizer.processDigitArticle(normalizer.processPunctuation(answer))
-        per_question[p["question_id"]] = 1.0 if answer == truth[p["question_id"]] else 0.0
-    accuracy = round(100.0 * sum(per_question.values()) / len(per_question), 2)
-    return BenchmarkScores(accuracy, {}, per_question, {qid: [a] for qid, a in truth.items()})
-
-
-def score(prepared: PreparedBenchmark, predictions: List[dict], workdir: Path, label: str) -> BenchmarkScores:
-    if prepared.scoring == "gqa":
-        return score_gqa(prepared, predictions)
-    return score_vqa(prepared, predictions, workdir, label)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------------------------------
-def per_question_rows(prepared: PreparedBenchmark, specs, predictions, scores) -> List[dict]:
-    questions = {
-        int(prepared.dataset.annotation[i]["question_id"]): prepared.dataset.annotation[i] for i in prepared.indices
-    }
-    reference = scores[specs[0].label]
-    rows = []
-    for qid in prepared.question_ids:
-        rows.append(
-            {
-                "question_id": qid,
-                "question": questions[qid]["question"],
-                "image": questions[qid].get("image"),
-                "ground_truth": reference.ground_truth.get(qid),
-                "answer_type": reference.answer_types.get(qid),
-                "models": {
-                    s.label: {"prediction": predictions[s.label][qid], "score": scores[s.label].per_question[qid]}
-                    for s in specs
-                },
-            }
-        )
-    return rows
-
-
-def benchmark_report(
-    prepared: PreparedBenchmark, specs, scores, num_resamples: int, confidence: float, seed: int
-) -> dict:
-    reference = specs[0].label
-    accuracy = {s.label: scores[s.label].accuracy for s in specs}
-    report = {
-        "title": prepared.benchmark.title,
-        "builder": prepared.benchmark.builder,
-        "split": prepared.benchmark.split,
-        "task": prepared.benchmark.task,
-        "num_questions": len(prepared.question_ids),
-        "accuracy": accuracy,
-        "per_answer_type": {s.label: scores[s.label].per_answer_type for s in specs},
-        "delta": {},
-        "statistics": {},
-    }
-    reference_scores = [scores[reference].per_question[q] for q in prepared.question_ids]
-    report["per_answer_type_delta"] = {}
-    for s in specs[1:]:
-        report["delta"][s.label] = round(accuracy[s.label] - accuracy[reference], 2)
-        report["per_answer_type_delta"][s.label] = {
-            answer_type: round(value - scores[reference].per_answer_type[answer_type], 2)
-            for answer_type, value in scores[s.label].per_answer_type.items()
-            if answer_type in scores[reference].per_answer_type
-        }
-        other_scores = [scores[s.label].per_question[q] for q in prepared.question_ids]
-        comparison = stats.compare_paired(reference_scores, other_scores, num_resamples, confidence, seed)
-        report["statistics"][s.label] = {"reference": reference, **comparison.to_dict()}
-    return report
-
-
-def answer_type_rows(benchmark_report: dict, reference: str) -> List[str]:
-    """The answer types worth a row of their own: all of them when there are several (VQAv2's yes/no, number,
-    other), none when the benchmark has one (OC is all numbers)."""
-    types = sorted(benchmark_report["per_answer_type"].get(reference, {}))
-    return types if len(types) > 1 else []
-
-
-def _signed(value: float) -> str:
-    return f"{value:+.2f}"
-
-
-def _p_value(value: float) -> str:
-    return f"{value:.3g}" if value >= 1e-4 else f"{value:.1e}"
-
-
-def markdown_table(report: dict) -> str:
-    specs = report["models"]
-    labels = [m["label"] for m in specs]
-    reference, others = labels[0], labels[1:]
-    header = ["benchmark", "split", "questions", *labels]
-    for label in others:
-        header += [f"Δ {label}", "95% CI", "McNemar p (b/c)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, b in report["benchmarks"].items():
-        row = [b["title"], b["split"], str(b["num_questions"]), *(f"{b['accuracy'][l]:.2f}" for l in labels)]
-        for label in others:
-            s = b["statistics"][label]
-            m = s["mcnemar"]
-            row += [
-                _signed(b["delta"][label]),
-                f"[{_signed(s['ci_low'])}, {_signed(s['ci_high'])}]",
-                f"{_p_value(m['p_value'])} ({m['only_a_correct']}/{m['only_b_correct']})",
-            ]
-        lines.append("| " + " | ".join(row) + " |")
-        for answer_type in answer_type_rows(b, reference):
-            row = [f"{b['title']} · {answer_type}", "", ""]
-            row += [f"{b['per_answer_type'][l].get(answer_type, float('nan')):.2f}" for l in labels]
-            for label in others:
-                row += [_signed(b["per_answer_type_delta"][label].get(answer_type, float("nan"))), "", ""]
-            lines.append("| " + " | ".join(row) + " |")
-    p = report["settings"]["protocol"]
-    notes = [
-        "",
-        f"Reference: {reference}. Δ = model − reference, in accuracy points. Protocol: prompt {p['prompt']!r}, "
-        f"{p['num_beams']} beams, length penalty {p['length_penalty']}, max {p['max_len']} new tokens.",
-        f"95% CI: paired percentile bootstrap over questions ({report['settings']['bootstrap_resamples']} resamples, "
-        f"seed {report['settings']['seed']}). McNemar: exact two-sided binomial test on the questions exactly one "
-        f"model gets right (score ≥ {stats.CORRECT_AT}); b = only the reference right, c = only the other right.",
-    ]
-    diversity = report.get("query_diversity")
-    if diversity:
-        notes += ["", "| model | query diversity | vs reference | images |", "|---|---|---|---|"]
-        for entry in diversity["models"]:
-            notes.append(
-                f"| {entry['label']} | {entry['diversity']:.4f} | {entry['relative_to_reference_percent']:+.1f}% | "
-                f"{entry['num_images']} |"
-            )
-        notes.append("")
-        notes.append(
-            "Query diversity: 1 − mean off-diagonal cosine similarity between a model's output queries, "
-            "averaged over images (supplement, section 6)."
-        )
-    return "\n".join(["# Model comparison", "", *lines, *notes]) + "\n"
-
-
-def accuracy_groups(report: dict, labels: Sequence[str]) -> List[tuple]:
-    """The bars of ``accuracy.png``: (benchmark, "all" or answer type, one accuracy per model of ``labels``)."""
-    groups = []
-    for b in report["benchmarks"].values():
-        groups.append((b["title"], "all", [b["accuracy"][l] for l in labels]))
-        for answer_type in answer_type_rows(b, labels[0]):
-            groups.append((b["title"], answer_type, [b["per_answer_type"][l].get(answer_type, 0.0) for l in labels]))
-    return groups
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -774,76 +325,6 @@ def run_comparison(
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return ComparisonResult(report, computed, skipped)
-
-
-def diversity_fingerprint(spec: ModelSpec, source: PreparedBenchmark, indices: List[int], seed: int) -> dict:
-    images = [source.dataset.annotation[i]["image"] for i in indices]
-    return {
-        "format": CACHE_FORMAT,
-        "model": spec.identity(),
-        "build_seed": seed,
-        "benchmark": source.benchmark.name,
-        "images_sha1": hashlib.sha1(json.dumps(images).encode()).hexdigest(),
-    }
-
-
-def write_report(specs, prepared, with_diversity: bool, settings: ComparisonSettings, skipped) -> dict:
-    """Score every cached prediction set and write the tables, per-question files and charts."""
-    out_dir = Path(settings.out_dir)
-    report = {
-        "models": [
-            {
-                "label": s.label,
-                "arch": s.arch,
-                "loaded_as": s.load_arch(),
-                "model_type": s.model_type,
-                "checkpoint": s.checkpoint,
-            }
-            for s in specs
-        ],
-        "reference": specs[0].label,
-        "settings": {
-            "protocol": asdict(settings.protocol),
-            "limit": settings.limit,
-            "seed": settings.seed,
-            "bootstrap_resamples": settings.bootstrap_resamples,
-            "confidence": settings.confidence,
-            "correct_at": stats.CORRECT_AT,
-        },
-        "benchmarks": {},
-        "skipped": skipped,
-    }
-    for name, p in prepared.items():
-        predictions, scores = {}, {}
-        for s in specs:
-            entry = json.loads(cache_path(out_dir, s, name).read_text())
-            predictions[s.label] = {item["question_id"]: item["prediction"] for item in entry["predictions"]}
-            scores[s.label] = score(p, entry["predictions"], out_dir / "scoring" / name, s.label)
-        rows = per_question_rows(p, specs, predictions, scores)
-        atomic_write_text(out_dir / "per_question" / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        report["benchmarks"][name] = benchmark_report(
-            p, specs, scores, settings.bootstrap_resamples, settings.confidence, settings.seed
-        )
-    if with_diversity:
-        results = [
-            query_diversity.QueryDiversity.from_dict(
-                json.loads(cache_path(out_dir, s, DIVERSITY).read_text())["result"]
-            )
-            for s in specs
-        ]
-        relative = {entry["label"]: entry for entry in query_diversity.relative_difference(results)}
-        report["query_diversity"] = {
-            "models": [{**r.to_dict(), **relative[r.label]} for r in results],
-            "reference": specs[0].label,
-        }
-        figures.heatmap_png(results, out_dir / "query_diversity.png")
-        atomic_write_json(out_dir / "query_diversity.json", report["query_diversity"])
-    atomic_write_json(out_dir / "comparison.json", report)
-    atomic_write_text(out_dir / "comparison.md", markdown_table(report))
-    labels = [m["label"] for m in report["models"]]
-    figures.accuracy_bars_png(labels, accuracy_groups(report, labels), out_dir / "accuracy.png")
-    logging.info("comparison written to %s", out_dir / "comparison.md")
-    return report
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,6 +35,24 @@ ARCHS = (
     ("xformer_opt", 2),
     ("blip2_baseline_t5", 2),
     ("xformer_t5", 2),
+    # the connectors of the systems that followed (models/connector_llm.py; docs/connectors.md)
+    ("perceiver_opt", 2),
+    ("perceiver_t5", 2),
+    ("projector_opt", 2),
+    ("projector_t5", 2),
+    ("perceiver_dual_opt", 2),
+    ("perceiver_dual_t5", 2),
+)
+# The connector comparison with OPT-2.7B (forward FLOPs per sample counted too): each connector's base type; with
+# ``--flops all`` also the token-count and resolution rows (variants.SCALE_VARIANTS) of each.
+CONNECTOR_ROWS = (
+    ("blip2_baseline_opt", "pretrain_opt2.7b"),
+    ("xformer_opt", "pretrain_opt2.7b"),
+    ("perceiver_opt", "pretrain_opt2.7b"),
+    ("perceiver_opt", "pretrain_matched_opt2.7b"),
+    ("projector_opt", "pretrain_opt2.7b"),
+    ("projector_opt", "pretrain_llava_opt2.7b"),
+    ("perceiver_dual_opt", "pretrain_opt2.7b"),
 )
 
 
@@ -150,6 +168,69 @@ def collect(archs=ARCHS) -> List[Row]:
     return rows
 
 
+@dataclass
+class ConnectorRow:
+    """A connector at paper scale with OPT-2.7B: its sizes and the forward FLOPs per sample of its training
+    objective (one caption), the LLM's part of them apart."""
+
+    arch: str
+    model_type: str
+    visual_tokens: int  # tokens the LLM reads
+    image_size: int
+    trainable: int
+    frozen: int
+    forward_flops: float  # per sample
+    llm_flops: float  # per sample, the frozen LLM's part
+
+
+def connector_rows(include_scale_variants: bool = False) -> List[ConnectorRow]:
+    """``CONNECTOR_ROWS`` (and the token / resolution rows) built on the ``meta`` device, FLOPs counted by
+    ``torch.utils.flop_counter`` (2 per multiply-accumulate) on a batch of 2 at the type's resolution."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lavis_xformer.analysis.bench import CAPTION, _meta_scalars_on_cpu
+    from lavis_xformer.common.meta import on_meta
+    from lavis_xformer.models.variants import SCALE_VARIANT_BASES, SCALE_VARIANTS, variant_type_name
+
+    types = list(CONNECTOR_ROWS)
+    if include_scale_variants:
+        types += [(arch, variant_type_name(v, base)) for arch, bases in SCALE_VARIANT_BASES.items()
+                  if arch != "xformer" for base in bases for v in SCALE_VARIANTS]
+    rows = []
+    for arch, model_type in types:
+        model = build_on_meta(arch, model_type).train()
+        trainable, frozen = count_parameters(model)
+        size, batch = model.config.image_size, 2
+        counter = FlopCounterMode(display=False)
+        with on_meta(), counter, _meta_scalars_on_cpu():
+            model({"image": torch.zeros(batch, 3, size, size), "text_input": [CAPTION] * batch})
+        llm = sum(sum(counts.values()) for name, counts in counter.get_flop_counts().items()
+                  if name.endswith((".opt_model", ".t5_model")))
+        tokens = model.config.num_query_token or (size // model.config.vit_patch_size) ** 2  # 0: every patch
+        rows.append(ConnectorRow(arch, model_type, tokens, size, trainable, frozen,
+                                 counter.get_total_flops() / batch, llm / batch))
+        del model
+    return rows
+
+
+def connectors_markdown(rows: List[ConnectorRow]) -> str:
+    lines = [
+        "## Connectors with OPT-2.7B, paper scale",
+        "",
+        "| architecture | model type | visual tokens | image | trainable | frozen | forward GFLOPs / sample | "
+        "of which LLM |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r.arch} | {r.model_type} | {r.visual_tokens} | {r.image_size} | {_m(r.trainable)} | "
+                     f"{_m(r.frozen)} | {r.forward_flops / 1e9:,.0f} | {r.llm_flops / 1e9:,.0f} |")
+    lines += ["", "Forward FLOPs of the training objective per sample (one shapes-length caption), counted by "
+              "`torch.utils.flop_counter` on the `meta` device (2 FLOPs per multiply-accumulate); the connectors "
+              "differ in the image side and in the tokens the LLM reads. docs/connectors.md describes each."]
+    return "\n".join(lines)
+
+
 # ================================================================================================================
 # Output
 # ================================================================================================================
@@ -194,9 +275,17 @@ def main(argv=None) -> int:
         description="Trainable and frozen parameters of every model type at paper scale, beside the paper's figures.",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    parser.add_argument("--flops", choices=("connectors", "all", "none"), default="connectors",
+                        help="the connector table with FLOPs per sample: its base rows (default, ~15 s a row), "
+                             "also the token-count and resolution rows (all), or none")
     args = parser.parse_args(argv)
     rows = collect()
-    print(to_json(rows) if args.json else to_markdown(rows))
+    connectors = connector_rows(args.flops == "all") if args.flops != "none" else []
+    if args.json:
+        print(to_json(rows) if args.flops == "none" else json.dumps(
+            {"parameters": json.loads(to_json(rows)), "connectors": [asdict(r) for r in connectors]}, indent=2))
+    else:
+        print(to_markdown(rows) + ("\n\n" + connectors_markdown(connectors) if connectors else ""))
     return 0
 
 

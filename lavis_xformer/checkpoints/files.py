@@ -25,6 +25,7 @@ import torch
 
 from lavis_xformer import testing
 from lavis_xformer.common import jobs
+from lavis_xformer.common.atomic import atomic_write
 from lavis_xformer.testing import TEST_SAVE_DELAY_ENV  # noqa: F401  (re-exported by the package)
 
 logger = logging.getLogger("lavis_xformer.checkpoints")
@@ -280,52 +281,29 @@ def trainable_parameter_names(model_config: dict) -> set:
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
 def save_checkpoint_atomically(obj, path) -> str:
-    """``torch.save`` to ``path`` so that a reader sees the old file or the complete new one, never a torn one; a
-    dict gets the ``checksums`` of its tensors (``tensor_checksums``), which ``read_checkpoint`` verifies.
-
-    The bytes go to a temporary file in the same folder, are flushed and fsync'ed, then ``os.replace`` swaps the
-    file in (atomic on POSIX and Windows); the folder is fsync'ed so that the rename survives a power cut.
-    """
+    """``torch.save`` to ``path`` so that a reader sees the old file or the complete new one, never a torn one
+    (``common.atomic.atomic_write``; the temporary file names its writer, for ``remove_interrupted_saves``); a dict
+    gets the ``checksums`` of its tensors (``tensor_checksums``), which ``read_checkpoint`` verifies."""
     path = os.fspath(path)
     if isinstance(obj, dict):  # verified by ``read_checkpoint``
         obj = {**{k: v for k, v in obj.items() if k != CHECKSUM_KEY}, CHECKSUM_KEY: tensor_checksums(obj)}
-    tmp_path = f"{path}.tmp-{jobs.this_host()}-{os.getpid()}"  # the writer, for ``remove_interrupted_saves``
     delay = testing.save_delay(path)  # a test hook; 0 in real runs
-    try:
-        with open(tmp_path, "wb") as handle:
-            if delay:
-                buffer = io.BytesIO()
-                torch.save(obj, buffer)
-                data = buffer.getvalue()
-                handle.write(data[: len(data) // 2])
-                handle.flush()
-                os.fsync(handle.fileno())
-                time.sleep(delay)
-                handle.write(data[len(data) // 2 :])
-            else:
-                torch.save(obj, handle)
+
+    def write(handle):
+        if delay:
+            buffer = io.BytesIO()
+            torch.save(obj, buffer)
+            data = buffer.getvalue()
+            handle.write(data[: len(data) // 2])
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+            time.sleep(delay)
+            handle.write(data[len(data) // 2 :])
+        else:
+            torch.save(obj, handle)
+
+    atomic_write(path, write, tmp_path=f"{path}.tmp-{jobs.this_host()}-{os.getpid()}")
     return path
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows, where folders cannot be opened; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not support fsync on folders
-    finally:
-        os.close(fd)
 
 
 def export_safetensors(model_or_state_dict, path: str, trainable_only: bool = False,

@@ -287,7 +287,7 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     model, puts its team to sleep and wakes it through a futex: a small op went from 5.9 us to 24-39 us on the
     development machine. X-Former's M (330 kB at bench size) was the first gather that large; after one X-Former
     training step, both models' steps in the same process ran about 30% slower (bench: BLIP-2 385 -> 288 ms,
-    X-Former 543 -> 403 ms with this fix). tests/test_run_isolation_and_strict_loads.py checks no team is started.
+    X-Former 543 -> 403 ms with this fix). tests/test_process_groups.py checks no team is started.
     Across processes the gather is real; torchrun gives each worker ``OMP_NUM_THREADS=1`` unless told otherwise."""
     if get_world_size() == 1:
         return tensor.detach()

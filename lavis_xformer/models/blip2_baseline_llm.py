@@ -24,6 +24,7 @@ from lavis.models.blip2_models.blip2 import Blip2Base
 from lavis.models.blip2_models.blip2_opt import Blip2OPT
 from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
+from lavis_xformer.models import variants
 from lavis_xformer.models.builders import ConfigBuildersMixin, freeze, unfreeze_layernorms
 from lavis_xformer.models.config_llm import Blip2OPTConfig, Blip2T5Config
 from lavis_xformer.models.llm_builders import drop_qformer_text_parts, is_qformer_text_part, keep_qformer_text_parts
@@ -208,7 +209,10 @@ class Blip2BaselineOPT(Blip2BaselineLLM, OPTHead, Blip2OPT):
     >>> model = load_model("blip2_baseline_opt", "pretrain_opt2.7b")  # LAVIS's released BLIP-2 OPT-2.7B
     """
 
-    PRETRAINED_MODEL_CONFIG_DICT = model_type_configs("blip2_baseline_opt", OPT_MODEL_TYPES)
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        **model_type_configs("blip2_baseline_opt", OPT_MODEL_TYPES),
+        **variants.variant_model_types("blip2_baseline_opt", OPT_MODEL_TYPES, stage=2),  # token count, resolution
+    }
     config_class = Blip2OPTConfig
 
 

@@ -120,8 +120,8 @@ def build_clip_vit(cfg) -> nn.Module:
     """LAVIS's EVA ViT: ``create_eva_vit_g`` with its weights, or the same class from the config's sizes (random,
     or a local state dict: ``vit_weights: <file>.pth``).
 
-    A frozen ViT runs in half precision (``precision.frozen_half_dtype``: fp16 with CUDA as LAVIS does, bf16 on a
-    CPU-only machine where LAVIS would stay fp32); a trainable one stays fp32.
+    A frozen ViT runs in the precision ``frozen_precision`` resolves to on this device (``precision.frozen_half_dtype``:
+    bf16 where native, fp16 on a GPU without bf16, else fp32); a trainable one stays fp32.
     """
     half = frozen_half_dtype(cfg) if cfg.freeze_vit else None
     if cfg.vit_weights == "eva_clip_g" and hub_allowed():

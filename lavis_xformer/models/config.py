@@ -14,11 +14,18 @@ from typing import Any, Dict, Optional, get_type_hints
 from pydantic import TypeAdapter, ValidationError
 
 from lavis_xformer.models import published
+from lavis_xformer.models.precision import PRECISIONS
 
 # Keys LAVIS itself reads from a model config (checkpoint loading, registry); they are not model fields.
 LAVIS_LOADING_KEYS = frozenset(
     {"arch", "model_type", "load_finetuned", "load_pretrained", "pretrained", "finetuned"}
 )
+# Fields that were renamed or removed: what to write instead.
+REPLACED_FIELDS = {
+    "frozen_cpu_precision": "frozen_precision (auto | fp32 | bf16 | fp16; auto picks bf16 only where the device runs "
+                            "it natively): frozen_cpu_precision: fp32 is frozen_precision: auto on a CPU without native "
+                            "bf16 (or fp32 everywhere), frozen_cpu_precision: bf16 is frozen_precision: bf16",
+}
 
 
 @dataclass
@@ -36,8 +43,10 @@ class BackboneConfig:
     vit_depth: int = published.EVA_VIT_G["depth"]  #: blocks kept (EVA-g has 40; 39 = second-to-last layer output)
     vit_num_heads: int = published.EVA_VIT_G["num_heads"]  #: CLIP-ViT attention heads
     vit_mlp_ratio: float = published.EVA_VIT_G["mlp_ratio"]  #: CLIP-ViT MLP width / embed width
-    vit_precision: str = "fp16"  #: "fp16": frozen encoders in half precision (fp16 with CUDA); "fp32": never
-    frozen_cpu_precision: str = "bf16"  #: half type of the frozen encoders on a CPU-only machine; "fp32" = LAVIS's
+    vit_precision: str = "fp16"  #: LAVIS's key: "fp16" lets ``frozen_precision`` choose; "fp32": never half precision
+    #: frozen CLIP-ViT and MAE encoder: "auto" = bf16 where the device has it natively (CPU AVX512-BF16/AMX, CUDA
+    #: >= 8.0), fp16 on older GPUs, else fp32; "fp32" / "bf16" / "fp16" force one (models/precision.py)
+    frozen_precision: str = "auto"
     drop_path_rate: float = 0.0  #: stochastic depth of the (frozen) CLIP-ViT
     use_grad_checkpoint: bool = False  #: activation checkpointing inside the CLIP-ViT
     freeze_vit: bool = True  #: keep the CLIP-ViT frozen (the paper always does)
@@ -67,7 +76,12 @@ class BackboneConfig:
 
     def __post_init__(self):
         _check_choice("vit_precision", self.vit_precision, ("fp16", "fp32"))
-        _check_choice("frozen_cpu_precision", self.frozen_cpu_precision, ("bf16", "fp32"))
+        _check_choice("frozen_precision", self.frozen_precision, PRECISIONS)
+        if self.vit_precision == "fp32" and self.frozen_precision in ("bf16", "fp16"):
+            raise ValueError(
+                f"vit_precision='fp32' (never half precision) contradicts frozen_precision={self.frozen_precision!r}; "
+                "set vit_precision: fp16 to let frozen_precision choose, or frozen_precision: auto"
+            )
 
     @classmethod
     def from_lavis_cfg(cls, cfg) -> "BackboneConfig":
@@ -89,7 +103,7 @@ class XFormerConfig(BackboneConfig):
 
     sdpa_attention: bool = True  #: SDPA kernels everywhere (equal to the reference attention to 1e-5)
     #: activation checkpointing of the Q-Former and dual-block layers: less training memory, a recomputed forward
-    #: (models/checkpointing.py; the CLIP-ViT's own switch is ``use_grad_checkpoint``)
+    #: (models/activation_checkpointing.py; the CLIP-ViT's own switch is ``use_grad_checkpoint``)
     checkpoint_trainable_layers: bool = False
 
     # --- frozen MAE-ViT encoder and decoder (transformers' ViTMAEForPreTraining) ---
@@ -128,6 +142,7 @@ class XFormerConfig(BackboneConfig):
 
     # --- losses ---
     reconstruction_loss: bool = True  #: build the frozen MAE decoder and add the reconstruction loss
+    itc_loss: str = "softmax"  #: stage 1's contrastive loss: "softmax" (BLIP-2's) or "sigmoid" (SigLIP, contrastive.py)
     loss_weight_itc: float = 1.0  #: weight of the image-text contrastive loss in the total
     loss_weight_itm: float = 1.0  #: weight of the image-text matching loss in the total
     loss_weight_itg: float = 1.0  #: weight of the image-grounded text generation loss in the total
@@ -136,6 +151,7 @@ class XFormerConfig(BackboneConfig):
     def __post_init__(self):
         BackboneConfig.__post_init__(self)
         _check_choice("itg_conditioning", self.itg_conditioning, ("enriched_cache", "qformer_cache"))
+        _check_choice("itc_loss", self.itc_loss, ("softmax", "sigmoid"))
         if not 0.0 <= self.mask_ratio < 1.0 or not 0.0 <= self.eval_mask_ratio < 1.0:
             raise ValueError(
                 f"mask_ratio={self.mask_ratio} and eval_mask_ratio={self.eval_mask_ratio} must lie in [0, 1): "
@@ -204,6 +220,8 @@ def _build(cls, cfg):
     for key, value in dict(cfg).items():
         if key in LAVIS_LOADING_KEYS:
             continue
+        if key in REPLACED_FIELDS and key not in known:
+            raise ValueError(f"model config field {key!r} of {cls.__name__} was replaced: use {REPLACED_FIELDS[key]}")
         if key not in known:
             unknown.append(key)
             continue

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from lavis_xformer.models.config import BackboneConfig, XFormerConfig, _check_choice
+from lavis_xformer.models.precision import PRECISIONS
 
-LLM_PRECISIONS = ("fp16", "bf16", "fp32")
+LLM_PRECISIONS = PRECISIONS  # auto | fp32 | bf16 | fp16 (models/precision.py)
 VQA_PROMPT = "Question: {} Short answer:"  # the paper's VQA prompt (supplement section 2)
 
 
@@ -36,7 +37,9 @@ class FrozenLLMConfig(BackboneConfig):
     max_txt_len: int = 32  #: LLM tokens per training text; also the question's Q-Former tokens (qformer_text_input)
     prompt: str = ""  #: text after the image queries at generation, e.g. "a photo of"; OPT excludes it from the loss
     llm_tokenizer: Optional[str] = None  #: None = the checkpoint's hub tokenizer; else a file prefix in assets/
-    llm_precision: str = "fp16"  #: frozen LLM weights' dtype when CUDA is available (LAVIS: OPT fp16); CPU: fp32
+    #: frozen LLM weights' dtype: "auto" = LAVIS's half type with CUDA (OPT fp16), fp32 on a CPU (LAVIS's LLM code
+    #: autocasts on CUDA only); "fp32" / "bf16" / "fp16" force it with CUDA (models/precision.py)
+    llm_precision: str = "auto"
     llm_hidden_size: int = 64  #: width of a random LLM (used only without a hub checkpoint)
     llm_num_layers: int = 2  #: layers of a random LLM (T5: encoder and decoder each)
     llm_num_heads: int = 4  #: attention heads of a random LLM
@@ -93,7 +96,6 @@ class Blip2T5Config(FrozenLLMConfig):
     """BLIP-2 with a frozen encoder-decoder FlanT5 (LAVIS ``Blip2T5``), trained with the prefix-LM loss."""
 
     t5_model: Optional[str] = "google/flan-t5-xl"  #: hub T5 (weights, tokenizer, architecture); None = random
-    llm_precision: str = "bf16"  #: dtype of the frozen T5 when CUDA is available (LAVIS: bf16; fp16 overflows T5)
     llm_head_dim: int = 16  #: per-head width (T5's d_kv) of a random T5
     apply_lemmatizer: bool = False  #: lemmatise predict_answers output with spaCy (LAVIS's VQA option)
 

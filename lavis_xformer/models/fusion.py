@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lavis.models.blip2_models.Qformer import BertAttention, BertIntermediate, BertLayer, BertOutput
 
+from lavis_xformer.models.class_swaps import swap_class
+
 
 class Fusion(nn.Module):
     """The interface, with BLIP-2's behaviour (no second stream): the Q-Former reads C and its output is Z'."""
@@ -170,6 +172,19 @@ class MaeStream:
         return MaeStream(
             torch.cat([s.states for s in streams]), None if any(a is None for a in attended) else torch.cat(attended)
         )
+
+
+def mae_stream_of_pairs(fusion: "Fusion", stream: "MaeStream", mae_world, negative_images, rank: int) -> "MaeStream":
+    """The MAE stream of ITM's [positives; hard negatives; positives] image rows, composed from ``stream`` (the query
+    pass's, for this rank's B images). A negative drawn from this rank re-uses its row; if any comes from another
+    rank, the negatives are computed from ``mae_world`` (M gathered over ranks, [B * world, tokens, width])."""
+    batch = stream.states.shape[0]
+    local = [index - rank * batch for index in negative_images]
+    if all(0 <= row < batch for row in local):
+        negatives = stream.select(local)
+    else:
+        negatives = fusion.mae_stream(mae_world[negative_images])
+    return MaeStream.cat([stream, negatives, stream])
 
 
 class DualCrossAttention(Fusion):
@@ -344,7 +359,7 @@ def add_early_cross_attention(qformer, mae_width: int, feed_forward: bool = True
     config.encoder_width = mae_width
     given = []
     for index, layer in enumerate(qformer.bert.encoder.layer):
-        layer.__class__ = EarlyCrossAttentionLayer
+        swap_class(layer, EarlyCrossAttentionLayer, "early_cross_attention")
         layer.mae_block = None
         if not layer.has_cross_attention:
             block = MaeCrossAttentionBlock(config, feed_forward)

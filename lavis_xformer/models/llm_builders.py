@@ -11,6 +11,7 @@ code relies on) from a typed config:
   ``lavis_xformer/assets``. ``python -m lavis_xformer.models.llm_builders`` regenerates those files.
 """
 
+import argparse
 import itertools
 import logging
 import re
@@ -24,6 +25,7 @@ from transformers import AutoTokenizer, GPT2Tokenizer, T5TokenizerFast
 
 from lavis_xformer.models import published_llm
 from lavis_xformer.models.builders import ASSETS_DIR, hub_allowed, resolve_asset, standin_weights
+from lavis_xformer.models.precision import DTYPES, log_choice_once, resolve_llm_precision
 
 TINY_OPT_TOKENIZER = "tiny_opt"  # assets/tiny_opt-vocab.json + assets/tiny_opt-merges.txt (GPT-2 byte-level BPE)
 TINY_T5_TOKENIZER = "tiny_t5"  # assets/tiny_t5-tokenizer.json (Unigram, T5's special-token layout)
@@ -35,11 +37,10 @@ T5_SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]
 WORD_START = "\u2581"  # SentencePiece's "▁": marks a piece that begins a word
 
 
-def llm_dtype(precision: str) -> torch.dtype:
-    """The frozen LLM's weight dtype: half precision only where CUDA runs it (as ``vit_precision`` does)."""
-    if precision == "fp32" or not torch.cuda.is_available():
-        return torch.float32
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+def llm_dtype(cfg, lavis_half: str) -> torch.dtype:
+    """The frozen LLM's weight dtype (``precision.choose_llm_precision``: LAVIS's ``lavis_half`` with CUDA under
+    ``llm_precision: auto``, fp32 on a CPU), logged once."""
+    return DTYPES[log_choice_once("llm", resolve_llm_precision(cfg, lavis_half)).name]
 
 
 def freeze_llm(model: nn.Module) -> nn.Module:
@@ -150,7 +151,7 @@ def opt_config(cfg, vocab_size: int) -> OPTConfig:
 def build_opt(cfg):
     """(tokenizer, frozen ``OPTForCausalLM``) as ``Blip2OPT.__init__`` makes them, from a config."""
     tokenizer = build_opt_tokenizer(cfg.llm_tokenizer or cfg.opt_model)
-    dtype = llm_dtype(cfg.llm_precision)
+    dtype = llm_dtype(cfg, lavis_half="fp16")  # LAVIS's Blip2OPT: OPT in fp16
     if cfg.opt_model is not None and hub_allowed():
         model = OPTForCausalLM.from_pretrained(cfg.opt_model, torch_dtype=dtype)
     else:
@@ -196,7 +197,7 @@ def t5_config(cfg, vocab_size: int) -> T5Config:
 def build_t5(cfg):
     """(tokenizer, frozen ``T5ForConditionalGeneration``) as ``Blip2T5.__init__`` makes them, from a config."""
     tokenizer = build_t5_tokenizer(cfg.llm_tokenizer or cfg.t5_model)
-    dtype = llm_dtype(cfg.llm_precision)
+    dtype = llm_dtype(cfg, lavis_half="bf16")  # LAVIS's Blip2T5: T5 in bf16 (fp16 overflows it)
     if cfg.t5_model is not None and hub_allowed():
         config = T5Config.from_pretrained(cfg.t5_model)
         config.dense_act_fn = "gelu"
@@ -289,5 +290,13 @@ def write_tiny_tokenizers(out_dir: Path = ASSETS_DIR):
     logging.info("wrote %s and %s tokenizer files to %s", TINY_OPT_TOKENIZER, TINY_T5_TOKENIZER, out_dir)
 
 
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Regenerate the tiny OPT and T5 tokenizer files of the `tiny` types.")
+    parser.add_argument("--out-dir", type=Path, default=ASSETS_DIR, help="where to write them (default: %(default)s)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    write_tiny_tokenizers(args.out_dir)
+
+
 if __name__ == "__main__":
-    write_tiny_tokenizers()
+    main()

@@ -4,46 +4,12 @@
     OPT (decoder only):  [prefix | text]                 -> causal LM, loss on the text's target tokens
     T5 (encoder-decoder): [prefix | encoder text] -> encoder, the target text -> decoder labels
 
-The BLIP-2 baselines (``blip2_baseline_llm``) and X-Former (``xformer_llm``) both inherit their ``forward``,
-``generate`` and ``predict_answers`` from here, so the two sides of a comparison differ only in the visual prefix a
-model supplies: ``llm_image_inputs(image) -> (prefix, prefix_atts)`` at inference and
-``llm_training_inputs(image, samples) -> (prefix, prefix_atts, loss_rec)`` in training (by default the inference
-prefix and no reconstruction loss; X-Former's comes from ``xformer_queries``).
-
-The heads are mixins, not modules: LAVIS's ``Blip2OPT`` / ``Blip2T5`` methods, and LAVIS checkpoints, expect the LLM
-parts as attributes of the model itself (``opt_model``, ``opt_proj``, ``t5_model``, ``t5_proj``, ...), so a head that
-lived in a sub-module would rename every state-dict key. ``OPTHead`` / ``T5Head`` build those very attributes
-(``build_llm``) and compute on them.
-
-Losses (equal to LAVIS's ``Blip2OPT.forward`` / ``Blip2T5.forward`` on the same prefix, tests/test_stage2.py):
-* ``caption_loss``: BLIP-2's stage-2 objective. OPT: language modelling on ``caption + "\\n"`` after the prefix
-  (not on the first ``prompt_length`` tokens, the prompt the caption processor prepends). T5: the caption is cut at
-  a random word between its start and its middle (``split_captions``), the prefix-LM loss below.
-* ``prefix_lm_loss(prefix, prefix_atts, prompts, targets, weights=None)``: the LLM reads prompt + target, the loss
-  is on the target tokens only (prompt, prefix and padding are -100). OPT: one sequence [prompt | target + "\\n"],
-  the target after one space when the prompt does not end in one (the token generation emits after
-  "Short answer:"). T5: prompt -> encoder, target -> decoder labels (LAVIS's ``text_input`` / ``text_output``).
-  Prompt and target are each truncated to ``max_txt_len`` tokens, as LAVIS truncates its texts.
-  Reduction: the mean over target tokens, each token of sample i weighted by ``weights[i]`` (default 1, which is
-  LAVIS's token mean). A batch with ``text_output`` is trained with it, for OPT as for T5.
-
-Generation (``generate`` / ``predict_answers`` keep LAVIS's keyword arguments and turn them, once, into a frozen
-``GenerationSettings``). What LAVIS 1.0.2 gets wrong, fixed here for both models:
-1. ``Blip2OPT.generate`` builds ``[prompt] * batch`` whatever ``samples["prompt"]`` is and tokenises without padding:
-   per-image prompts of different lengths cannot share a batch. Here they are left-padded (OPT's positions follow
-   the attention mask, so the padding between the prefix and a prompt changes nothing), and ``min_length`` counts
-   new tokens (transformers' ``min_length`` counts the padded prompt: one image's answer would depend on its batch
-   neighbours). Beam search with a length penalty divides by the padded length, so prompts of different token
-   lengths then run in separate calls. A batch of 8 answers exactly as 8 batches of 1 (tested).
-2. ``Blip2OPT`` has no ``predict_answers`` (LAVIS added one after 1.0.2); zero-shot VQA needs it.
-3. ``Blip2T5.generate`` with ``use_nucleus_sampling`` keeps ``num_beams`` (beam sampling); here nucleus sampling is
-   plain sampling for both LLMs, as ``Blip2OPT`` and the docstring have it.
-4. ``Blip2T5.__init__`` casts T5 to bf16 unconditionally (fails on CPU): the builders keep the LLM in fp32 where
-   CUDA is absent (``llm_precision``), and the bf16 autocast below is CUDA-only (``maybe_autocast``).
-The VQA prompt defaults to the config's ``vqa_prompt``, the paper's "Question: {} Short answer:", for both LLMs
-(``Blip2T5``'s default is "", but LAVIS's tasks always pass their ``run.prompt``); the VQA length penalty to
-LAVIS's per-LLM default (OPT 0, as LAVIS's later ``Blip2OPT.predict_answers``; T5 -1, ``Blip2T5``'s), because
-LAVIS's own ``vqa`` task never passes one (the plugin's ``xformer_vqa`` task does).
+The BLIP-2 baselines and X-Former both inherit ``forward``, ``generate`` and ``predict_answers`` from here, so the two
+sides of a comparison differ only in the prefix a model supplies (``llm_image_inputs`` at inference,
+``llm_training_inputs`` in training). The heads are mixins, not modules, so the state-dict keys stay LAVIS's
+(``opt_model``, ``opt_proj``, ``t5_model``, ``t5_proj``). The losses equal LAVIS's ``Blip2OPT.forward`` /
+``Blip2T5.forward`` on the same prefix; what LAVIS 1.0.2's generation gets wrong and is fixed here for both models is
+listed in docs/stage2.md.
 """
 
 import itertools
@@ -55,6 +21,7 @@ import torch.nn as nn
 from transformers.modeling_outputs import ModelOutput
 
 from lavis_xformer.models.config_llm import VQA_PROMPT, Blip2OPTConfig, Blip2T5Config
+from lavis_xformer.models.inputs import check_image_batch, check_texts, prompts_for_batch, vqa_questions
 from lavis_xformer.models.llm_builders import build_opt, build_t5
 
 
@@ -136,70 +103,8 @@ class LLMOutput(ModelOutput):
 
 
 # ================================================================================================================
-# Input checks and text preparation
+# Text preparation (the input checks are models/inputs.py)
 # ================================================================================================================
-def check_image_batch(samples) -> torch.Tensor:
-    image = samples.get("image") if isinstance(samples, dict) else None
-    if not isinstance(image, torch.Tensor) or image.dim() != 4:
-        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-        raise ValueError(f"samples['image'] must be a [batch, 3, height, width] tensor, got {got}")
-    return check_image_values(image)
-
-
-def check_image_values(image: torch.Tensor) -> torch.Tensor:
-    """The image check every model runs (X-Former's ``check_image`` too): a floating-point tensor (raw uint8 or
-    integer pixels are refused, not converted: the normalisation they need is the processor's), all finite (a
-    NaN / inf image would give empty answers or a NaN loss with no error)."""
-    if not torch.is_floating_point(image):
-        raise ValueError(
-            f"samples['image'] has dtype {image.dtype}; the models take float images normalised by the "
-            "xformer_image_* processors (raw pixels are not converted: apply the processor to the PIL image)"
-        )
-    # (meta tensors hold no values: the meta-device builds that count parameters and FLOPs skip this). A NaN or inf
-    # anywhere makes the sum non-finite, so one pass (the sum) clears a finite image; only a non-finite sum (or
-    # finite values overflowing it) needs the element-wise check, 25x slower.
-    if image.device.type != "meta" and not torch.isfinite(image.sum()) and not torch.isfinite(image).all():
-        bad = sorted({int(i) for i in (~torch.isfinite(image)).flatten(1).any(1).nonzero().flatten()})
-        raise ValueError(f"samples['image'] holds NaN or inf values (batch items {bad[:10]}); check the data")
-    return image
-
-
-def check_texts(texts, batch_size: int, key: str) -> List[str]:
-    """``texts`` as one string per image, or a ``ValueError`` naming ``samples[key]``."""
-    if isinstance(texts, str) or not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
-        raise ValueError(f"samples[{key!r}] must be a list of strings, got {texts!r:.80}")
-    if len(texts) == 0:
-        raise ValueError(f"samples[{key!r}] is an empty list; give one text per image")
-    if len(texts) != batch_size:
-        raise ValueError(f"batch size mismatch: {batch_size} images but {len(texts)} texts in samples[{key!r}]")
-    return list(texts)
-
-
-def prompts_for_batch(prompt, batch_size: int) -> List[str]:
-    """One prompt per image: a string is shared by the batch, a list gives each image its own."""
-    if isinstance(prompt, str):
-        return [prompt] * batch_size
-    if not isinstance(prompt, (list, tuple)) or not all(isinstance(p, str) for p in prompt):
-        raise ValueError(f"samples['prompt'] must be a string or a list of strings, got {type(prompt).__name__}")
-    if len(prompt) != batch_size:
-        raise ValueError(f"batch size mismatch: {batch_size} images but {len(prompt)} prompts in samples['prompt']")
-    return list(prompt)
-
-
-def vqa_questions(samples, batch_size: int) -> List[str]:
-    """The questions of a VQA batch, ``samples["text_input"]`` (one string is one question), checked."""
-    questions = samples.get("text_input")
-    if isinstance(questions, str):
-        questions = [questions]
-    if not isinstance(questions, (list, tuple)) or not all(isinstance(q, str) for q in questions):
-        raise ValueError(f"samples['text_input'] must hold the questions as a list of strings, got {questions!r}")
-    if len(questions) == 0:
-        raise ValueError("samples['text_input'] is an empty list of questions; give one question per image")
-    if len(questions) != batch_size:
-        raise ValueError(f"batch size mismatch: {batch_size} images but {len(questions)} questions")
-    return list(questions)
-
-
 def vqa_prompts(questions: List[str], prompt: str, inference_method: str = "generate") -> List[str]:
     """Each question formatted into ``prompt``: the LLM input of ``predict_answers``, and of VQA fine-tuning, which
     must see the same prompt."""
@@ -389,6 +294,10 @@ class LLMHead:
         raise NotImplementedError
 
     def prefix_lm_loss(self, prefix, prefix_atts, prompts, targets, weights=None) -> torch.Tensor:
+        """The LLM reads prompt + target after the prefix; the loss is on the target tokens only (prompt, prefix and
+        padding are -100). Prompt and target are each truncated to ``max_txt_len`` tokens, as LAVIS truncates its
+        texts. Reduction: the mean over target tokens, each token of sample i weighted by ``weights[i]`` (default 1:
+        LAVIS's token mean)."""
         raise NotImplementedError
 
     def generate_from_prefix(self, prefix, prefix_atts, prompts, settings: GenerationSettings) -> List[str]:
@@ -432,7 +341,8 @@ class OPTHead(LLMHead):
         return self.lm_loss(prefix, prefix_atts, tokens.input_ids, tokens.attention_mask, labels)
 
     def prefix_lm_loss(self, prefix, prefix_atts, prompts, targets, weights=None):
-        """[prefix | prompt | target + "\\n" | padding], the loss on the target tokens only."""
+        """[prefix | prompt | target + "\\n" | padding], the loss on the target tokens only; the target follows one
+        space when the prompt does not end in one (the token generation emits after "Short answer:")."""
         if len(prompts) != len(targets):
             raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets; give one target per prompt")
         prompt_ids = self.opt_tokenizer(list(prompts), truncation=True, max_length=self.max_txt_len).input_ids

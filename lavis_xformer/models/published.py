@@ -68,6 +68,10 @@ def untrained_weights_notice(class_name: str, cfg):
     paper_scale = getattr(cfg, "vit_weights", None) == "eva_clip_g" or getattr(cfg, "qformer_weights", None)
     if not paper_scale:
         return None
+    if hasattr(cfg, "perceiver_depth") or hasattr(cfg, "projector_layers"):  # models/connector_llm.py
+        return (f"{class_name}: no checkpoint was given: the connector, ln_vision and LLM projection are UNTRAINED "
+                "(random initialisation). Expected when training it (one stage, projects/xformer/train/); otherwise "
+                "set model.pretrained or model.finetuned")
     if hasattr(cfg, "dual_num_layers"):  # an X-Former architecture
         return (f"{class_name}: no released X-Former weights exist, and no checkpoint was given: the Q-Former, "
                 "queries, dual cross-attention block (and LLM projection) are UNTRAINED (BERT / random "

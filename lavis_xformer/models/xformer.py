@@ -12,7 +12,6 @@ EVA ViT, tokenizer, heads and retrieval code); this file adds the MAE branch. Wi
 LAVIS's BLIP-2 loss on the same weights (tests/test_xformer_stage1.py proves it).
 """
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional
@@ -22,11 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from lavis.common.registry import registry
-from lavis.models.blip2_models.Qformer import BertLMHeadModel
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 from lavis.models.blip_models.blip_outputs import BlipOutputFeatures
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput
-from transformers.models.vit_mae.modeling_vit_mae import ViTMAEDecoder, ViTMAEDecoderOutput
 
 from lavis_xformer.common import distributed as dist
 from lavis_xformer.models import variants
@@ -40,13 +37,16 @@ from lavis_xformer.models.builders import (
     freeze,
     unfreeze_layernorms,
 )
-from lavis_xformer.models.checkpointing import checkpoint_trainable_layers
+from lavis_xformer.models.activation_checkpointing import checkpoint_trainable_layers
 from lavis_xformer.models.config import XFormerConfig
-from lavis_xformer.models.fusion import FUSIONS, NO_FUSION, Fusion, MaeStream, build_fusion
-from lavis_xformer.models.llm_head import check_image_values
+from lavis_xformer.models.contrastive import SigmoidITC
+from lavis_xformer.models.fusion import FUSIONS, NO_FUSION, Fusion, MaeStream, build_fusion, mae_stream_of_pairs
+from lavis_xformer.models.inputs import check_image, check_image_batch, check_texts
+from lavis_xformer.models.mae_decoder import predict_some_patches
+from lavis_xformer.models.masking import gather_tokens, mask_ratio_of, masked_patches, ordered_noise, random_masking
 from lavis_xformer.models.precision import frozen_half_dtype, run_in_half_precision
+from lavis_xformer.models.query_cache_lm_head import QueryCacheLMHead
 from lavis_xformer.models.sdpa import (
-    SdpaViTMAESelfAttention,
     SharedContextProjections,
     reusing_projections,
     shared_context_projections,
@@ -104,79 +104,6 @@ class XFormerOutput(ModelOutput):
     loss_rec: Optional[torch.Tensor] = None
 
 
-def gather_tokens(tokens, index):
-    """``tokens[b, index[b, i]]`` for every b and i: the rows ``index`` ([B, n]) picks from [B, N, width] tokens."""
-    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-
-
-def random_masking(tokens, mask_ratio: float, noise=None):
-    """MAE's per-sample random masking (transformers' ``ViTMAEEmbeddings.random_masking``, for any encoder): keeps the
-    ``int(N * (1 - mask_ratio))`` tokens of lowest ``noise``. Returns (visible tokens, mask [B, N] with 1 = masked,
-    ids_restore)."""
-    batch, length, _ = tokens.shape
-    keep = int(length * (1 - mask_ratio))
-    if noise is None:
-        noise = torch.rand(batch, length, device=tokens.device)
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    visible = gather_tokens(tokens, ids_shuffle[:, :keep])
-    mask = torch.ones(batch, length, device=tokens.device)
-    mask[:, :keep] = 0
-    return visible, torch.gather(mask, 1, ids_restore), ids_restore
-
-
-def masked_patches(ids_restore, visible: int) -> Optional[torch.Tensor]:
-    """[B, N - visible] indices of the patches MAE's masking hid, from its ``ids_restore`` (which un-shuffles
-    [visible; masked]: the masked patches are the last ones of its inverse, the shuffle), so the shape never depends
-    on the values (meta-device builds count FLOPs through it); None where nothing is masked."""
-    if visible >= ids_restore.shape[1]:
-        return None
-    return torch.argsort(ids_restore, dim=1)[:, visible:]
-
-
-class MaePatchDecoder(ViTMAEDecoder):
-    """transformers' MAE decoder (the class of the frozen ``mae_decoder``, swapped in place: same modules, same
-    weights) that can predict some patches only: given ``patches`` ([B, n] indices), every layer but the last runs
-    on all tokens as in ``ViTMAEDecoder.forward``, and the last computes only those patches' rows (their queries
-    attend to every token), the only rows a loss on them reads. ``logits`` are then [B, n, patch pixels]."""
-
-    def forward(self, hidden_states, ids_restore, output_attentions=False, output_hidden_states=False,
-                return_dict=True, patches=None):
-        last = self.decoder_layers[-1]
-        rows_only = isinstance(last.attention.attention, SdpaViTMAESelfAttention)  # it takes ``query_rows``
-        if patches is None or output_attentions or output_hidden_states or not rows_only:
-            output = super().forward(hidden_states, ids_restore, output_attentions, output_hidden_states)
-            if patches is not None:
-                output.logits = gather_tokens(output.logits, patches)
-            return output if return_dict else output.to_tuple()
-        # embedding, mask tokens, un-shuffling and positions: ViTMAEDecoder.forward's
-        embedded = self.decoder_embed(hidden_states)
-        mask_tokens = self.mask_token.expand(embedded.shape[0], ids_restore.shape[1] + 1 - embedded.shape[1], -1)
-        patch_tokens = torch.cat([embedded[:, 1:], mask_tokens], dim=1)
-        patch_tokens = gather_tokens(patch_tokens, ids_restore)
-        hidden = torch.cat([embedded[:, :1], patch_tokens], dim=1) + self.decoder_pos_embed
-        for layer in self.decoder_layers[:-1]:
-            hidden = layer(hidden)[0]
-        rows = patches + 1  # [CLS] is token 0
-        context = last.attention.attention(last.layernorm_before(hidden), query_rows=rows)[0]
-        residual = gather_tokens(hidden, rows)
-        hidden = last.attention.output(context, None) + residual
-        hidden = last.output(last.intermediate(last.layernorm_after(hidden)), hidden)
-        logits = self.decoder_pred(self.decoder_norm(hidden))
-        return ViTMAEDecoderOutput(logits=logits) if return_dict else (logits,)
-
-
-@contextlib.contextmanager
-def _mask_ratio(mae_config, ratio: float):
-    """transformers' ViTMAE reads ``config.mask_ratio`` at call time; set it for one call."""
-    saved = mae_config.mask_ratio
-    mae_config.mask_ratio = ratio
-    try:
-        yield
-    finally:
-        mae_config.mask_ratio = saved
-
-
 # ================================================================================================================
 # The image side shared by stage 1 and stage 2: C, M, Z_q -> (Z', M')
 # ================================================================================================================
@@ -211,8 +138,7 @@ class XFormerImageMixin:
         if config.reconstruction_loss:
             # Frozen, but the reconstruction loss's gradient flows back through it to M': it stays in the training
             # precision (fp32, or the runner's autocast). In bf16 it was also 2.7x slower at bench size.
-            self.mae_decoder = freeze(mae.decoder)
-            self.mae_decoder.__class__ = MaePatchDecoder  # predicts the masked patches alone for the loss
+            self.mae_decoder = predict_some_patches(freeze(mae.decoder))  # the loss reads the masked patches alone
             # M' lives at the Q-Former width; the frozen decoder reads the MAE encoder's width.
             self.mae_out_proj = nn.Linear(config.qformer_hidden_size, config.mae_hidden_size)
         self.register_buffer("_clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -230,39 +156,6 @@ class XFormerImageMixin:
     def unfreeze_vit_layernorms(self):
         """VQA fine-tuning (supplement section 2) trains the CLIP-ViT's layer norms only."""
         unfreeze_layernorms(self.visual_encoder)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Inputs
-    # ------------------------------------------------------------------------------------------------------------
-    def check_image(self, image) -> torch.Tensor:
-        size = self.config.image_size
-        if not isinstance(image, torch.Tensor) or image.dim() != 4:
-            got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-            raise ValueError(f"samples['image'] must be a [batch, 3, {size}, {size}] tensor, got {got}")
-        if image.shape[1] != 3:
-            raise ValueError(
-                f"samples['image'] has {image.shape[1]} channels; the encoders take 3 (RGB). "
-                "Convert images with the xformer_image_* processors."
-            )
-        if tuple(image.shape[-2:]) != (size, size):
-            raise ValueError(
-                f"samples['image'] is {tuple(image.shape[-2:])} pixels but the model's image_size is {size}; "
-                f"resize with the xformer_image_* processors (image_size: {size})"
-            )
-        return check_image_values(image)
-
-    def check_texts(self, texts, batch_size: int, key: str = "text_input"):
-        if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
-            raise ValueError(f"samples[{key!r}] must be a list of strings, got {type(texts).__name__}")
-        if len(texts) == 0:
-            raise ValueError(f"samples[{key!r}] is an empty list; give one caption per image")
-        if not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"samples[{key!r}] must hold only strings")
-        if len(texts) != batch_size:
-            raise ValueError(
-                f"batch size mismatch: {batch_size} images but {len(texts)} texts in samples[{key!r}]"
-            )
-        return list(texts)
 
     # ------------------------------------------------------------------------------------------------------------
     # Frozen encoders
@@ -292,9 +185,8 @@ class XFormerImageMixin:
             mask_ratio = self.config.mask_ratio if self.training else self.config.eval_mask_ratio
         pixels = self.mae_pixels(image)
         if noise is None and mask_ratio == 0:
-            num_patches = self.mae_encoder.embeddings.num_patches
-            noise = torch.arange(num_patches, device=image.device, dtype=torch.float).expand(image.shape[0], -1)
-        with _mask_ratio(self.mae_encoder.config, mask_ratio), torch.no_grad(), self.maybe_autocast():
+            noise = ordered_noise(image.shape[0], self.mae_encoder.embeddings.num_patches, image.device)
+        with mask_ratio_of(self.mae_encoder.config, mask_ratio), torch.no_grad(), self.maybe_autocast():
             encoded = self.mae_encoder(pixel_values=pixels, noise=noise, return_dict=True)
         return MaeEncoding(
             features=encoded.last_hidden_state.float(),
@@ -329,7 +221,7 @@ class XFormerImageMixin:
         vit = self.masked_clip
         patches = vit.patch_embed(image) + vit.pos_embed[:, 1:]
         if noise is None and mask_ratio == 0:
-            noise = torch.arange(patches.shape[1], device=image.device, dtype=torch.float).expand(image.shape[0], -1)
+            noise = ordered_noise(image.shape[0], patches.shape[1], image.device)
         visible, mask, ids_restore = random_masking(patches, mask_ratio, noise)
         cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(image.shape[0], -1, -1)
         hidden = vit.pos_drop(torch.cat([cls, visible], dim=1))
@@ -386,9 +278,12 @@ class XFormerImageMixin:
         ``text_atts``: a question entering the Q-Former with the queries (VQA fine-tuning, ``qformer_text_input``);
         Z_q is then the query positions of that pass, and goes through the fusion with M as always.
         """
-        clip_features, mae = self.forward_encoders(self.check_image(image), mask_ratio, noise)
+        clip_features, mae = self.forward_encoders(check_image(image, self.config.image_size), mask_ratio, noise)
         mae_features = mae.features if mae is not None else None
-        # ITM (stage 1) reads C again: each cross-attention keeps its keys/values of C for it.
+        # ITM (stage 1) reads C again. Inside this block every SDPA cross-attention of the Q-Former finds
+        # ``clip_projections`` through a context variable (sdpa.current_shared_context) and, when its context is
+        # ``clip_features`` itself (the same tensor object), stores its keys/values of C there; ``itm_loss`` hands
+        # them back with ``reusing_projections``. Outside such a block, or with another tensor, nothing changes.
         with shared_context_projections(clip_features) as clip_projections:
             # hidden states: ITG's enriched cache re-projects every layer's query states
             qformer_output = self.forward_queries(
@@ -439,7 +334,7 @@ class XFormerImageMixin:
 
     def forward_decoder(self, mae_enriched, ids_restore, patches=None):
         """Predicted pixels of every patch from M' (visible tokens; the decoder adds its mask tokens), or of the
-        patches ``patches`` ([B, n] indices) only (``MaePatchDecoder``)."""
+        patches ``patches`` ([B, n] indices) only (``mae_decoder.MaePatchDecoder``)."""
         tokens = self.mae_out_proj(mae_enriched)
         with self.maybe_autocast():
             return self.mae_decoder(tokens, ids_restore, patches=patches).logits.float()
@@ -460,7 +355,7 @@ class XFormerImageMixin:
 
     def reconstruction_loss_of(self, path: ImagePath) -> Optional[torch.Tensor]:
         """The reconstruction loss of one pass of the pathway; None where no MAE decoder is built. The decoder
-        predicts the masked patches only, the ones the loss reads (``MaePatchDecoder``; tests/test_xformer_stage1.py:
+        predicts the masked patches only, the ones the loss reads (``mae_decoder.MaePatchDecoder``; tests/test_xformer_stage1.py:
         the loss and its gradients equal ``reconstruction_loss`` of every patch's prediction)."""
         if self.mae_decoder is None:
             return None
@@ -490,38 +385,6 @@ class XFormerImageMixin:
 # ================================================================================================================
 # Stage 1
 # ================================================================================================================
-class QueryCacheLMHead(BertLMHeadModel):
-    """LAVIS's Q-Former with its BERT LM head (same modules, same weights), able to decode from a given query cache.
-
-    LAVIS's ``prepare_inputs_for_generation`` runs [queries; text] through the Q-Former at every step from
-    ``query_embeds`` and the image, which reproduces BLIP-2's ITG conditioning but not X-Former's: there the text
-    attends to the enriched cache (``XFormer.itg_cache``), which no ``query_embeds`` produce. Given ``query_cache``
-    (one (key, value) per Q-Former layer, what ITG's text attends to), the first step feeds the [DEC] token against
-    it and each later step the newest token against the cache grown by the text so far (the model's own
-    ``past_key_values``). Without ``query_cache`` it is LAVIS's.
-    """
-
-    def prepare_inputs_for_generation(
-        self, input_ids, query_embeds=None, past=None, attention_mask=None, query_cache=None, past_key_values=None,
-        **model_kwargs,
-    ):
-        if query_cache is None:
-            return super().prepare_inputs_for_generation(input_ids, query_embeds, past, attention_mask, **model_kwargs)
-        if attention_mask is None:
-            attention_mask = input_ids.new_ones(input_ids.shape)
-        query_mask = input_ids.new_ones((input_ids.shape[0], query_cache[0][0].shape[2]))
-        if past_key_values is None:
-            past_key_values = query_cache
-        else:
-            input_ids = input_ids[:, -1:]
-        return {
-            "input_ids": input_ids,
-            "attention_mask": torch.cat([query_mask, attention_mask], dim=-1),
-            "past_key_values": past_key_values,
-            "is_decoder": True,
-        }
-
-
 @registry.register_model("xformer")
 class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
     """X-Former stage 1: BLIP-2's Q-Former plus a frozen MAE-ViT and the dual cross-attention block.
@@ -548,6 +411,9 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
         if config.freeze_vit and not config.freeze_vit_layernorms:
             self.unfreeze_vit_layernorms()
         self.build_mae_branch(config)
+        self.sigmoid_itc = SigmoidITC() if config.itc_loss == "sigmoid" else None  # SigLIP's t' and b
+        if self.sigmoid_itc is not None:
+            self.temp.requires_grad_(False)  # the softmax's temperature: unused
         if config.sdpa_attention:
             use_sdpa_attention(self)
         if config.checkpoint_trainable_layers:
@@ -560,8 +426,8 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
     # The stage-1 objective
     # ------------------------------------------------------------------------------------------------------------
     def forward(self, samples):
-        image = self.check_image(samples.get("image") if isinstance(samples, dict) else None)
-        texts = self.check_texts(samples.get("text_input"), image.shape[0])
+        image = check_image_batch(samples, self.config.image_size)
+        texts = check_texts(samples.get("text_input"), image.shape[0])
         text_tokens = self.tokenizer(
             texts, padding="max_length", truncation=True, max_length=self.max_txt_len, return_tensors="pt"
         ).to(image.device)
@@ -588,6 +454,8 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
             text_tokens.input_ids, attention_mask=text_tokens.attention_mask, return_dict=True
         )  # text alone: the unimodal mask keeps queries and text apart
         text_feat = F.normalize(self.text_proj(text_output.last_hidden_state[:, 0, :]), dim=-1)  # [B, D]
+        if self.sigmoid_itc is not None:  # itc_loss: sigmoid (SigLIP; models/contrastive.py)
+            return self.sigmoid_itc(image_feats, text_feat, rank)
 
         image_feats_all = dist.concat_all_gather(image_feats)  # [B * world, Q, D]
         text_feat_all = dist.concat_all_gather(text_feat)  # [B * world, D]
@@ -624,16 +492,13 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
         mae_all = mae_stream_all = None
         if mae_features is not None:
             mae_all = torch.cat([mae_features, mae_world[neg_images], mae_features])
-        if path.mae_stream is not None:  # the fusion's work on M alone: the query pass's rows, negatives' too if local
-            local = [index - rank * bs for index in neg_images]
-            if all(0 <= row < bs for row in local):
-                negatives = path.mae_stream.select(local)
-            else:
-                negatives = self.fusion.mae_stream(mae_world[neg_images])
-            mae_stream_all = MaeStream.cat([path.mae_stream, negatives, path.mae_stream])
+        if path.mae_stream is not None:  # the fusion's work on M alone, re-used from the query pass
+            mae_stream_all = mae_stream_of_pairs(self.fusion, path.mae_stream, mae_world, neg_images, rank)
 
         clip_parts = [clip_features, clip_world[neg_images], clip_features]  # pos, neg, pos
-        with reusing_projections(path.clip_projections) as shared:  # keys/values of C from the query pass
+        # The rows of ``compose``'s context that are ``encode``'s C (the same tensor object) take the keys/values the
+        # query pass stored; only the hard negatives' rows are projected (sdpa.SharedContextProjections).
+        with reusing_projections(path.clip_projections) as shared:
             clip_all = shared.compose(clip_parts) if shared is not None else torch.cat(clip_parts)
             queries = self.multimodal_queries(clip_all, mae_all, text_ids_all, text_atts_all, mae_stream_all)
         logits = self.itm_head(queries).mean(dim=1)
@@ -693,7 +558,7 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
         image), [SEP] ends a caption. ``samples["mae_noise"]`` fixes the MAE masking as in ``forward``. With the
         MAE branch off the tokens are ``Blip2Qformer.generate``'s (tests/test_captioning.py).
         """
-        image = self.check_image(samples.get("image") if isinstance(samples, dict) else None)
+        image = check_image_batch(samples, self.config.image_size)
         path = self.encode(image, self.config.eval_mask_ratio, samples.get("mae_noise"))
         query_cache = self.itg_cache(path)
         if use_nucleus_sampling:
@@ -766,11 +631,11 @@ class XFormer(XFormerImageMixin, ConfigBuildersMixin, Blip2Qformer):
             return super().extract_features(samples, mode="text")
         if mode not in ("image", "multimodal"):
             raise ValueError(f"mode must be one of 'image', 'text', 'multimodal', got {mode!r}")
-        image = self.check_image(samples.get("image"))
+        image = check_image_batch(samples, self.config.image_size)
         path = self.encode(image, self.config.eval_mask_ratio)
         multimodal_embeds = None
         if mode == "multimodal":
-            texts = self.check_texts(samples.get("text_input"), image.shape[0])
+            texts = check_texts(samples.get("text_input"), image.shape[0])
             text = self.tokenizer(texts, return_tensors="pt", padding=True).to(image.device)
             multimodal_embeds = self.multimodal_queries(
                 path.clip_features, path.mae_features, text.input_ids, text.attention_mask

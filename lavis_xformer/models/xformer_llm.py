@@ -27,8 +27,9 @@ from lavis_xformer.models.blip2_baseline_llm import (
     Blip2LLMPartsMixin,
     model_type_configs,
 )
-from lavis_xformer.models.checkpointing import checkpoint_trainable_layers
+from lavis_xformer.models.activation_checkpointing import checkpoint_trainable_layers
 from lavis_xformer.models.config_llm import XFormerOPTConfig, XFormerT5Config
+from lavis_xformer.models.inputs import check_image
 from lavis_xformer.models.llm_head import OPTHead, T5Head
 from lavis_xformer.models.sdpa import use_sdpa_attention
 from lavis_xformer.models.xformer import XFormerImageMixin
@@ -74,7 +75,8 @@ class XFormerStage2Mixin(XFormerImageMixin):
     def llm_training_inputs(self, image, samples, questions=None):
         """The LLM head's training prefix: projected Z' of ``xformer_queries`` (``samples["mae_noise"]`` fixes the
         MAE masking), its attention mask, and the reconstruction loss (or None)."""
-        queries, loss_rec = self.xformer_queries(self.check_image(image), samples.get("mae_noise"), questions)
+        image = check_image(image, self.config.image_size)
+        queries, loss_rec = self.xformer_queries(image, samples.get("mae_noise"), questions)
         prefix = self.project_to_llm(queries)
         return prefix, torch.ones(prefix.shape[:-1], dtype=torch.long, device=prefix.device), loss_rec
 

@@ -13,6 +13,7 @@ The same per-step agreement carries the periodic mid-epoch checkpoint: ``run.che
 loses at most that much to a SIGKILL or a node failure. (``run.checkpoint_every_iters`` counts steps instead.)
 """
 
+import contextlib
 import logging
 import signal
 import threading
@@ -85,6 +86,18 @@ class StopSignals:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """Python's own handlers inside the block (a task's own training loop, which never polls: a stop signal
+        must still end it)."""
+        installed = bool(self._previous)
+        self.restore()
+        try:
+            yield
+        finally:
+            if installed:
+                self.install()
 
     def _handle(self, signum, _frame) -> None:
         if self.received is None:  # only a flag: no logging or I/O inside a signal handler

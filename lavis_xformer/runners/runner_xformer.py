@@ -442,7 +442,8 @@ class RunnerXFormer(ResumeMixin, RunnerBase):
                 or task_class._train_inner_loop is not BaseTask._train_inner_loop):
             logging.warning("%s has its own training loop: non-finite losses are not guarded and no mid-epoch "
                             "checkpoints are written", task_class.__name__)
-            stats = getattr(self.task, task_entry)(**task_args)
+            with self.stop_signals.suspended():  # its loop never polls: a stop signal ends it as Python would
+                stats = getattr(self.task, task_entry)(**task_args)
         else:
             stats = self.train_inner_loop(first_iter=first_iter, **loop, **train_args)
         stats.update(self._reliability_stats(epoch))

@@ -9,24 +9,27 @@
 #   NODE_RANK       this node's rank, 0..NNODES-1    default: 0
 #   MASTER_ADDR     address of the node with rank 0  default: 127.0.0.1
 #   MASTER_PORT     a free port on that node         default: 29500
-#   MODEL=blip2     run the BLIP-2 twin of CONFIG (CONFIG with _blip2 before .yaml): same data and settings
+#   MODEL=blip2     run the BLIP-2 twin of CONFIG (CONFIG with _blip2 before .yaml): same data and settings;
+#                   likewise the connectors (docs/connectors.md): perceiver, perceiver_matched, projector,
+#                   projector_llava, perceiver_dual
 # Extra k=v arguments are LAVIS config overrides (all go into one --options list).
 set -euo pipefail
 
 if [ $# -lt 2 ] || { [ "$1" != train ] && [ "$1" != evaluate ]; }; then
-  sed -n '2,13p' "$0" >&2
+  sed -n '2,15p' "$0" >&2
   exit 2
 fi
 entry=$1
 cfg=$2
 shift 2
 
-if [ "${MODEL:-xformer}" = blip2 ]; then
-  cfg=${cfg%.yaml}_blip2.yaml
-elif [ "${MODEL:-xformer}" != xformer ]; then
-  echo "MODEL must be xformer or blip2, not '${MODEL}'" >&2
-  exit 2
-fi
+case "${MODEL:-xformer}" in
+  xformer) ;;
+  blip2|perceiver|perceiver_matched|projector|projector_llava|perceiver_dual) cfg=${cfg%.yaml}_${MODEL}.yaml ;;
+  *) echo "MODEL must be xformer, blip2, perceiver, perceiver_matched, projector, projector_llava or" \
+       "perceiver_dual, not '${MODEL}'" >&2
+     exit 2 ;;
+esac
 
 cd "$(dirname "$0")/../.."
 [ -f "$cfg" ] || { echo "no config $cfg" >&2; exit 2; }

@@ -14,6 +14,11 @@ case "${LLM:-opt2.7b}" in
   flant5xl) cfg=projects/xformer/train/vqa_ft_flant5xl.yaml ;;
   *) echo "LLM must be opt2.7b or flant5xl, not '${LLM}'" >&2; exit 2 ;;
 esac
+case "${MODEL:-xformer}" in
+  perceiver|projector)  # one-stage connectors: no Q-Former, so no text parts to supply (docs/connectors.md)
+    exec "$(dirname "$0")/../torchrun.sh" train "$cfg" \
+      model.pretrained="${STAGE2_CKPT:?set STAGE2_CKPT to the one-stage checkpoint (train/pretrain_onestage.sh)}" "$@" ;;
+esac
 exec "$(dirname "$0")/../torchrun.sh" train "$cfg" \
   model.pretrained="${STAGE2_CKPT:?set STAGE2_CKPT to the checkpoint (see the comment at the top of $0)}" \
   model.qformer_text_init="${STAGE1_CKPT:?set STAGE1_CKPT to the stage-1 checkpoint (see the comment at the top of $0)}" "$@"

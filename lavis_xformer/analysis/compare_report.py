@@ -1,0 +1,207 @@
+"""The comparison's report: scores, paired statistics, the Markdown table, per-question files and charts.
+
+    write_report(specs, prepared, with_diversity, settings, skipped) -> comparison.json, comparison.md, accuracy.png,
+        per_question/<benchmark>.jsonl, query_diversity.{json,png}
+
+Rank 0 scores every cached prediction set (``vqa_scoring``), compares each model with the first (``stats``: paired
+bootstrap interval of the delta, McNemar's exact test) and writes the files atomically.
+"""
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import List, Sequence
+
+from lavis_xformer.analysis import figures, query_diversity, stats
+from lavis_xformer.analysis.compare_cache import DIVERSITY, cache_path
+from lavis_xformer.analysis.vqa_benchmarks import PreparedBenchmark
+from lavis_xformer.analysis.vqa_scoring import score
+from lavis_xformer.common.atomic import atomic_write_json, atomic_write_text
+
+def per_question_rows(prepared: PreparedBenchmark, specs, predictions, scores) -> List[dict]:
+    questions = {
+        int(prepared.dataset.annotation[i]["question_id"]): prepared.dataset.annotation[i] for i in prepared.indices
+    }
+    reference = scores[specs[0].label]
+    rows = []
+    for qid in prepared.question_ids:
+        rows.append(
+            {
+                "question_id": qid,
+                "question": questions[qid]["question"],
+                "image": questions[qid].get("image"),
+                "ground_truth": reference.ground_truth.get(qid),
+                "answer_type": reference.answer_types.get(qid),
+                "models": {
+                    s.label: {"prediction": predictions[s.label][qid], "score": scores[s.label].per_question[qid]}
+                    for s in specs
+                },
+            }
+        )
+    return rows
+
+
+def benchmark_report(
+    prepared: PreparedBenchmark, specs, scores, num_resamples: int, confidence: float, seed: int
+) -> dict:
+    reference = specs[0].label
+    accuracy = {s.label: scores[s.label].accuracy for s in specs}
+    report = {
+        "title": prepared.benchmark.title,
+        "builder": prepared.benchmark.builder,
+        "split": prepared.benchmark.split,
+        "task": prepared.benchmark.task,
+        "num_questions": len(prepared.question_ids),
+        "accuracy": accuracy,
+        "per_answer_type": {s.label: scores[s.label].per_answer_type for s in specs},
+        "delta": {},
+        "statistics": {},
+    }
+    reference_scores = [scores[reference].per_question[q] for q in prepared.question_ids]
+    report["per_answer_type_delta"] = {}
+    for s in specs[1:]:
+        report["delta"][s.label] = round(accuracy[s.label] - accuracy[reference], 2)
+        report["per_answer_type_delta"][s.label] = {
+            answer_type: round(value - scores[reference].per_answer_type[answer_type], 2)
+            for answer_type, value in scores[s.label].per_answer_type.items()
+            if answer_type in scores[reference].per_answer_type
+        }
+        other_scores = [scores[s.label].per_question[q] for q in prepared.question_ids]
+        comparison = stats.compare_paired(reference_scores, other_scores, num_resamples, confidence, seed)
+        report["statistics"][s.label] = {"reference": reference, **comparison.to_dict()}
+    return report
+
+
+def answer_type_rows(benchmark_report: dict, reference: str) -> List[str]:
+    """The answer types worth a row of their own: all of them when there are several (VQAv2's yes/no, number,
+    other), none when the benchmark has one (OC is all numbers)."""
+    types = sorted(benchmark_report["per_answer_type"].get(reference, {}))
+    return types if len(types) > 1 else []
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.2f}"
+
+
+def _p_value(value: float) -> str:
+    return f"{value:.3g}" if value >= 1e-4 else f"{value:.1e}"
+
+
+def markdown_table(report: dict) -> str:
+    specs = report["models"]
+    labels = [m["label"] for m in specs]
+    reference, others = labels[0], labels[1:]
+    header = ["benchmark", "split", "questions", *labels]
+    for label in others:
+        header += [f"Δ {label}", "95% CI", "McNemar p (b/c)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, b in report["benchmarks"].items():
+        row = [b["title"], b["split"], str(b["num_questions"]), *(f"{b['accuracy'][l]:.2f}" for l in labels)]
+        for label in others:
+            s = b["statistics"][label]
+            m = s["mcnemar"]
+            row += [
+                _signed(b["delta"][label]),
+                f"[{_signed(s['ci_low'])}, {_signed(s['ci_high'])}]",
+                f"{_p_value(m['p_value'])} ({m['only_a_correct']}/{m['only_b_correct']})",
+            ]
+        lines.append("| " + " | ".join(row) + " |")
+        for answer_type in answer_type_rows(b, reference):
+            row = [f"{b['title']} · {answer_type}", "", ""]
+            row += [f"{b['per_answer_type'][l].get(answer_type, float('nan')):.2f}" for l in labels]
+            for label in others:
+                row += [_signed(b["per_answer_type_delta"][label].get(answer_type, float("nan"))), "", ""]
+            lines.append("| " + " | ".join(row) + " |")
+    p = report["settings"]["protocol"]
+    notes = [
+        "",
+        f"Reference: {reference}. Δ = model − reference, in accuracy points. Protocol: prompt {p['prompt']!r}, "
+        f"{p['num_beams']} beams, length penalty {p['length_penalty']}, max {p['max_len']} new tokens.",
+        f"95% CI: paired percentile bootstrap over questions ({report['settings']['bootstrap_resamples']} resamples, "
+        f"seed {report['settings']['seed']}). McNemar: exact two-sided binomial test on the questions exactly one "
+        f"model gets right (score ≥ {stats.CORRECT_AT}); b = only the reference right, c = only the other right.",
+    ]
+    diversity = report.get("query_diversity")
+    if diversity:
+        notes += ["", "| model | query diversity | vs reference | images |", "|---|---|---|---|"]
+        for entry in diversity["models"]:
+            notes.append(
+                f"| {entry['label']} | {entry['diversity']:.4f} | {entry['relative_to_reference_percent']:+.1f}% | "
+                f"{entry['num_images']} |"
+            )
+        notes.append("")
+        notes.append(
+            "Query diversity: 1 − mean off-diagonal cosine similarity between a model's output queries, "
+            "averaged over images (supplement, section 6)."
+        )
+    return "\n".join(["# Model comparison", "", *lines, *notes]) + "\n"
+
+
+def accuracy_groups(report: dict, labels: Sequence[str]) -> List[tuple]:
+    """The bars of ``accuracy.png``: (benchmark, "all" or answer type, one accuracy per model of ``labels``)."""
+    groups = []
+    for b in report["benchmarks"].values():
+        groups.append((b["title"], "all", [b["accuracy"][l] for l in labels]))
+        for answer_type in answer_type_rows(b, labels[0]):
+            groups.append((b["title"], answer_type, [b["per_answer_type"][l].get(answer_type, 0.0) for l in labels]))
+    return groups
+
+
+def write_report(specs, prepared, with_diversity: bool, settings, skipped) -> dict:
+    """Score every cached prediction set and write the tables, per-question files and charts."""
+    out_dir = Path(settings.out_dir)
+    report = {
+        "models": [
+            {
+                "label": s.label,
+                "arch": s.arch,
+                "loaded_as": s.load_arch(),
+                "model_type": s.model_type,
+                "checkpoint": s.checkpoint,
+            }
+            for s in specs
+        ],
+        "reference": specs[0].label,
+        "settings": {
+            "protocol": asdict(settings.protocol),
+            "limit": settings.limit,
+            "seed": settings.seed,
+            "bootstrap_resamples": settings.bootstrap_resamples,
+            "confidence": settings.confidence,
+            "correct_at": stats.CORRECT_AT,
+        },
+        "benchmarks": {},
+        "skipped": skipped,
+    }
+    for name, p in prepared.items():
+        predictions, scores = {}, {}
+        for s in specs:
+            entry = json.loads(cache_path(out_dir, s, name).read_text())
+            predictions[s.label] = {item["question_id"]: item["prediction"] for item in entry["predictions"]}
+            scores[s.label] = score(p, entry["predictions"], out_dir / "scoring" / name, s.label)
+        rows = per_question_rows(p, specs, predictions, scores)
+        atomic_write_text(out_dir / "per_question" / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        report["benchmarks"][name] = benchmark_report(
+            p, specs, scores, settings.bootstrap_resamples, settings.confidence, settings.seed
+        )
+    if with_diversity:
+        results = [
+            query_diversity.QueryDiversity.from_dict(
+                json.loads(cache_path(out_dir, s, DIVERSITY).read_text())["result"]
+            )
+            for s in specs
+        ]
+        relative = {entry["label"]: entry for entry in query_diversity.relative_difference(results)}
+        report["query_diversity"] = {
+            "models": [{**r.to_dict(), **relative[r.label]} for r in results],
+            "reference": specs[0].label,
+        }
+        figures.heatmap_png(results, out_dir / "query_diversity.png")
+        atomic_write_json(out_dir / "query_diversity.json", report["query_diversity"])
+    atomic_write_json(out_dir / "comparison.json", report)
+    atomic_write_text(out_dir / "comparison.md", markdown_table(report))
+    labels = [m["label"] for m in report["models"]]
+    figures.accuracy_bars_png(labels, accuracy_groups(report, labels), out_dir / "accuracy.png")
+    logging.info("comparison written to %s", out_dir / "comparison.md")
+    return report
