@@ -14,7 +14,7 @@ from lavis_xformer import check, launch
 from lavis_xformer.checkpoints import trainable_state_dict
 from lavis_xformer.common.meta import build_without_checkpoints
 from lavis_xformer.models.config import LAVIS_LOADING_KEYS
-from test_pipeline import ALL_YAMLS, PROJECTS
+from helpers import PROJECTS
 
 DEMO = PROJECTS / "demo"
 CHECKPOINT_KEYS = ("pretrained", "finetuned", "qformer_text_init")
@@ -98,6 +98,7 @@ def assert_agree(errors, run_error):
 
 
 DEMO_YAMLS = sorted(DEMO.glob("*.yaml"))
+ALL_YAMLS = sorted(PROJECTS.rglob("*.yaml"))
 PAPER_YAMLS = [p for p in ALL_YAMLS if p.parent.name != "demo"]
 
 

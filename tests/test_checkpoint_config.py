@@ -10,7 +10,7 @@ from lavis_xformer import check
 from lavis_xformer.checkpoints import CheckpointError, export_pretrained, from_pretrained, trainable_state_dict
 from lavis_xformer.checkpoints.model_config import config_differences, stored_model_config, typed_fields
 from lavis_xformer.common.meta import build_without_checkpoints
-from test_pipeline import PROJECTS
+from helpers import PROJECTS
 
 
 def save_run_checkpoint(path, arch, model_type="tiny", **fields):

@@ -9,7 +9,7 @@ import pytest
 from lavis.models import load_model
 
 from lavis_xformer import cli
-from test_pipeline import REPO, subprocess_env
+from helpers import REPO, subprocess_env
 
 AVAILABLE = [name for name in cli.COMMANDS if name != "experiment"]
 

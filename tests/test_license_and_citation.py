@@ -2,7 +2,7 @@
 
 import yaml
 
-from test_pipeline import REPO
+from helpers import REPO
 
 
 def test_license_is_bsd_3_clause_like_lavis():
