@@ -1,11 +1,12 @@
 # `make test`: create .venv, install the pinned stack and the plugin, run the whole suite (what CI runs).
 # `make demo`: same setup, then the demo on the embedded shapes data.
+# `make gpu-check`: the CUDA paths on one GPU in minutes (lavis_xformer/gpucheck.py); without CUDA it says so.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench gpu-check clean
 
 $(STAMP): requirements.txt requirements-test.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +27,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m lavis_xformer.analysis.bench --threads 2 --target-runs 2 --json bench/latest.json --readme bench/README.md --figures bench
+
+gpu-check: $(STAMP)
+	$(PY) -m lavis_xformer.gpucheck --out output/gpucheck.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info output

@@ -17,6 +17,7 @@ from lavis_xformer import paths
 from lavis_xformer import processors  # noqa: F401
 from lavis_xformer import models  # noqa: F401
 from lavis_xformer import tasks  # noqa: F401
+from lavis_xformer import tasks_fewshot  # noqa: F401
 from lavis_xformer import runners  # noqa: F401
 from lavis_xformer.runners import schedulers  # noqa: F401  (linear_warmup_cosine_iter_lr)
 from lavis_xformer import datasets  # noqa: F401

@@ -37,6 +37,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lavis_xformer.common.meta import on_meta
+from lavis_xformer.models.precision import run_precision_report
 from lavis_xformer.run_config import ConfigError
 from lavis_xformer.paths import PLACEHOLDER
 
@@ -366,14 +367,14 @@ def _size(n_bytes: float) -> str:
 
 
 def gpu_weight_bytes(name: str, param, config) -> int:
-    """A parameter's bytes on a GPU: the frozen CLIP-ViT and MAE encoder in half precision when ``vit_precision``
-    says fp16, the frozen LLM at ``llm_precision`` (what the builders do with CUDA; on the meta device, built
-    without CUDA, they are fp32); everything else at its built dtype."""
+    """A parameter's bytes on a GPU: the frozen CLIP-ViT and MAE encoder and the frozen LLM in half precision unless
+    their config forces fp32 (with CUDA, ``frozen_precision`` / ``llm_precision: auto`` pick bf16 or fp16; on the
+    meta device, built without CUDA, they are fp32); everything else at its built dtype."""
     if not param.requires_grad:
-        half = {"fp16": 2, "bf16": 2}
-        if name.startswith(("visual_encoder.", "mae_encoder.")) and getattr(config, "vit_precision", "") in half:
+        vit_half = getattr(config, "vit_precision", "") != "fp32" and getattr(config, "frozen_precision", "") != "fp32"
+        if name.startswith(("visual_encoder.", "mae_encoder.")) and vit_half:
             return param.numel() * 2
-        if name.startswith(("opt_model.", "t5_model.")) and getattr(config, "llm_precision", "") in half:
+        if name.startswith(("opt_model.", "t5_model.")) and getattr(config, "llm_precision", "fp32") != "fp32":
             return param.numel() * 2
     return param.numel() * param.element_size()
 
@@ -450,6 +451,7 @@ def check(cfg_path, options=None, training: Optional[bool] = None, memory: bool 
     model = config = None
     if getattr(model_cls, "config_class", None) is not None:
         config = model_cls.config_class.from_lavis_cfg(cfg.model_cfg)
+        findings += [Finding(level, line) for level, line in run_precision_report(config)]  # precision on this device
         hub = check_hub_weights(config)
         findings += hub
         # The hub boundary: with hub weights missing offline the run cannot build its model, so nothing past this

@@ -170,9 +170,10 @@ class XFormerGQATask(LengthPenaltyMixin, GQATask):
 # ---------------------------------------------------------------------------------------------------------------
 # xformer_finegrained: the OC / MCI benchmark (datasets/finegrained.py derives its questions)
 # ---------------------------------------------------------------------------------------------------------------
-# The paper's protocol (section 3.1 and Table 3): the defaults of the ``xformer_finegrained`` task.
+# The paper's protocol (section 3.1 and Table 3: prompt, 5 beams, length penalty 0; max_len / min_len are LAVIS's VQA
+# defaults, a choice): the defaults of the ``xformer_finegrained`` task.
 FINEGRAINED_PROTOCOL = {
-    "prompt": "Question: {} Short answer:",
+    "prompt": "Question: {} Short Answer:",  # section 3.1's, as printed (config_llm.PAPER_VQA_PROMPT)
     "num_beams": 5,
     "length_penalty": 0.0,
     "inference_method": "generate",
@@ -184,7 +185,7 @@ FINEGRAINED_PROTOCOL = {
 @registry.register_task("xformer_finegrained")
 class FinegrainedVQATask(XFormerVQATask):
     """LAVIS's ``vqa`` task (official VQA accuracy, per answer type) with the paper's OC/MCI protocol as defaults:
-    prompt "Question: {} Short answer:", beam search with 5 beams, length penalty 0, generated answers. Keys set
+    prompt "Question: {} Short Answer:", beam search with 5 beams, length penalty 0, generated answers. Keys set
     in ``run:`` win."""
 
     @classmethod

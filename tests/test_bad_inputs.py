@@ -14,6 +14,12 @@ from test_robust_data import write_dataset
 from test_stage2 import images, tiny
 
 
+@pytest.fixture(scope="module")
+def opt_model():
+    torch.manual_seed(0)
+    return tiny("xformer_opt").eval()
+
+
 # =================================================================================================================
 # Inputs
 # =================================================================================================================

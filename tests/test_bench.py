@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from lavis_xformer.analysis import bench
+from lavis_xformer.analysis import bench, bench_report
 from lavis_xformer.analysis.breakdown import LABELS, attribute, component_labels
 
 
@@ -16,7 +16,7 @@ from lavis_xformer.analysis.breakdown import LABELS, attribute, component_labels
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     readme = out / "README.md"
-    readme.write_text("prose kept\n\n" + bench.README_MARKER + "\n\nold figures\n")
+    readme.write_text("prose kept\n\n" + bench_report.README_MARKER + "\n\nold figures\n")
     command = [sys.executable, "-m", "lavis_xformer.analysis.bench", "--quick", "--threads", "1", "--clock", "process",
                "--target-runs", "1",
                "--json", str(out / "bench.json"), "--readme", str(readme), "--figures", str(out)]
@@ -42,9 +42,9 @@ def test_every_field_for_every_row(report):
             assert data[stage]["memory"][row]["peak_mb"] > 0
             assert data[stage]["parameters"][row]["trainable"] > 0
         for op in ("train_step", "feature_extraction"):
-            for row in (bench.REFERENCE, "xformer"):
+            for row in (bench_report.REFERENCE, "xformer"):
                 assert set(data[stage]["breakdown"][op][row]) == set(LABELS)
-        xformer, blip2 = data[stage]["breakdown"]["train_step"]["xformer"], data[stage]["breakdown"]["train_step"][bench.REFERENCE]
+        xformer, blip2 = data[stage]["breakdown"]["train_step"]["xformer"], data[stage]["breakdown"]["train_step"][bench_report.REFERENCE]
         assert xformer["MAE encoder"] > 0 and xformer["fusion"] > 0 and xformer["optimiser"] > 0 and blip2["MAE encoder"] == 0
         assert (xformer["LLM"] > 0) == (stage == "stage2") and (xformer["MAE decoder"] > 0) == (stage == "stage1")
 
@@ -68,10 +68,10 @@ def test_printed_ratios_are_the_paired_ratios_beside_the_flops_ratios(report):
     data, stdout, _, _ = report
     stage1 = data["stage1"]
     for op in ("train_step", "feature_extraction"):
-        xformer, reference = stage1[op]["xformer"], stage1[op][bench.REFERENCE]
+        xformer, reference = stage1[op]["xformer"], stage1[op][bench_report.REFERENCE]
         low, high = sorted(a / b for a, b in zip(xformer["times_s"], reference["times_s"]))  # two repeats
         median, q1, q3 = (low + high) / 2, low + (high - low) / 4, low + 3 * (high - low) / 4  # interpolated quartiles
-        flops_ratio = stage1["flops"][op]["xformer"] / stage1["flops"][op][bench.REFERENCE]
+        flops_ratio = stage1["flops"][op]["xformer"] / stage1["flops"][op][bench_report.REFERENCE]
         assert f"| stage-1 {op} | {median:.3f} [{q1:.3f}, {q3:.3f}] | {flops_ratio:.3f} |" in stdout
 
 
@@ -79,7 +79,7 @@ def test_scaling_rows_readme_and_charts(report):
     data, stdout, readme, out = report
     points = {(p["operation"], p["row"], p["batch_size"], p["image_size"]) for p in data["scaling"]}
     for batch, image_size in bench.QUICK_SCALING_POINTS:
-        for row in (bench.REFERENCE, "xformer"):
+        for row in (bench_report.REFERENCE, "xformer"):
             assert ("feature_extraction", row, batch, image_size) in points
             assert (("train_step", row, batch, image_size) in points) == (batch > 1)
     assert all(p["median_s"] > 0 and p["peak_mb"] > 0 for p in data["scaling"] if p["operation"] == "train_step")
@@ -156,14 +156,14 @@ def test_time_per_flop_by_part_splits_xformer_into_its_two_added_parts():
     """GFLOP/s of BLIP-2 and of X-Former's two added parts from the rows' median times and FLOPs: the MAE branch with
     the fusion is ``xformer-norec`` - BLIP-2, the reconstruction ``xformer`` - ``xformer-norec``."""
     result = {
-        "train_step": {bench.REFERENCE: {"median_s": 0.30}, "xformer-norec": {"median_s": 0.37}, "xformer": {"median_s": 0.45}},
-        "flops": {"train_step": {bench.REFERENCE: 30e9, "xformer-norec": 37e9, "xformer": 39e9}},
+        "train_step": {bench_report.REFERENCE: {"median_s": 0.30}, "xformer-norec": {"median_s": 0.37}, "xformer": {"median_s": 0.45}},
+        "flops": {"train_step": {bench_report.REFERENCE: 30e9, "xformer-norec": 37e9, "xformer": 39e9}},
     }
-    rates = bench.part_throughput(result)
+    rates = bench_report.part_throughput(result)
     assert rates["BLIP-2"] == pytest.approx(100.0)
     assert rates["MAE branch + fusion"] == pytest.approx(7 / 0.07)
     assert rates["reconstruction"] == pytest.approx(2 / 0.08)
-    text = bench.part_throughput_markdown(result)
+    text = bench_report.part_throughput_markdown(result)
     assert "reconstruction 25.0 GFLOP/s (x4.00 BLIP-2's time per FLOP)" in text
 
 
@@ -182,14 +182,34 @@ def test_targets_run_by_run_in_fresh_processes(report):
     data, stdout, _, _ = report
     runs = data["target_runs"]
     assert len(runs) == 2
-    assert runs[0] == bench.target_ratios(data["stage1"])
+    assert runs[0] == bench_report.target_ratios(data["stage1"])
     for run in runs:
-        for op in bench.TARGET_OPERATIONS:
+        for op in bench_report.TARGET_OPERATIONS:
             assert run[op]["per_flop"] == pytest.approx(run[op]["median"] / run[op]["flops_ratio"])
             assert run[op]["per_flop_q3"] >= run[op]["per_flop"] > 0
     # the fresh process counted the same FLOPs on the same calls
     assert runs[1]["train_step"]["flops_ratio"] == pytest.approx(runs[0]["train_step"]["flops_ratio"])
-    for op in bench.TARGET_OPERATIONS:
-        met = sum(run[op]["per_flop"] <= bench.TIME_PER_FLOP_TARGET for run in runs)
+    for op in bench_report.TARGET_OPERATIONS:
+        met = sum(run[op]["per_flop"] <= bench_report.TIME_PER_FLOP_TARGET for run in runs)
         assert f"{op}: met at the median in {met} of 2 runs" in stdout
         assert ("(met)" if met == 2 else "(not met)") in stdout.split(f"{op}: met at the median")[1].split(";")[0]
+
+
+def test_processor_and_each_rows_precision_are_recorded_and_printed(report):
+    """latest.json and the Markdown name the processor and the precision each row's frozen parts ran in: ``blip2`` as
+    LAVIS ships it (fp32 on a CPU), the other rows what ``frozen_precision: auto`` picks on this machine (whatever it
+    is: the expectation is the policy's, not a constant)."""
+    from lavis_xformer.models.precision import choose_precision, probe_device
+
+    data, stdout, _, _ = report
+    processor = data["machine"]["processor"]
+    assert set(processor) >= {"kind", "name", "capability", "native_bf16", "amx", "line"} and processor["kind"] == "cpu"
+    assert f"Processor: {processor['line']}." in stdout and processor["name"] in data["machine"]["device"]
+    auto = choose_precision("auto", probe_device("cpu")).name
+    for stage in ("stage1", "stage2"):
+        precision = data[stage]["precision"]
+        assert precision["blip2"]["clip_vit"] == "fp32"
+        assert precision[bench.REFERENCE]["clip_vit"] == precision["xformer"]["clip_vit"] == auto
+        assert precision["xformer"]["mae_encoder"] == auto
+        assert f"| xformer | {bench_report.precision_text(precision['xformer'])} |" in stdout
+    assert data["stage2"]["precision"]["xformer"]["llm"] == "fp32"  # LAVIS's LLM code runs no autocast on a CPU

@@ -7,6 +7,7 @@
 * a known prediction file scores exactly as LAVIS's own VQA (official accuracy) and GQA evaluators score it.
 """
 
+import hashlib
 import json
 import os
 import subprocess
@@ -632,3 +633,4 @@ def test_checkpoint_weights_are_loaded(tmp_path):
     for (name, loaded), expected in zip(model.state_dict().items(), source.state_dict().values()):
         assert torch.equal(loaded, expected), name
     assert spec.identity()["checkpoint"]["size"] == path.stat().st_size  # part of every cache fingerprint
+    assert spec.identity()["checkpoint"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()

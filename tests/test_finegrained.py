@@ -223,7 +223,7 @@ def test_finegrained_task_defaults_to_the_paper_protocol():
     task_cls = registry.get_task_class("xformer_finegrained")
     task = task_cls.setup_task(SimpleNamespace(run_cfg=OmegaConf.create({})))
     assert (task.prompt, task.num_beams, task.length_penalty, task.inference_method, task.max_len, task.min_len) == (
-        "Question: {} Short answer:",
+        "Question: {} Short Answer:",
         5,
         0.0,
         "generate",

@@ -143,6 +143,9 @@ def test_paper_training_settings():
 @pytest.mark.parametrize("rel", sorted(str(p.relative_to(PROJECTS)) for p in (PROJECTS / "eval").glob("*qa_*.yaml")))
 def test_paper_vqa_generation_settings(rel):
     run = _yaml(rel).run
-    assert run.prompt == "Question: {} Short answer:"
+    if run.task == "xformer_fewshot_vqa":  # no run.prompt: the model's vqa_prompt, for demonstrations and query
+        assert "prompt" not in run
+    else:
+        assert run.prompt == "Question: {} Short Answer:"  # the paper's (section 3.1)
     assert (run.num_beams, run.length_penalty, run.inference_method) == (5, 0, "generate")
-    assert run.task in ("xformer_vqa", "xformer_gqa")  # LAVIS's vqa/gqa tasks would drop length_penalty
+    assert run.task in ("xformer_vqa", "xformer_gqa", "xformer_fewshot_vqa")  # LAVIS's vqa/gqa drop length_penalty

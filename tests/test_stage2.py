@@ -146,7 +146,10 @@ def test_stage2_mae_masking_follows_mask_ratio_and_inference_sees_the_whole_imag
         return model
 
     samples = {"image": images(2), "text_input": CAPTIONS[:2]}
-    record(tiny("xformer_opt")).train()(samples)  # default stage 2: no masking in training
+    record(tiny("xformer_opt")).train()(samples)  # default stage 2: the paper's 50% masking in training
+    assert seen == [0.5, 2 * 8]
+    seen.clear()
+    record(tiny("xformer_opt", mask_ratio=0.0)).train()(samples)  # the _unmasked yamls: whole images
     assert seen == [0.0, 0]
     seen.clear()
     model = record(tiny("xformer_opt", reconstruction_loss=True, mask_ratio=0.5)).train()
@@ -315,9 +318,10 @@ def test_prefix_lm_loss_sees_answers_and_weights_but_not_padding(eval_models, ar
 def test_opt_batch_with_text_output_trains_the_prefix_lm_loss(eval_models, arch):
     """A batch with ``text_output`` (LAVIS's convention) is prompt -> target for OPT too; the answers matter."""
     model = eval_models[arch]
-    samples = {"image": images(2), "text_input": PROMPTS, "text_output": ANSWERS}
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(0))  # fixes the stage-2 MAE masking
+    samples = {"image": images(2), "text_input": PROMPTS, "text_output": ANSWERS, "mae_noise": noise}
     with torch.no_grad():
-        expected = model.prefix_lm_loss(*model.llm_image_inputs(samples["image"]), PROMPTS, ANSWERS)
+        expected = model.prefix_lm_loss(*model.llm_training_inputs(samples["image"], samples)[:2], PROMPTS, ANSWERS)
         torch.testing.assert_close(model(samples).loss, expected, rtol=0, atol=1e-6)
         assert not torch.isclose(model({**samples, "text_output": ["7", "red"]}).loss, expected)
 

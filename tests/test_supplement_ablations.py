@@ -1,5 +1,6 @@
-"""The supplement's ablations "CLIP w Recon." (Table 6 row 1, variant ``clip_recon``) and "w/o HFlip" (Table 5,
-the project yamls ``pretrain_stage1_no_hflip*.yaml``)."""
+"""The supplement's ablations "CLIP w Recon." (Table 6 row 1; here its trainable-copy reading,
+``clip_recon_trainable``; the frozen reading is tests/test_clip_recon_frozen.py's) and "w/o HFlip" (Table 5, the
+project yamls ``pretrain_stage1_no_hflip*.yaml``)."""
 
 from pathlib import Path
 
@@ -20,7 +21,7 @@ TRAIN = Path(__file__).resolve().parent.parent / "projects" / "xformer" / "train
 
 
 def clip_recon(**overrides) -> XFormer:
-    cfg = load_model("xformer", "clip_recon_tiny").config
+    cfg = load_model("xformer", "clip_recon_trainable_tiny").config
     torch.manual_seed(0)
     return XFormer(XFormerConfig(**{**cfg.to_dict(), **overrides}))
 
@@ -93,7 +94,7 @@ def test_reconstruction_loss_trains_the_clip_copy_and_nothing_frozen(process_gro
 
 def test_clip_copy_is_saved_in_checkpoints_and_reaches_stage2():
     """It is trainable in stage 2 too, so stage-1 and stage-2 checkpoints (trainable weights only) carry it."""
-    stage2 = load_model("xformer_opt", "clip_recon_tiny")
+    stage2 = load_model("xformer_opt", "clip_recon_trainable_tiny")
     assert all(p.requires_grad for p in stage2.masked_clip.parameters())
     assert stage2.mae_decoder is None and stage2.config.reconstruction_loss is False
     stage1 = clip_recon()
@@ -111,7 +112,7 @@ def test_clip_recon_paper_scale_builds_on_meta_with_a_trainable_clip_vit():
         return XFormer.from_config(OmegaConf.merge(model_cfg, {"load_pretrained": False}))
 
     with torch.device("meta"), no_hub():
-        xformer, variant = build("pretrain"), build("clip_recon")
+        xformer, variant = build("pretrain"), build("clip_recon_trainable")
 
     def trainable(model):
         return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -53,7 +53,7 @@ from lavis_xformer.analysis.vqa_benchmarks import (
     expand_benchmarks,
     prepare_benchmark,
 )
-from lavis_xformer.common import distributed
+from lavis_xformer.common import distributed, provenance
 from lavis_xformer.common.atomic import atomic_write_json
 from lavis_xformer.common.distributed import get_rank, get_world_size
 
@@ -85,15 +85,16 @@ class ModelSpec:
         return self.arch
 
     def identity(self) -> dict:
-        """What the predictions depend on besides the benchmark and protocol (part of every cache fingerprint)."""
-        checkpoint = None
-        if self.checkpoint:
-            path = Path(self.checkpoint)
-            checkpoint = {"path": str(path.resolve())}
-            if path.is_file():
-                stat = path.stat()
-                checkpoint.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
-        return {"arch": self.load_arch(), "model_type": self.model_type, "checkpoint": checkpoint}
+        """What the predictions depend on besides the benchmark and protocol (part of every cache fingerprint): the
+        model, the checkpoint's content (sha256: a checkpoint rewritten with other weights is not reused, one
+        copied or touched is) and the versions of the packages that compute (``common.provenance``; the git commit
+        is recorded in ``provenance.json``, not keyed: a commit that changes no computation keeps the cache)."""
+        return {
+            "arch": self.load_arch(),
+            "model_type": self.model_type,
+            "checkpoint": provenance.checkpoint_identity(self.checkpoint),
+            "packages": {k: v for k, v in provenance.environment()["packages"].items() if k != "pycocoevalcap"},
+        }
 
 
 def parse_model_specs(entries: Sequence[str], checkpoint_entries: Sequence[str] = ()) -> List[ModelSpec]:

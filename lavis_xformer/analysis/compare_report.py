@@ -17,6 +17,7 @@ from lavis_xformer.analysis import figures, query_diversity, stats
 from lavis_xformer.analysis.compare_cache import DIVERSITY, cache_path
 from lavis_xformer.analysis.vqa_benchmarks import PreparedBenchmark
 from lavis_xformer.analysis.vqa_scoring import score
+from lavis_xformer.common import provenance
 from lavis_xformer.common.atomic import atomic_write_json, atomic_write_text
 
 def per_question_rows(prepared: PreparedBenchmark, specs, predictions, scores) -> List[dict]:
@@ -159,6 +160,7 @@ def write_report(specs, prepared, with_diversity: bool, settings, skipped) -> di
                 "loaded_as": s.load_arch(),
                 "model_type": s.model_type,
                 "checkpoint": s.checkpoint,
+                "identity": s.identity(),  # the checkpoint's sha256 and the package versions (the cache key)
             }
             for s in specs
         ],
@@ -173,6 +175,7 @@ def write_report(specs, prepared, with_diversity: bool, settings, skipped) -> di
         },
         "benchmarks": {},
         "skipped": skipped,
+        "environment": provenance.environment(),  # packages, python, git commit (and whether the tree was dirty)
     }
     for name, p in prepared.items():
         predictions, scores = {}, {}

@@ -260,7 +260,10 @@ def to_markdown(rows: List[Row]) -> str:
         "same model with weights). Trainable: parameters with `requires_grad`; frozen: CLIP-ViT, MAE-ViT (and "
         "decoder), LLM. Paper: Table 1 (OPT-2.7B / OPT-6.7B), supplement Table 3 (OPT-6.7B), supplement section 2 "
         "(VQA fine-tuning, 216M; `vqa_ft_*` types: the stage-2 count plus the Q-Former's text path and the "
-        "CLIP-ViT's layer norms; README \"VQA fine-tuning\" explains the difference).",
+        "CLIP-ViT's layer norms; README \"VQA fine-tuning\" explains the difference). `clip_recon` / "
+        "`clip_recon_trainable`: supplement Table 6 \"CLIP w Recon.\" read with the frozen CLIP-ViT encoding the "
+        "visible patches (the default; X-Former and the MAE decoder train) / with a trainable CLIP-ViT copy; the paper "
+        "gives no count for either (docs/fidelity.md).",
     ]
     return "\n".join(lines)
 

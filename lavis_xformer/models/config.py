@@ -32,7 +32,8 @@ REPLACED_FIELDS = {
 class BackboneConfig:
     """The BLIP-2 part shared by BLIP-2 and X-Former: frozen CLIP-ViT, Q-Former, text tokenizer.
 
-    Defaults are the paper's: EVA-CLIP ViT-g (second-to-last layer), a BERT-base Q-Former with 32 queries.
+    Defaults are the paper's EVA-CLIP ViT-g (second-to-last layer) and 32 queries (supplement Fig. 7's 32x32), and
+    BLIP-2's BERT-base Q-Former, which the paper extends.
     """
 
     # --- frozen CLIP-ViT (LAVIS's EVA ViT class) ---
@@ -131,17 +132,22 @@ class XFormerConfig(BackboneConfig):
     dual_query_self_attention: bool = True  #: self-attention over Z_q before it attends to M' (paper ablation)
     dual_dropout: float = 0.1  #: dropout on the residual branches (attention and FFN outputs)
     dual_attention_dropout: float = 0.0  #: dropout on attention probabilities (0 keeps SDPA's fused kernel; see README)
-    itg_conditioning: str = "enriched_cache"  #: "enriched_cache": ITG text sees Z'; "qformer_cache": BLIP-2's
+    #: "enriched_cache": ITG text sees Z' (this project's choice: the paper says only that Z' is optimised for ITG);
+    #: "qformer_cache": BLIP-2's
+    itg_conditioning: str = "enriched_cache"
 
     # --- the paper's baselines and ablations (models/variants.py): where M comes from, how it meets the queries ---
     mae_fusion: str = "dual"  #: "dual": the dual block; "concat" (Fig. 1b), "early_ca" (Fig. 1c): M inside the Q-Former
     mae_source: str = "mae"  #: "mae": the frozen MAE-ViT; "clip_layer": a CLIP-ViT block's output (no MAE built);
-    #: "clip_vit": a trainable copy of the CLIP-ViT on the visible patches of the masked image (Table 6 "CLIP w Recon.")
+    #: "frozen_clip_vit" / "clip_vit": the frozen CLIP-ViT itself / a trainable copy of it on the visible patches of
+    #: the masked image (supplement Table 6 "CLIP w Recon.", its two readings: models/clip_recon.py)
     clip_feature_layer: int = 26  #: mae_source="clip_layer": 1-based CLIP-ViT block whose output replaces M (Table 5)
     early_ca_feed_forward: bool = True  #: early_ca: each MAE cross-attention carries BertLayer's query and text FFNs
 
     # --- losses ---
     reconstruction_loss: bool = True  #: build the frozen MAE decoder and add the reconstruction loss
+    #: train the MAE decoder (a choice for "CLIP w Recon." read with a frozen CLIP-ViT; X-Former's decoder is frozen)
+    mae_decoder_trainable: bool = False
     itc_loss: str = "softmax"  #: stage 1's contrastive loss: "softmax" (BLIP-2's) or "sigmoid" (SigLIP, contrastive.py)
     loss_weight_itc: float = 1.0  #: weight of the image-text contrastive loss in the total
     loss_weight_itm: float = 1.0  #: weight of the image-text matching loss in the total
@@ -169,31 +175,31 @@ class XFormerConfig(BackboneConfig):
         if self.reconstruction_loss and not self.use_mae:
             raise ValueError("reconstruction_loss=True needs use_mae=True (the loss reconstructs MAE patches)")
         _check_choice("mae_fusion", self.mae_fusion, ("dual", "concat", "early_ca"))
-        _check_choice("mae_source", self.mae_source, ("mae", "clip_layer", "clip_vit"))
+        _check_choice("mae_source", self.mae_source, ("mae", "clip_layer", "clip_vit", "frozen_clip_vit"))
         if self.mae_source == "clip_layer" and not 1 <= self.clip_feature_layer <= self.vit_depth:
             raise ValueError(
                 f"clip_feature_layer={self.clip_feature_layer} must be a CLIP-ViT block: 1 to {self.vit_depth}"
             )
         if self.reconstruction_loss and (self.mae_fusion != "dual" or self.mae_source == "clip_layer"):
             raise ValueError(
-                f"reconstruction_loss=True needs mae_fusion='dual' and mae_source='mae' or 'clip_vit' (the frozen MAE "
-                f"decoder reads the dual block's M' of a masked image); got mae_fusion={self.mae_fusion!r}, "
+                f"reconstruction_loss=True needs mae_fusion='dual' and mae_source='mae', 'clip_vit' or 'frozen_clip_vit' "
+                f"(the MAE decoder reads the dual block's M' of a masked image); got mae_fusion={self.mae_fusion!r}, "
                 f"mae_source={self.mae_source!r}"
             )
-        if self.use_mae and self.mae_source == "clip_vit":
+        if self.use_mae and self.mae_source in ("clip_vit", "frozen_clip_vit"):
             clip_grid, mae_grid = self.image_size // self.vit_patch_size, self.mae_image_size // self.mae_patch_size
             if self.image_size % self.vit_patch_size or clip_grid != mae_grid:
                 raise ValueError(
-                    f"mae_source='clip_vit' masks the CLIP-ViT's patches and the MAE decoder reconstructs them: the "
+                    f"mae_source={self.mae_source!r} masks the CLIP-ViT's patches and the MAE decoder reconstructs them: the "
                     f"patch grids must be the same, but image_size/vit_patch_size = {self.image_size}/"
                     f"{self.vit_patch_size} and mae_image_size/mae_patch_size = {self.mae_image_size}/{self.mae_patch_size}"
                 )
 
     @property
     def mae_feature_width(self) -> int:
-        """Width of M as the trainable modules receive it: the MAE encoder's, or the CLIP-ViT's for ``clip_layer`` and
-        ``clip_vit``."""
-        return self.vit_embed_dim if self.mae_source in ("clip_layer", "clip_vit") else self.mae_hidden_size
+        """Width of M as the trainable modules receive it: the MAE encoder's, or the CLIP-ViT's for ``clip_layer``,
+        ``clip_vit`` and ``frozen_clip_vit``."""
+        return self.vit_embed_dim if self.mae_source in ("clip_layer", "clip_vit", "frozen_clip_vit") else self.mae_hidden_size
 
 
 def _check_choice(name, value, choices):

@@ -343,16 +343,7 @@ class OPTHead(LLMHead):
     def prefix_lm_loss(self, prefix, prefix_atts, prompts, targets, weights=None):
         """[prefix | prompt | target + "\\n" | padding], the loss on the target tokens only; the target follows one
         space when the prompt does not end in one (the token generation emits after "Short answer:")."""
-        if len(prompts) != len(targets):
-            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets; give one target per prompt")
-        prompt_ids = self.opt_tokenizer(list(prompts), truncation=True, max_length=self.max_txt_len).input_ids
-        target_texts = [
-            (" " if prompt and not prompt[-1].isspace() else "") + target + "\n"
-            for prompt, target in zip(prompts, targets)
-        ]
-        target_ids = self.opt_tokenizer(
-            target_texts, add_special_tokens=False, truncation=True, max_length=self.max_txt_len
-        ).input_ids
+        prompt_ids, target_ids = self.prompt_target_ids(prompts, targets)
         width = max(len(p) + len(t) for p, t in zip(prompt_ids, target_ids))
         shape, device = (len(prompts), width), prefix.device
         input_ids = torch.full(shape, self.opt_tokenizer.pad_token_id, dtype=torch.long, device=device)
@@ -364,6 +355,22 @@ class OPTHead(LLMHead):
             attention_mask[row, :end] = 1
             labels[row, len(prompt) : end] = torch.tensor(target)
         return self.lm_loss(prefix, prefix_atts, input_ids, attention_mask, labels, weights)
+
+    def prompt_target_ids(self, prompts, targets) -> Tuple[List[List[int]], List[List[int]]]:
+        """The token ids of [prompt | target + "\\n"] as ``prefix_lm_loss`` lays them out (also the layout of a
+        few-shot demonstration, ``lavis_xformer.fewshot``): the prompt with BOS, the target after one space when the
+        prompt does not end in one; each truncated to ``max_txt_len``."""
+        if len(prompts) != len(targets):
+            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets; give one target per prompt")
+        prompt_ids = self.opt_tokenizer(list(prompts), truncation=True, max_length=self.max_txt_len).input_ids
+        target_texts = [
+            (" " if prompt and not prompt[-1].isspace() else "") + target + "\n"
+            for prompt, target in zip(prompts, targets)
+        ]
+        target_ids = self.opt_tokenizer(
+            target_texts, add_special_tokens=False, truncation=True, max_length=self.max_txt_len
+        ).input_ids
+        return prompt_ids, target_ids
 
     def lm_loss(self, prefix, prefix_atts, input_ids, attention_mask, labels, weights=None):
         """OPT on [prefix | input_ids]: the (weighted) mean cross-entropy of the tokens whose label is not -100."""

@@ -39,10 +39,12 @@ difference to the fp32 encoders and the stage-1 losses; tests/test_precision_pol
 import logging
 import platform
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
+from lavis_xformer.models.class_swaps import mixed_class, swap_class
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPES = {"fp32": torch.float32, **HALF_DTYPES}
@@ -211,6 +213,27 @@ def resolve_llm_precision(cfg, lavis_half: str, caps: Optional[DeviceCaps] = Non
     return choose_llm_precision(cfg.llm_precision, caps or probe_device(), lavis_half)
 
 
+def run_precision_report(cfg, caps: Optional[DeviceCaps] = None) -> List[Tuple[str, str]]:
+    """(level, line) per frozen part of a model config, for ``check``: the precision the run will use on this device
+    and why ("OK"), or "WARNING" where a forced half type is emulated here (slow)."""
+    caps = caps or probe_device()
+    choices = []
+    if hasattr(cfg, "frozen_precision"):
+        choices.append(("frozen", "model.frozen_precision", resolve_frozen_precision(cfg, caps)))
+    if hasattr(cfg, "llm_precision"):
+        lavis_half = "bf16" if hasattr(cfg, "t5_model") else "fp16"  # LAVIS: FlanT5 in bf16, OPT in fp16
+        choices.append(("llm", "model.llm_precision", resolve_llm_precision(cfg, lavis_half, caps)))
+    report = []
+    for part, field, choice in choices:
+        line = f"{part} precision: {choice.name} ({choice.reason})"
+        if choice.emulated:
+            report.append(("WARNING", f"{line}: this device has no {choice.name} hardware, so the forced {choice.name} "
+                                      f"is emulated and slow; set {field}: auto (or fp32)"))
+        else:
+            report.append(("OK", line))
+    return report
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Running a frozen encoder in half precision
 # ----------------------------------------------------------------------------------------------------------------
@@ -244,15 +267,8 @@ class HalfPrecisionForward:
         return _to_float(output)
 
 
-_HALF_CLASSES: Dict[tuple, type] = {}
-
-
 def _half_class(cls: type, dtype: torch.dtype) -> type:
-    key = (cls, dtype)
-    if key not in _HALF_CLASSES:
-        name = f"{'BF16' if dtype == torch.bfloat16 else 'FP16'}{cls.__name__}"
-        _HALF_CLASSES[key] = type(name, (HalfPrecisionForward, cls), {"half_dtype": dtype, "__module__": cls.__module__})
-    return _HALF_CLASSES[key]
+    return mixed_class(HalfPrecisionForward, cls, "BF16" if dtype == torch.bfloat16 else "FP16", half_dtype=dtype)
 
 
 def run_in_half_precision(module: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
@@ -270,7 +286,7 @@ def run_in_half_precision(module: nn.Module, dtype: Optional[torch.dtype]) -> nn
                 if param is not None:
                     param.data = param.data.to(dtype)
     if not isinstance(module, HalfPrecisionForward):
-        module.__class__ = _half_class(type(module), dtype)
+        swap_class(module, _half_class(type(module), dtype), "half_precision")
     return module
 
 
@@ -280,4 +296,4 @@ def runs_in_half_precision(module: Optional[nn.Module]) -> Optional[torch.dtype]
 
 
 __all__ = ["DeviceCaps", "PrecisionChoice", "probe_device", "choose_precision", "choose_llm_precision", "resolve_frozen_precision",
-           "frozen_half_dtype", "resolve_llm_precision", "run_in_half_precision", "runs_in_half_precision", "HALF_DTYPES", "PRECISIONS"]
+           "frozen_half_dtype", "resolve_llm_precision", "run_precision_report", "run_in_half_precision", "runs_in_half_precision", "HALF_DTYPES", "PRECISIONS"]

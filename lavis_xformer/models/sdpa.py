@@ -12,7 +12,9 @@ parameter is touched), ``use_reference_attention`` switches back. tests/test_sdp
 gradients equal to the originals to 1e-5, and the bf16 MAE within bf16's rounding of transformers' bf16 product.
 
 ``shared_context_projections`` lets the Q-Former's cross-attentions project one batch of image features to keys and
-values once per training step (see ``SharedContextProjections``).
+values once per training step (see ``SharedContextProjections``). The attention modules find it through a context
+variable, because LAVIS's Q-Former passes no extra argument down to them; ``XFormer.encode`` and ``XFormer.itm_loss``,
+the only places that open such a block, say so where they do.
 """
 
 import contextlib
@@ -25,9 +27,12 @@ from lavis.models.blip2_models.Qformer import BertSelfAttention
 from lavis.models.eva_vit import Attention as EvaAttention
 from transformers.models.vit_mae.modeling_vit_mae import ViTMAESelfAttention
 
+from lavis_xformer.models.class_swaps import swap_class
+
 
 def _bf16_on_cpu(x: torch.Tensor) -> bool:
-    """True where the frozen encoders run in bfloat16 on a CPU (models/precision.py). There the fused SDPA kernel is
+    """True where the frozen encoders run in bfloat16 on a CPU (models/precision.py: ``frozen_precision: auto`` picks
+    it only on a CPU with native bf16; a forced bf16 elsewhere takes the same path). There the fused SDPA kernel is
     about 2x slower than the plain product the reference classes compute (measured on AVX-512-BF16 cores, head
     widths 8 to 88, 32 to 257 tokens), so the reference product runs instead; in fp32 and on CUDA, SDPA does."""
     if x.device.type != "cpu":
@@ -199,14 +204,12 @@ class SdpaViTMAESelfAttention(ViTMAESelfAttention):
         the queries scaled before the product, a softmax in bf16. transformers' ViTMAE instead projects three times
         and divides the [tokens x tokens] scores, one more pass over the largest tensor of the layer. Scaling q before
         or the scores after the product rounds differently in bf16: the encoder's output moves by about 1e-3 of its
-        norm, a tenth of what bf16 itself moves it from fp32 (tests/test_sdpa.py, tests/test_precision.py). At bench
-        size (head width 10) the encoder's forward takes x0.90 to x0.93 of its time with the previous version
-        (transformers' product with the scale applied in place), under half of transformers' own under autocast.
+        norm, a tenth of what bf16 itself moves it from fp32 (tests/test_sdpa.py, tests/test_precision.py). The time
+        it saves is measured in bench/README.md.
 
         Scores larger than ``MAE_SCORES_BLOCK_BYTES`` are computed one image (or block of heads) at a time: each
         score goes through the same kernels, so the output is the same, but a block's scores stay in cache between
-        the passes over them (the unmasked MAE at 257 tokens: encoder forward x0.93 at bench size). SDPA's fused
-        kernel is slower here in bf16 (``_bf16_on_cpu``)."""
+        the passes over them. SDPA's fused kernel is slower here in bf16 (``_bf16_on_cpu``)."""
         batch, tokens, width = hidden_states.shape
         heads, head_width = self.num_attention_heads, self.attention_head_size
         # One [width x 3 width] product instead of three: the same dot products, so the same bits as three.
@@ -242,21 +245,21 @@ _SDPA_OF = {BertSelfAttention: SdpaBertSelfAttention, EvaAttention: SdpaEvaAtten
 _REFERENCE_OF = {sdpa: reference for reference, sdpa in _SDPA_OF.items()}
 
 
-def _swap(module: torch.nn.Module, mapping) -> int:
+def _swap(module: torch.nn.Module, mapping, swap: str) -> int:
     switched = 0
     for child in module.modules():
         target = mapping.get(type(child))
         if target is not None:
-            child.__class__ = target
+            swap_class(child, target, swap)
             switched += 1
     return switched
 
 
 def use_sdpa_attention(module: torch.nn.Module) -> int:
     """Switch every Q-Former, EVA ViT and ViT-MAE attention inside ``module`` to SDPA; returns how many."""
-    return _swap(module, _SDPA_OF)
+    return _swap(module, _SDPA_OF, "sdpa_attention")
 
 
 def use_reference_attention(module: torch.nn.Module) -> int:
     """Switch back to LAVIS's / transformers' own attention code; returns how many."""
-    return _swap(module, _REFERENCE_OF)
+    return _swap(module, _REFERENCE_OF, "reference_attention")

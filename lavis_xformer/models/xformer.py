@@ -26,7 +26,7 @@ from lavis.models.blip_models.blip_outputs import BlipOutputFeatures
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions, ModelOutput
 
 from lavis_xformer.common import distributed as dist
-from lavis_xformer.models import variants
+from lavis_xformer.models import clip_recon, variants
 from lavis_xformer.models.builders import (
     ConfigBuildersMixin,
     blip2_init_kwargs,
@@ -138,7 +138,8 @@ class XFormerImageMixin:
         if config.reconstruction_loss:
             # Frozen, but the reconstruction loss's gradient flows back through it to M': it stays in the training
             # precision (fp32, or the runner's autocast). In bf16 it was also 2.7x slower at bench size.
-            self.mae_decoder = predict_some_patches(freeze(mae.decoder))  # the loss reads the masked patches alone
+            decoder = mae.decoder if config.mae_decoder_trainable else freeze(mae.decoder)  # trainable: clip_recon
+            self.mae_decoder = predict_some_patches(decoder)  # the loss reads the masked patches alone
             # M' lives at the Q-Former width; the frozen decoder reads the MAE encoder's width.
             self.mae_out_proj = nn.Linear(config.qformer_hidden_size, config.mae_hidden_size)
         self.register_buffer("_clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -218,16 +219,8 @@ class XFormerImageMixin:
         blocks (all of them, as C is read). The reconstruction target is MAE's (``mae_pixels``)."""
         if mask_ratio is None:
             mask_ratio = self.config.mask_ratio if self.training else self.config.eval_mask_ratio
-        vit = self.masked_clip
-        patches = vit.patch_embed(image) + vit.pos_embed[:, 1:]
-        if noise is None and mask_ratio == 0:
-            noise = ordered_noise(image.shape[0], patches.shape[1], image.device)
-        visible, mask, ids_restore = random_masking(patches, mask_ratio, noise)
-        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(image.shape[0], -1, -1)
-        hidden = vit.pos_drop(torch.cat([cls, visible], dim=1))
-        for block in vit.blocks:  # EVA's blocks; the built ViT has no relative position bias
-            hidden = torch.utils.checkpoint.checkpoint(block, hidden, None) if vit.use_checkpoint else block(hidden, None)
-        return MaeEncoding(features=hidden, mask=mask, ids_restore=ids_restore, pixels=self.mae_pixels(image))
+        features, mask, ids_restore = clip_recon.encode_visible_patches(self.masked_clip, image, mask_ratio, noise)
+        return MaeEncoding(features=features, mask=mask, ids_restore=ids_restore, pixels=self.mae_pixels(image))
 
     def forward_encoders(self, image, mask_ratio: Optional[float] = None, noise=None):
         """(C, MaeEncoding of M or None) from the frozen encoders; for clip_layer, M is a CLIP-ViT block's output, for
@@ -239,6 +232,8 @@ class XFormerImageMixin:
             return clip_features, MaeEncoding(features=block_features)
         if self.config.mae_source == "clip_vit":
             return self.forward_clip(image), self.forward_masked_clip(image, mask_ratio, noise)
+        if self.config.mae_source == "frozen_clip_vit":  # the frozen CLIP-ViT itself on the visible patches
+            return self.forward_clip(image), clip_recon.frozen_masked_clip(self, image, mask_ratio, noise)
         return self.forward_clip(image), self.forward_mae(image, mask_ratio, noise)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -308,7 +303,8 @@ class XFormerImageMixin:
 
         In BLIP-2 the text decoder sees, at every Q-Former layer, the keys/values of that layer's query states
         (``past_key_values``). Here every layer's query states get Z' - Z_q added before its key/value
-        projections, so ITG is conditioned on Z'; with a zero enrichment this is exactly BLIP-2's cache.
+        projections, so ITG is conditioned on Z'; with a zero enrichment this is exactly BLIP-2's cache. This route
+        is the project's choice (``itg_conditioning``): the paper says only that Z' is "optimized for ITC, ITM, and ITG".
         """
         num_queries = self.query_tokens.shape[1]
         cache = []

@@ -6,7 +6,7 @@
 
 Only the X-Former (Q-Former, queries, dual block, ``ln_vision``) and the projection train. No ITC/ITM, no text into
 the Q-Former (except the question in VQA fine-tuning, ``qformer_text_input``); the reconstruction loss is an
-off-by-default switch (Table 6 ablation). MAE masking follows ``mask_ratio`` (0 by default in stage 2: see
+off-by-default switch (Table 6 ablation). MAE masking follows ``mask_ratio`` (the paper's 0.5 by default: see
 ``XFormerStage2Config``); at inference the MAE sees the whole image (``eval_mask_ratio``).
 
 The classes are LAVIS's ``Blip2OPT`` / ``Blip2T5`` built like the baselines (``blip2_baseline_llm``), with the same
