@@ -54,6 +54,7 @@ setup(
     description="X-Former (Unifying Contrastive and Reconstruction Learning for MLLMs) as a LAVIS plugin",
     long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
     python_requires=">=3.10",
     packages=find_packages(include=["lavis_xformer", "lavis_xformer.*"]) + list(SHIPPED_FOLDERS),
     package_dir={package: folder for package, (folder, _) in SHIPPED_FOLDERS.items()},
@@ -65,6 +66,7 @@ setup(
     extras_require={"test": (ROOT / "requirements-test.txt").read_text().split()},
     entry_points={
         "console_scripts": [
+            "lavis-xformer = lavis_xformer.cli:main",  # one command line: lavis-xformer {train,evaluate,check,...}
             "lavis-xformer-train = lavis_xformer.train:main",
             "lavis-xformer-evaluate = lavis_xformer.evaluate:main",
             "lavis-xformer-compare = lavis_xformer.analysis.compare:cli",

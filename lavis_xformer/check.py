@@ -26,6 +26,7 @@ One line per finding, ``ERROR`` / ``WARNING`` / ``OK``, and exit status 1 when t
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -177,14 +178,24 @@ def _lavis_dataset_findings(name, cfg, allow_downloads) -> List[Finding]:
 # ---------------------------------------------------------------------------------------------------------------
 def _producing_command(path: str) -> str:
     """The project yaml whose ``run.output_dir`` the placeholder path lies in, as a train command."""
+    folder = str(path).split("<", 1)[0].rstrip("/")
+    return _output_dirs().get(folder, "the training run that writes it")
+
+
+@functools.lru_cache(maxsize=1)
+def _output_dirs() -> dict:
+    """``run.output_dir`` -> the train command of the project yaml that writes it (plain yaml: fast)."""
+    import yaml as pyyaml
+
     from lavis_xformer.paths import projects_root
 
-    folder = str(path).split("<", 1)[0].rstrip("/")
-    for yaml in sorted(projects_root().rglob("*.yaml")):
-        output_dir = (OmegaConf.load(yaml).get("run", None) or {}).get("output_dir", None)
-        if output_dir and str(output_dir).rstrip("/") == folder:
-            return f"python -m lavis_xformer.train --cfg-path {yaml.relative_to(projects_root().parent)}"
-    return "the training run that writes it"
+    commands = {}
+    for path in sorted(projects_root().rglob("*.yaml")):
+        output_dir = ((pyyaml.safe_load(path.read_text()) or {}).get("run", None) or {}).get("output_dir", None)
+        if output_dir:
+            relative = path.relative_to(projects_root().parent)
+            commands.setdefault(str(output_dir).rstrip("/"), f"python -m lavis_xformer.train --cfg-path {relative}")
+    return commands
 
 
 def _open_checkpoint(path: Path):
@@ -209,6 +220,9 @@ def _open_checkpoint(path: Path):
 
 def check_checkpoint(key: str, value, model_keys: Optional[set] = None) -> Finding:
     value = str(value)
+    if not value:
+        return Finding("ERROR", f"{key} is empty but the run loads it (load_finetuned: True): pass --options "
+                                f"{key}=<a checkpoint file or exported folder>, or set model.load_finetuned=False")
     if PLACEHOLDER.search(value):
         return Finding("ERROR", f"{key}={value} is a placeholder ({PLACEHOLDER.search(value).group(0)}): train first "
                                 f"with `{_producing_command(value)}`, then pass --options {key}=<its checkpoint>")
@@ -238,16 +252,34 @@ def check_checkpoint(key: str, value, model_keys: Optional[set] = None) -> Findi
 
 
 def checkpoint_settings(model_cfg, run_cfg) -> List[tuple]:
-    """(setting, path) of every checkpoint the run will read, as the plugin's loader selects them."""
+    """(setting, path) of every checkpoint the run will read, as the plugin's loader selects them (an empty
+    ``finetuned`` with ``load_finetuned: True`` included: the run refuses it)."""
     selected = []
     if model_cfg.get("load_finetuned", False):
-        selected.append(("model.finetuned", model_cfg.get("finetuned", None)))
+        selected.append(("model.finetuned", model_cfg.get("finetuned", None) or ""))
     elif model_cfg.get("load_pretrained", True) and model_cfg.get("pretrained", None):
         selected.append(("model.pretrained", model_cfg.get("pretrained")))
+    if selected and model_cfg.get("qformer_text_init", None):  # read when the checkpoint lacks the text parts
+        selected.append(("model.qformer_text_init", model_cfg.get("qformer_text_init")))
     resume = run_cfg.get("resume_ckpt_path", None)
     if resume and str(resume).lower() != "auto" and not os.path.isdir(os.path.expanduser(str(resume))):
         selected.append(("run.resume_ckpt_path", resume))
-    return [(key, value) for key, value in selected if value]
+    return [(key, value) for key, value in selected if value or key == "model.finetuned"]
+
+
+def dry_run_load(model, model_cfg) -> Optional[Finding]:
+    """The run's own loader (``load_checkpoint_from_config``) on the meta-device model: the checkpoints are read and
+    matched exactly as the run will (required tensors, stage, Q-Former text parts, stored config), but copying into
+    ``meta`` parameters is a no-op. An ERROR with the loader's message, or None when it loads."""
+    import warnings
+
+    try:
+        with on_meta(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+            model.load_checkpoint_from_config(model_cfg)
+    except Exception as error:  # the run's set-up would stop here with this message
+        return Finding("ERROR", f"{type(error).__name__}: {error}")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,18 +329,22 @@ def check_hub_weights(config) -> List[Finding]:
 # ---------------------------------------------------------------------------------------------------------------
 # 5. GPU memory (estimate)
 # ---------------------------------------------------------------------------------------------------------------
-def _meta_samples(batch_size: int, image_size: int) -> dict:
-    text = ["a photo of two red circles and a small blue square on a grey table"] * batch_size
-    return {
-        "image": torch.zeros(batch_size, 3, image_size, image_size, device="meta"),
-        "text_input": text, "text_output": ["two"] * batch_size, "answer": ["two"] * batch_size,
-        "weight": torch.ones(batch_size, device="meta"), "n_answers": torch.ones(batch_size, dtype=torch.long),
-        "epoch": 0, "iters": 0, "num_iters_per_epoch": 1,
-    }
+def _meta_samples(batch_size: int, image_size: int, vqa: bool = False) -> dict:
+    """A training batch on ``meta``: captions (pre-training, caption fine-tuning) or, for ``vqa``, questions with one
+    answer each (LAVIS's VQA collater: flat answers, their weights and counts, which stay on the CPU as the draw of
+    one answer per question reads them there)."""
+    samples = {"image": torch.zeros(batch_size, 3, image_size, image_size, device="meta"),
+               "epoch": 0, "iters": 0, "num_iters_per_epoch": 1}
+    if vqa:
+        samples.update(text_input=["how many red circles are there?"] * batch_size, answer=["two"] * batch_size,
+                       weight=torch.ones(batch_size), n_answers=torch.ones(batch_size, dtype=torch.long))
+    else:
+        samples["text_input"] = ["a photo of two red circles and a small blue square on a grey table"] * batch_size
+    return samples
 
 
-def saved_activation_bytes(model, batch_size: int, image_size: int) -> int:
-    """Bytes autograd saves for backward in one training forward on ``meta``."""
+def saved_activation_bytes(model, batch_size: int, image_size: int, vqa: bool = False) -> int:
+    """Bytes autograd saves for backward in one training forward on ``meta`` (captions, or VQA with ``vqa``)."""
     from lavis_xformer.analysis.bench import _meta_scalars_on_cpu
     from lavis_xformer.common.distributed import init_single_process_group
 
@@ -322,7 +358,7 @@ def saved_activation_bytes(model, batch_size: int, image_size: int) -> int:
 
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), _meta_scalars_on_cpu():
-        model(_meta_samples(batch_size, image_size))
+        model(_meta_samples(batch_size, image_size, vqa))
     return total
 
 
@@ -343,7 +379,7 @@ def gpu_weight_bytes(name: str, param, config) -> int:
     return param.numel() * param.element_size()
 
 
-def memory_estimate(model, config, batch_size: int, training: bool) -> List[Finding]:
+def memory_estimate(model, config, batch_size: int, training: bool, vqa: bool = False) -> List[Finding]:
     named = list(model.named_parameters())
     n_trainable = sum(p.numel() for _, p in named if p.requires_grad)
     n_frozen = sum(p.numel() for _, p in named) - n_trainable
@@ -351,25 +387,27 @@ def memory_estimate(model, config, batch_size: int, training: bool) -> List[Find
     grads = 4 * n_trainable if training else 0  # fp32 master weights' gradients (amp keeps them fp32)
     adam = 2 * 4 * n_trainable if training else 0  # AdamW's exp_avg and exp_avg_sq, fp32
     parts = [f"weights {_size(weights)} ({n_trainable / 1e6:.1f}M trainable fp32, {n_frozen / 1e6:.0f}M frozen)"]
+    missing = None
     total = weights + grads + adam
     if training:
         parts += [f"gradients {_size(grads)}", f"AdamW states {_size(adam)}"]
         try:
             image_size = int(getattr(config, "image_size", 224))
             # batch 2 and 4 (in-batch ITC/ITM negatives need two samples): their difference is two samples' worth
-            two, four = (saved_activation_bytes(model, b, image_size) for b in (2, 4))
+            two, four = (saved_activation_bytes(model, b, image_size, vqa) for b in (2, 4))
             per_sample = max(four - two, 0) / 2
             activations = per_sample * batch_size
             parts.append(f"activations {_size(activations)} ({_size(per_sample)}/sample saved for backward, fp32; "
                          "amp stores many of them in fp16)")
             total += activations
-        except Exception as error:  # the estimate is a courtesy: say why it is missing
-            parts.append(f"activations not estimated ({type(error).__name__}: {str(error)[:120]})")
+        except Exception as error:  # the estimate is a courtesy, but an incomplete one is not OK: say why
+            missing = f"activations not estimated ({type(error).__name__}: {str(error)[:120]})"
+            parts.append(missing)
     else:
         parts.append("activations of a no-grad forward (not kept)")
     line = (f"GPU memory estimate per GPU at batch {batch_size}: ~{_size(total)} = " + " + ".join(parts)
             + "; an estimate from the meta-device model, add ~1-2 GiB of CUDA context and allocator slack")
-    findings = [Finding("OK", line)]
+    findings = [Finding("WARNING" if missing else "OK", line)]
     if torch.cuda.is_available():
         available = torch.cuda.get_device_properties(0).total_memory
         if total > available:
@@ -414,21 +452,38 @@ def check(cfg_path, options=None, training: Optional[bool] = None, memory: bool 
     if getattr(model_cls, "config_class", None) is not None:
         config = model_cls.config_class.from_lavis_cfg(cfg.model_cfg)
         findings += [Finding(level, line) for level, line in run_precision_report(config)]  # precision on this device
-        findings += check_hub_weights(config)
-        try:  # the sizes of a local LLM or encoder folder are only known by loading it
-            with on_meta():  # sizes only, no weights read
-                model = model_cls(config)
-        except ValueError as error:
-            findings.append(Finding("WARNING", f"model not built on the meta device ({error}): checkpoints are not "
-                                               "matched against its parameters and memory is not estimated"))
+        hub = check_hub_weights(config)
+        findings += hub
+        # The hub boundary: with hub weights missing offline the run cannot build its model, so nothing past this
+        # point can agree with it; the meta-device build (seconds at paper scale) is then only made for the memory
+        # estimate. train/evaluate (memory=False) stop here exactly as check does.
+        if memory or not errors(hub):
+            model = _build_on_meta(model_cls, config, findings)
     model_keys = set(model.state_dict()) if model is not None else None
-    for key, value in checkpoint_settings(cfg.model_cfg, cfg.run_cfg):
-        findings.append(check_checkpoint(key, value, model_keys))
+    settings = checkpoint_settings(cfg.model_cfg, cfg.run_cfg)
+    checkpoint_findings = [check_checkpoint(key, value, model_keys) for key, value in settings]
+    findings += checkpoint_findings
+    loads_model_weights = any(key.startswith("model.") for key, _ in settings)
+    local = all(f.level == "OK" and "cached" not in f.message for f in checkpoint_findings)
+    if model is not None and loads_model_weights and local and hasattr(model, "load_checkpoint_from_config"):
+        problem = dry_run_load(model, cfg.model_cfg)
+        findings += [problem] if problem else []
     findings += output_dir_findings(cfg.run_cfg, model if training else None)
     if memory and model is not None:
         batch = int(cfg.run_cfg.get("batch_size_train" if training else "batch_size_eval", 1) or 1)
-        findings += memory_estimate(model, config, batch, training)
+        vqa = "vqa" in str(cfg.run_cfg.get("task", ""))  # the task's training batches: questions and answers
+        findings += memory_estimate(model, config, batch, training, vqa=vqa)
     return findings
+
+
+def _build_on_meta(model_cls, config, findings):
+    try:  # the sizes of a local LLM or encoder folder are only known by loading it
+        with on_meta():  # sizes only, no weights read
+            return model_cls(config)
+    except ValueError as error:
+        findings.append(Finding("WARNING", f"model not built on the meta device ({error}): checkpoints are not "
+                                           "matched against its parameters and memory is not estimated"))
+    return None
 
 
 def output_dir_findings(run_cfg, model=None) -> List[Finding]:

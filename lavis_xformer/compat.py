@@ -233,6 +233,22 @@ def base_dataset_init(self, vis_processor=None, text_processor=None, vis_root=No
 
 
 # ---------------------------------------------------------------------------------------------------------------
+_lavis_default_config_path = None
+
+
+def default_config_path(cls, model_type):
+    """LAVIS's ``BaseModel.default_config_path`` with its bare ``AssertionError: Unknown model type x`` replaced by a
+    ``ValueError`` listing the valid types with a did-you-mean (``load_model("xformer", "tni")``)."""
+    types = sorted(getattr(cls, "PRETRAINED_MODEL_CONFIG_DICT", {}) or {})
+    if model_type not in types:
+        import difflib
+
+        close = difflib.get_close_matches(str(model_type), types, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{model_type!r} is not a model type of {cls.__name__}{hint}; valid: {', '.join(types)}")
+    return _lavis_default_config_path.__func__(cls, model_type)
+
+
 _applied = False
 
 
@@ -247,4 +263,9 @@ def apply() -> None:
     RunnerBase.model = property(runner_model)
     RunnerBase.eval_epoch = runner_eval_epoch
     BaseDataset.__init__ = base_dataset_init
+    from lavis.models.base_model import BaseModel
+
+    global _lavis_default_config_path
+    _lavis_default_config_path = BaseModel.__dict__["default_config_path"]
+    BaseModel.default_config_path = classmethod(default_config_path)
     _applied = True

@@ -190,8 +190,58 @@ def validate_config(cfg_path, options=None, training: bool = True) -> None:
                 problems.append(problem)
         problems += run_value_problems(run)
 
+        if not any(str(key) in ("max_iters", "iters_per_inner_epoch") and _type_problem(str(key), run.get(key))
+                   for key in run):
+            try:
+                iteration_mode(run)
+            except ConfigError as error:
+                problems.append(str(error))
+
     if problems:
         raise ConfigError(f"{cfg_path}: invalid config:\n  - " + "\n  - ".join(problems))
+
+
+# An iteration-based run without run.iters_per_inner_epoch gets inner epochs of at most this many iterations (a
+# choice: LAVIS's runner_iter has no default; validation, the epoch checkpoint and the cosine schedule's step come
+# once per inner epoch, so one inner epoch of 100k iterations would hold the learning rate at its peak throughout).
+DEFAULT_INNER_EPOCH_CAP = 1000
+
+
+def default_iters_per_inner_epoch(max_iters: int) -> int:
+    """``max_iters`` itself up to ``DEFAULT_INNER_EPOCH_CAP``, else its largest divisor not above the cap (0 when
+    that divisor is below a tenth of the cap: the user must choose)."""
+    if max_iters <= DEFAULT_INNER_EPOCH_CAP:
+        return max_iters
+    divisor = max(d for d in range(1, DEFAULT_INNER_EPOCH_CAP + 1) if max_iters % d == 0)
+    return divisor if divisor >= DEFAULT_INNER_EPOCH_CAP // 10 else 0
+
+
+def iteration_mode(run_cfg):
+    """``(run.max_iters, run.iters_per_inner_epoch)`` of an iteration-based run, ``(0, 0)`` for an epoch-based one.
+    ``max_iters`` alone gets ``default_iters_per_inner_epoch``. Bad combinations raise ``ConfigError``; ``check``
+    and the runner both call this, so they agree."""
+    max_iters = int(run_cfg.get("max_iters", 0) or 0)
+    per_inner = int(run_cfg.get("iters_per_inner_epoch", 0) or 0)
+    if not max_iters:
+        if per_inner:
+            raise ConfigError(f"run.iters_per_inner_epoch={per_inner} is set without run.max_iters: set run.max_iters "
+                              "for an iteration-based run, or remove iters_per_inner_epoch for an epoch-based one")
+        if run_cfg.get("train_dataset_ratios", None):
+            raise ConfigError("run.train_dataset_ratios needs an iteration-based run: set run.max_iters (and "
+                              "optionally run.iters_per_inner_epoch, as in LAVIS's runner_iter)")
+        return 0, 0
+    if max_iters < 0:
+        raise ConfigError(f"run.max_iters={max_iters} must be > 0")
+    if not per_inner:
+        per_inner = default_iters_per_inner_epoch(max_iters)
+        if not per_inner:
+            raise ConfigError(f"run.max_iters={max_iters} has no divisor between {DEFAULT_INNER_EPOCH_CAP // 10} and "
+                              f"{DEFAULT_INNER_EPOCH_CAP}: set run.iters_per_inner_epoch (a divisor of max_iters)")
+    if per_inner <= 0 or max_iters % per_inner:
+        raise ConfigError(f"run.max_iters={max_iters} must be a positive multiple of run.iters_per_inner_epoch="
+                          f"{per_inner} (validation, the LR schedule's epochs and checkpoints come every inner "
+                          f"epoch); e.g. run.iters_per_inner_epoch={default_iters_per_inner_epoch(max_iters) or 1}")
+    return max_iters, per_inner
 
 
 def dot_list(options):

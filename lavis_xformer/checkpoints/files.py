@@ -203,7 +203,11 @@ def load_model_weights(model, path: str, strict_unexpected: bool = False,
                        required: Optional[Callable[[dict], Iterable[str]]] = None, allow_partial: bool = False):
     """Read ``path`` safely and load its weights into ``model`` (see ``load_state_dict_checked``). ``required``: a
     function of the file's state dict giving the keys it must supply (see ``check_required_keys``)."""
-    state_dict = extract_state_dict(read_checkpoint(path))
+    from lavis_xformer.checkpoints.model_config import check_model_config
+
+    checkpoint = read_checkpoint(path)
+    check_model_config(checkpoint, model, path)  # its stored model config against this model's, field by field
+    state_dict = extract_state_dict(checkpoint)
     return load_state_dict_checked(model, state_dict, path, strict_unexpected,
                                    required=None if required is None else required(state_dict),
                                    allow_partial=allow_partial)

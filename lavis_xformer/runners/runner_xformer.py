@@ -84,7 +84,7 @@ from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
 from lavis.runners.runner_base import RunnerBase
 from lavis.tasks.base_task import BaseTask
 
-from lavis_xformer import compat
+from lavis_xformer import compat, run_config
 from lavis_xformer.common import distributed
 from lavis_xformer.common.distributed import get_rank, get_world_size, is_main_process
 from lavis_xformer.datasets.robust import RobustDataset, check_bad_sample_limits
@@ -210,23 +210,7 @@ class _TrainEpoch:
         return (self.epoch * self.iters_per_epoch if self.start_iters is None else self.start_iters) + iteration
 
 
-def _iteration_mode(run_cfg):
-    """``(run.max_iters, run.iters_per_inner_epoch)`` of an iteration-based run, ``(0, 0)`` for an epoch-based one;
-    bad combinations fail here, before anything is built."""
-    max_iters = int(run_cfg.get("max_iters", 0) or 0)
-    per_inner = int(run_cfg.get("iters_per_inner_epoch", 0) or 0)
-    if not max_iters:
-        if per_inner:
-            raise ValueError(f"run.iters_per_inner_epoch={per_inner} is set without run.max_iters: set run.max_iters "
-                             "for an iteration-based run, or remove iters_per_inner_epoch for an epoch-based one")
-        if run_cfg.get("train_dataset_ratios", None):
-            raise ValueError("run.train_dataset_ratios needs an iteration-based run: set run.max_iters and "
-                             "run.iters_per_inner_epoch (as in LAVIS's runner_iter)")
-        return 0, 0
-    if max_iters < 0 or per_inner <= 0 or max_iters % per_inner:
-        raise ValueError(f"run.max_iters={max_iters} must be a positive multiple of run.iters_per_inner_epoch="
-                         f"{per_inner} (validation, the LR schedule's epochs and checkpoints come every inner epoch)")
-    return max_iters, per_inner
+_iteration_mode = run_config.iteration_mode  # one rule for check and the runner (run_config.py)
 
 
 @registry.register_runner("runner_xformer")
