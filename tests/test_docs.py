@@ -113,7 +113,7 @@ def test_layout_names_every_module_and_only_modules_that_exist():
 def test_every_test_file_the_docs_name_exists():
     named = set()
     for page in _pages():
-        named.update(re.findall(r"\b(test_[a-z0-9_]+?)(?:\.py)?\b", page.read_text()))
+        named.update(re.findall(r"(?<![.\w])(test_[a-z0-9_]+?)(?:\.py)?\b", page.read_text()))
     files = {path.stem for path in (REPO / "tests").glob("test_*.py")}
     functions = set()
     for path in (REPO / "tests").glob("test_*.py"):

@@ -25,17 +25,12 @@ import torch
 
 from lavis_xformer import testing
 from lavis_xformer.common import jobs
+from lavis_xformer.checkpoints.model_config import check_model_config
+from lavis_xformer.checkpoints.names import PRETRAINED_CARD, PRETRAINED_CONFIG, PRETRAINED_WEIGHTS, CheckpointError  # noqa: F401
 from lavis_xformer.common.atomic import atomic_write
 from lavis_xformer.testing import TEST_SAVE_DELAY_ENV  # noqa: F401  (re-exported by the package)
 
 logger = logging.getLogger("lavis_xformer.checkpoints")
-
-PRETRAINED_CONFIG, PRETRAINED_WEIGHTS, PRETRAINED_CARD = "config.json", "model.safetensors", "README.md"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be used: unsafe, corrupt, or not matching the model."""
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading, and loading into a model
@@ -203,7 +198,6 @@ def load_model_weights(model, path: str, strict_unexpected: bool = False,
                        required: Optional[Callable[[dict], Iterable[str]]] = None, allow_partial: bool = False):
     """Read ``path`` safely and load its weights into ``model`` (see ``load_state_dict_checked``). ``required``: a
     function of the file's state dict giving the keys it must supply (see ``check_required_keys``)."""
-    from lavis_xformer.checkpoints.model_config import check_model_config
 
     checkpoint = read_checkpoint(path)
     check_model_config(checkpoint, model, path)  # its stored model config against this model's, field by field

@@ -12,7 +12,7 @@ import json
 import os
 from typing import List, Optional, Tuple
 
-from lavis_xformer.checkpoints.files import PRETRAINED_CONFIG, CheckpointError
+from lavis_xformer.checkpoints.names import PRETRAINED_CONFIG, CheckpointError
 
 # Fields that do not change the network's parameters or frozen weights: they may differ between checkpoint and model.
 RUNTIME_FIELDS = frozenset("""

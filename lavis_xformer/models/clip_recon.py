@@ -55,15 +55,3 @@ def encode_visible_patches(vit, image, mask_ratio: float, noise=None):
             else:
                 hidden = block(hidden, None)
     return hidden.float(), mask, ids_restore
-
-
-def frozen_masked_clip(model, image, mask_ratio=None, noise=None):
-    """M for ``mae_source: frozen_clip_vit``: the model's frozen CLIP-ViT on the visible patches, without gradient
-    (as the frozen MAE's features); the reconstruction target is MAE's (``mae_pixels``). Returns a ``MaeEncoding``."""
-    from lavis_xformer.models.xformer import MaeEncoding
-
-    if mask_ratio is None:
-        mask_ratio = model.config.mask_ratio if model.training else model.config.eval_mask_ratio
-    with torch.no_grad():
-        features, mask, ids_restore = encode_visible_patches(model.visual_encoder, image, mask_ratio, noise)
-    return MaeEncoding(features=features, mask=mask, ids_restore=ids_restore, pixels=model.mae_pixels(image))

@@ -12,6 +12,7 @@ EVA ViT, tokenizer, heads and retrieval code); this file adds the MAE branch. Wi
 LAVIS's BLIP-2 loss on the same weights (tests/test_xformer_stage1.py proves it).
 """
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional
@@ -213,13 +214,15 @@ class XFormerImageMixin:
         return clip_features, captured[0].detach().float()
 
     def forward_masked_clip(self, image, mask_ratio: Optional[float] = None, noise=None) -> MaeEncoding:
-        """M for ``mae_source: clip_vit`` ("CLIP w Recon."): the trainable CLIP-ViT copy encodes only the visible
-        patches of the masked image, as MAE's encoder does: patch embeddings plus their positions, MAE's random
-        masking (``random_masking``, the same ``noise`` convention), [CLS] with its position in front, then the
-        blocks (all of them, as C is read). The reconstruction target is MAE's (``mae_pixels``)."""
+        """M for "CLIP w Recon." (``models/clip_recon.py``): a CLIP-ViT encodes only the visible patches of the masked
+        image, as MAE's encoder does; the trainable copy (``mae_source: clip_vit``) with gradient, the frozen CLIP-ViT
+        itself (``frozen_clip_vit``) without, as the frozen MAE. The reconstruction target is MAE's (``mae_pixels``)."""
         if mask_ratio is None:
             mask_ratio = self.config.mask_ratio if self.training else self.config.eval_mask_ratio
-        features, mask, ids_restore = clip_recon.encode_visible_patches(self.masked_clip, image, mask_ratio, noise)
+        frozen = self.config.mae_source == "frozen_clip_vit"
+        vit = self.visual_encoder if frozen else self.masked_clip
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            features, mask, ids_restore = clip_recon.encode_visible_patches(vit, image, mask_ratio, noise)
         return MaeEncoding(features=features, mask=mask, ids_restore=ids_restore, pixels=self.mae_pixels(image))
 
     def forward_encoders(self, image, mask_ratio: Optional[float] = None, noise=None):
@@ -230,10 +233,8 @@ class XFormerImageMixin:
         if self.config.mae_source == "clip_layer":
             clip_features, block_features = self.forward_clip_with_block(image, self.config.clip_feature_layer)
             return clip_features, MaeEncoding(features=block_features)
-        if self.config.mae_source == "clip_vit":
+        if self.config.mae_source in clip_recon.CLIP_RECON_SOURCES:
             return self.forward_clip(image), self.forward_masked_clip(image, mask_ratio, noise)
-        if self.config.mae_source == "frozen_clip_vit":  # the frozen CLIP-ViT itself on the visible patches
-            return self.forward_clip(image), clip_recon.frozen_masked_clip(self, image, mask_ratio, noise)
         return self.forward_clip(image), self.forward_mae(image, mask_ratio, noise)
 
     # ------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,7 @@
+"""What every checkpoint module names: the files of an exported folder and the one error type."""
+
+PRETRAINED_CONFIG, PRETRAINED_WEIGHTS, PRETRAINED_CARD = "config.json", "model.safetensors", "README.md"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used: unsafe, corrupt, or not matching the model."""
