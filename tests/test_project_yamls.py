@@ -14,7 +14,15 @@ from helpers import PROJECTS
 
 
 ALL_YAMLS = sorted(PROJECTS.rglob("*.yaml"))
-XFORMER_YAMLS = [p for p in ALL_YAMLS if not p.stem.endswith("_blip2")]
+CONNECTOR_SUFFIXES = ("_perceiver_dual", "_perceiver_matched", "_projector_llava", "_perceiver", "_projector")
+
+
+def _is_connector(path) -> bool:
+    return OmegaConf.load(path).model.arch.startswith(("perceiver", "projector"))
+
+
+CONNECTOR_YAMLS = [p for p in ALL_YAMLS if _is_connector(p)]
+XFORMER_YAMLS = [p for p in ALL_YAMLS if not p.stem.endswith("_blip2") and p not in CONNECTOR_YAMLS]
 TWIN_ARCH = {"xformer": "blip2_baseline", "xformer_opt": "blip2_baseline_opt", "xformer_t5": "blip2_baseline_t5"}
 ON_GPU_MACHINE = torch.cuda.is_available()
 
@@ -81,6 +89,27 @@ def test_blip2_twin_differs_only_in_model(path):
     assert theirs.model.model_type == ours.model.model_type
 
 
+def _connector_twin(path):
+    """The BLIP-2 yaml a connector yaml is compared with: the same stem without the connector's suffix (the demo's
+    one-stage connectors: the BLIP-2 stage-2 demo run)."""
+    if path.parent.name == "demo":
+        return path.with_name("pretrain_stage2_shapes_blip2.yaml")
+    suffix = next(s for s in CONNECTOR_SUFFIXES if path.stem.endswith(s))
+    return path.with_name(f"{path.stem[:-len(suffix)]}_blip2.yaml")
+
+
+@pytest.mark.parametrize("path", CONNECTOR_YAMLS, ids=[str(p.relative_to(PROJECTS)) for p in CONNECTOR_YAMLS])
+def test_connector_yaml_differs_from_its_blip2_twin_only_in_model(path):
+    """A connector comparison differs from BLIP-2 only in the connector: the same data, run settings and task."""
+    twin = _connector_twin(path)
+    assert twin.is_file(), f"{path.name} has no BLIP-2 twin {twin.name}"
+    ours, theirs = OmegaConf.load(path), OmegaConf.load(twin)
+    assert ours.datasets == theirs.datasets
+    run_ours, run_theirs = dict(ours.run), dict(theirs.run)
+    assert run_ours.pop("output_dir") != run_theirs.pop("output_dir")  # runs must not write into each other
+    assert run_ours == run_theirs
+
+
 RUN_YAMLS = [p for p in ALL_YAMLS if p.parent.name in ("train", "eval")]
 
 
@@ -93,7 +122,8 @@ def test_project_yaml_loads_the_checkpoint_it_names(path):
         pytest.skip(f"model arch {arch!r} is not registered (the stage-2 models land separately)")
     model_cfg = load_config(path).model_cfg
     assert model_cfg.load_finetuned is False
-    if path.stem.startswith("pretrain_stage1"):
+    one_stage_connector = path in CONNECTOR_YAMLS and path.stem.startswith("pretrain_stage2")  # BLIP-3: no stage 1
+    if path.stem.startswith("pretrain_stage1") or one_stage_connector:
         assert model_cfg.load_pretrained is False
     else:
         assert model_cfg.load_pretrained is True
