@@ -52,18 +52,18 @@ class FewShotMixin:
     @classmethod
     def setup_task(cls, cfg):
         task = super().setup_task(cfg)
-        run = cfg.run_cfg
-        task.shots = tuple(int(k) for k in run.get("shots", DEFAULT_SHOTS))
-        task.trial_seeds = tuple(int(s) for s in run.get("trial_seeds", DEFAULT_TRIAL_SEEDS))
-        task.query_set_size = int(run.get("query_set_size", fewshot.DEFAULT_QUERY_SET_SIZE))
-        task.demo_split = run.get("demo_split", "train")
+        run_cfg = cfg.run_cfg
+        task.shots = tuple(int(k) for k in run_cfg.get("shots", DEFAULT_SHOTS))
+        task.trial_seeds = tuple(int(s) for s in run_cfg.get("trial_seeds", DEFAULT_TRIAL_SEEDS))
+        task.query_set_size = int(run_cfg.get("query_set_size", fewshot.DEFAULT_QUERY_SET_SIZE))
+        task.demo_split = run_cfg.get("demo_split", "train")
         if not task.shots or min(task.shots) < 0 or not task.trial_seeds:
             raise ValueError(
                 f"run.shots={list(task.shots)} must be a non-empty list of counts >= 0 and run.trial_seeds="
                 f"{list(task.trial_seeds)} a non-empty list of seeds"
             )
         if cls.example_kind == "vqa":  # no run.prompt: the model's vqa_prompt (predict_answers' default)
-            task.prompt = run.get("prompt", None)
+            task.prompt = run_cfg.get("prompt", None)
         task.pool = None
         task.setting = (0, task.trial_seeds[0])
         return task
