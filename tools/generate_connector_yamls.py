@@ -130,7 +130,7 @@ def yaml_text(arch, comment, connector, llm, size=224, vqa=False, mae=False, tin
     )
     llm_text = TINY_LLM[llm] if tiny else PAPER_LLM[llm]
     mae_text = (TINY_MAE if tiny else PAPER_MAE) if mae else ""
-    vqa_text = '  vqa_prompt: "Question: {} Short answer:"   # the question enters the LLM prompt\n' if vqa else ""
+    vqa_text = '  vqa_prompt: "Question: {} Short Answer:"   # the question enters the LLM prompt\n' if vqa else ""
     pretrained = ('""   # the same type\'s one-stage checkpoint (pretrain_...), or a checkpoint to evaluate'
                   if not tiny else '""')
     return (
