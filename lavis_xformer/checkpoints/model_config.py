@@ -14,12 +14,14 @@ from typing import List, Optional, Tuple
 
 from lavis_xformer.checkpoints.names import PRETRAINED_CONFIG, CheckpointError
 
-# Fields that do not change the network's parameters or frozen weights: they may differ between checkpoint and model.
+# Fields that do not change the network's parameters or frozen weights, or that a documented recipe step changes
+# (VQA fine-tuning turns qformer_text_input on over a stage-2 checkpoint): checkpoint and model may differ in them.
 RUNTIME_FIELDS = frozenset("""
-    vit_precision frozen_cpu_precision llm_precision drop_path_rate use_grad_checkpoint qformer_dropout dual_dropout
-    dual_attention_dropout sdpa_attention allow_partial_load checkpoint_trainable_layers mask_ratio eval_mask_ratio
-    norm_pix_loss reconstruction_loss loss_weight_itc loss_weight_itm loss_weight_itg loss_weight_rec prompt
-    vqa_prompt qformer_text_init max_txt_len freeze_vit freeze_vit_layernorms freeze_xformer
+    vit_precision frozen_precision frozen_cpu_precision llm_precision drop_path_rate use_grad_checkpoint
+    qformer_dropout dual_dropout dual_attention_dropout sdpa_attention allow_partial_load
+    checkpoint_trainable_layers mask_ratio eval_mask_ratio norm_pix_loss reconstruction_loss loss_weight_itc
+    loss_weight_itm loss_weight_itg loss_weight_rec prompt vqa_prompt qformer_text_input qformer_text_init
+    max_txt_len freeze_vit freeze_vit_layernorms freeze_xformer
 """.split())
 _IGNORED = frozenset({"arch", "model_type", "load_pretrained", "load_finetuned", "pretrained", "finetuned"})
 
