@@ -76,15 +76,20 @@ def test_project_yaml_parses_and_builds_on_meta(path):
             assert sizes == {image_size}, (sizes, image_size)
 
 
-@pytest.mark.parametrize("path", XFORMER_YAMLS, ids=[str(p.relative_to(PROJECTS)) for p in XFORMER_YAMLS])
-def test_blip2_twin_differs_only_in_model(path):
-    twin = path.with_name(f"{path.stem}_blip2.yaml")
+def _assert_same_data_and_run(path, twin):
+    """The two run yamls read the same data with the same run settings, into different output folders."""
     assert twin.is_file(), f"{path.name} has no BLIP-2 twin {twin.name}"
     ours, theirs = OmegaConf.load(path), OmegaConf.load(twin)
     assert ours.datasets == theirs.datasets
     run_ours, run_theirs = dict(ours.run), dict(theirs.run)
     assert run_ours.pop("output_dir") != run_theirs.pop("output_dir")  # runs must not write into each other
     assert run_ours == run_theirs
+    return ours, theirs
+
+
+@pytest.mark.parametrize("path", XFORMER_YAMLS, ids=[str(p.relative_to(PROJECTS)) for p in XFORMER_YAMLS])
+def test_blip2_twin_differs_only_in_model(path):
+    ours, theirs = _assert_same_data_and_run(path, path.with_name(f"{path.stem}_blip2.yaml"))
     assert theirs.model.arch == TWIN_ARCH[ours.model.arch]
     assert theirs.model.model_type == ours.model.model_type
 
@@ -101,13 +106,7 @@ def _connector_twin(path):
 @pytest.mark.parametrize("path", CONNECTOR_YAMLS, ids=[str(p.relative_to(PROJECTS)) for p in CONNECTOR_YAMLS])
 def test_connector_yaml_differs_from_its_blip2_twin_only_in_model(path):
     """A connector comparison differs from BLIP-2 only in the connector: the same data, run settings and task."""
-    twin = _connector_twin(path)
-    assert twin.is_file(), f"{path.name} has no BLIP-2 twin {twin.name}"
-    ours, theirs = OmegaConf.load(path), OmegaConf.load(twin)
-    assert ours.datasets == theirs.datasets
-    run_ours, run_theirs = dict(ours.run), dict(theirs.run)
-    assert run_ours.pop("output_dir") != run_theirs.pop("output_dir")  # runs must not write into each other
-    assert run_ours == run_theirs
+    _assert_same_data_and_run(path, _connector_twin(path))
 
 
 RUN_YAMLS = [p for p in ALL_YAMLS if p.parent.name in ("train", "eval")]
