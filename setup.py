@@ -30,6 +30,8 @@ INSTALL_REQUIRES = [
     "pycocotools",
     "pycocoevalcap",
     "safetensors>=0.3",
+    "pyyaml",  # check: reads the project yamls as plain yaml (fast)
+    "scikit-learn>=1.3",  # the experiment's fixed linear probe (lavis_xformer/experiment)
 ]
 
 # The top-level configs/, projects/ and run_scripts/ folders ship inside the package as lavis_xformer/configs,

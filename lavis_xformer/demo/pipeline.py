@@ -14,6 +14,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
+from omegaconf import OmegaConf
+
 # ================================================================================================================
 # What runs
 # ================================================================================================================
@@ -215,6 +217,11 @@ def job_folder(run_dir: Path) -> Path:
     if not jobs:
         raise DemoError(f"no LAVIS job folder in {run_dir}")
     return jobs[-1]
+
+
+def model_section(cfg) -> dict:
+    """The ``model:`` section a LAVIS ``Config`` builds its model from (yaml, model defaults and options)."""
+    return OmegaConf.to_container(cfg.model_cfg, resolve=True)
 
 
 def last_checkpoint(job_dir: Path) -> Path:

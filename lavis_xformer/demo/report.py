@@ -21,6 +21,7 @@ from lavis_xformer.demo.pipeline import (
     epoch_stats,
     eval_metrics,
     last_checkpoint,
+    model_section,
 )
 from lavis_xformer.common.meta import build_on_meta, count_parameters
 from lavis_xformer.demo.views import (  # noqa: F401  (re-exported: the report's public names before the split)
@@ -110,13 +111,6 @@ STATISTICS_NOTE = (
 # ================================================================================================================
 # Parameters
 # ================================================================================================================
-def model_section(cfg) -> dict:
-    """The ``model:`` section a LAVIS ``Config`` builds its model from (yaml, model defaults and options)."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg.model_cfg, resolve=True)
-
-
 def parameter_counts(settings: DemoSettings) -> Dict[str, Dict[str, int]]:
     counts = {}
     for model in MODELS:

@@ -16,6 +16,7 @@ from lavis_xformer.demo.pipeline import (
     data_folder,
     epoch_stats,
     last_checkpoint,
+    model_section,
 )
 from lavis_xformer.common.meta import build_without_checkpoints
 from lavis_xformer.runners.logs import read_iteration_log
