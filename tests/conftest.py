@@ -46,3 +46,14 @@ def checkpoint_log():
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def _logging_filters_restored():
+    """Filters an in-process CLI run adds to the plugin's loggers (``cli.warn_once``: each warning once per process)
+    are taken off after the test, so a later test that expects a warning sees it."""
+    loggers = [logging.getLogger(name) for name in ("", "lavis_xformer", "lavis_xformer.checkpoints")]
+    saved = [list(logger.filters) for logger in loggers]
+    yield
+    for logger, filters in zip(loggers, saved):
+        logger.filters[:] = filters
