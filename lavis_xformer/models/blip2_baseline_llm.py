@@ -25,7 +25,7 @@ from lavis.models.blip2_models.blip2_opt import Blip2OPT
 from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
 from lavis_xformer.models import variants
-from lavis_xformer.models.builders import ConfigBuildersMixin, freeze, unfreeze_layernorms
+from lavis_xformer.models.builders import ConfigBuildersMixin
 from lavis_xformer.models.config_llm import Blip2OPTConfig, Blip2T5Config
 from lavis_xformer.models.llm_builders import drop_qformer_text_parts, is_qformer_text_part, keep_qformer_text_parts
 from lavis_xformer.models.llm_head import OPTHead, T5Head
@@ -93,13 +93,7 @@ class Blip2LLMPartsMixin(ConfigBuildersMixin):
         """Tokenizer, frozen CLIP-ViT + ``ln_vision``, and the Q-Former without its text parts, as LAVIS does (with
         them for VQA fine-tuning, ``qformer_text_input``)."""
         self.tokenizer = self.init_tokenizer()
-        self.visual_encoder, self.ln_vision = self.init_vision_encoder(
-            "eva_clip_g", config.image_size, config.drop_path_rate, config.use_grad_checkpoint, config.vit_precision
-        )
-        if config.freeze_vit:
-            freeze(self.visual_encoder)
-            if not config.freeze_vit_layernorms:  # fine-tuning: the CLIP-ViT's layer norms train (supplement 2)
-                unfreeze_layernorms(self.visual_encoder)
+        self.visual_encoder, self.ln_vision = self.init_frozen_clip(config)
         self.Qformer, self.query_tokens = self.init_Qformer(
             config.num_query_token, self.visual_encoder.num_features, config.cross_attention_freq
         )

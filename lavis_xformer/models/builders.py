@@ -301,6 +301,18 @@ class ConfigBuildersMixin:
         ln_vision = LayerNorm(visual_encoder.num_features)
         return visual_encoder, ln_vision
 
+    def init_frozen_clip(self, config):
+        """(CLIP-ViT, its layer norm) as LAVIS's BLIP-2 LLM classes build them, frozen when ``freeze_vit``; with
+        ``freeze_vit_layernorms: False`` (fine-tuning, supplement section 2) the ViT's layer norms train."""
+        visual_encoder, ln_vision = self.init_vision_encoder(
+            "eva_clip_g", config.image_size, config.drop_path_rate, config.use_grad_checkpoint, config.vit_precision
+        )
+        if config.freeze_vit:
+            freeze(visual_encoder)
+            if not config.freeze_vit_layernorms:
+                unfreeze_layernorms(visual_encoder)
+        return visual_encoder, ln_vision
+
     def init_Qformer(self, num_query_token, vision_width, cross_attention_freq=2):
         return build_qformer(self._build_cfg, vision_width)
 

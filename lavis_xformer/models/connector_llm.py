@@ -24,7 +24,6 @@ from lavis.models.blip2_models.blip2_t5 import Blip2T5
 
 from lavis_xformer.models import variants
 from lavis_xformer.models.blip2_baseline_llm import Blip2LLMPartsMixin, model_type_configs
-from lavis_xformer.models.builders import freeze, unfreeze_layernorms
 from lavis_xformer.models.config_connectors import (
     PerceiverDualOPTConfig,
     PerceiverDualT5Config,
@@ -57,13 +56,7 @@ class ConnectorLLM(Blip2LLMPartsMixin):
     def __init__(self, config=None):
         config = config or self.config_class()
         self.init_blip2_module(config)
-        self.visual_encoder, self.ln_vision = self.init_vision_encoder(
-            "eva_clip_g", config.image_size, config.drop_path_rate, config.use_grad_checkpoint, config.vit_precision
-        )
-        if config.freeze_vit:
-            freeze(self.visual_encoder)
-            if not config.freeze_vit_layernorms:  # fine-tuning: the CLIP-ViT's layer norms train (supplement 2)
-                unfreeze_layernorms(self.visual_encoder)
+        self.visual_encoder, self.ln_vision = self.init_frozen_clip(config)
         self.build_llm(config, input_width=self.build_connector(config))
         if config.sdpa_attention:
             use_sdpa_attention(self)
