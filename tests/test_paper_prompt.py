@@ -29,6 +29,12 @@ def test_the_paper_prompt_is_the_papers_string_and_the_default():
 @pytest.mark.parametrize("path", VQA_RUN_YAMLS, ids=[p.name for p in VQA_RUN_YAMLS])
 def test_vqa_yamls_use_the_paper_prompt(path):
     cfg = OmegaConf.load(path)
+    if cfg.run.task == "xformer_fewshot_vqa":  # the few-shot task has no run.prompt: the model's vqa_prompt applies
+        assert "prompt" not in cfg.run
+        model_cls = registry.get_model_class(cfg.model.arch)
+        type_cfg = OmegaConf.load(model_cls.default_config_path(cfg.model.model_type))
+        assert type_cfg.model.get("vqa_prompt", VQA_PROMPT) == PAPER_VQA_PROMPT
+        return
     assert cfg.run.prompt == PAPER_VQA_PROMPT
     if "vqa_prompt" in cfg.model:  # fine-tuning: the LLM learns the answer after the same prompt
         assert cfg.model.vqa_prompt == PAPER_VQA_PROMPT
