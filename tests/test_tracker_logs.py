@@ -146,6 +146,13 @@ def test_every_line_is_json_with_kind_epoch_iteration_and_numbers_as_numbers(tmp
     assert logs.read_epoch_log(job)[1]["train_loss"] == lines[8]["train_loss"]
 
 
+def test_an_iteration_based_run_logs_global_iterations_and_inner_epochs(tmp_path):
+    job = train(tmp_path / "out", max_iters=6, iters_per_inner_epoch=2, test_splits=[])
+    assert [(r["kind"], r["epoch"], r["iteration"]) for r in log_lines(job) if r["kind"] != "iter"] == [
+        ("epoch", 0, 2), ("eval", 0, 2), ("epoch", 1, 4), ("eval", 1, 4), ("epoch", 2, 6), ("eval", 2, 6)]
+    assert [r["iteration"] for r in logs.read_iteration_log(job)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_a_non_finite_average_is_null_and_older_logs_are_still_read(tmp_path):
     job_log = logs.JobLog(tmp_path)
     job_log.write("epoch", 0, 3, {"loss": float("nan"), "lr": "0.000", "steps": torch.tensor(2),
@@ -282,3 +289,5 @@ def test_logger_switch_names_and_a_missing_package_is_one_clear_error(tmp_path, 
         validate_config(DEMO_TRAIN, ["run.loggers=[wandb]"])  # what check and train report before building
     with pytest.raises(trackers.TrackerError, match=r"pip install wandb"):
         train(tmp_path / "out", loggers=["wandb"])
+    (job,) = (tmp_path / "out").iterdir()
+    assert not (job / "run.lock").exists()  # the folder is released: nothing ran in it

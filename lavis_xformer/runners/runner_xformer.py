@@ -385,7 +385,11 @@ class RunnerXFormer(ResumeMixin, RunnerBase):
         self.log_config()
         if not self.evaluate_only and self.resume_ckpt_path is not None:
             self._resume(self.resume_ckpt_path)
-        self._job_log = self._open_job_log()
+        try:
+            self._job_log = self._open_job_log()
+        except Exception:
+            self._release_job_folder()  # e.g. a tracker that cannot open: nothing ran, the folder is no one's
+            raise
         try:
             if not self.evaluate_only:
                 self.stop_signals.install()
