@@ -65,7 +65,12 @@ setup(
         **{package: folder_files(folder, patterns) for package, (folder, patterns) in SHIPPED_FOLDERS.items()},
     },
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": (ROOT / "requirements-test.txt").read_text().split()},
+    extras_require={
+        "test": (ROOT / "requirements-test.txt").read_text().split(),
+        # trackers for run.loggers (lavis_xformer/runners/trackers.py): optional, imported only when asked for
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb>=0.17"],
+    },
     entry_points={
         "console_scripts": [
             "lavis-xformer = lavis_xformer.cli:main",  # one command line: lavis-xformer {train,evaluate,check,...}

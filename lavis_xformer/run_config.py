@@ -189,6 +189,9 @@ def validate_config(cfg_path, options=None, training: bool = True) -> None:
             if problem:
                 problems.append(problem)
         problems += run_value_problems(run)
+        from lavis_xformer.runners.trackers import logger_problems  # (function level: runners imports this module)
+
+        problems += logger_problems(run)  # run.loggers: known trackers, their packages installed
 
         if not any(str(key) in ("max_iters", "iters_per_inner_epoch") and _type_problem(str(key), run.get(key))
                    for key in run):

@@ -151,8 +151,8 @@ def test_smoke_demo_runs_through_lavis_entry_points(smoke_demo):
 
 
 def run_config(job: Path) -> dict:
-    """The config a LAVIS training run logged (the first json object of its log.txt)."""
-    return json.JSONDecoder().raw_decode((job / "log.txt").read_text())[0]
+    """The config a training run wrote beside its log (``config.yaml``)."""
+    return OmegaConf.to_container(OmegaConf.load(job / "config.yaml"))
 
 
 def test_smoke_demo_both_models_use_the_same_pretrained_clip_vit(smoke_demo):

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from lavis_xformer.runners.logs import read_epoch_log
 from helpers import DEMO_EVAL, DEMO_TRAIN, DEMO_TRAIN_BLIP2, run_cli, shapes_options
 
 
@@ -42,7 +43,7 @@ def stage1_run(tmp_path_factory):
 @pytest.mark.parametrize("model", ["xformer", "blip2"])
 def test_train_stage1_on_cpu(model, stage1_run):
     _, job, output = stage1_run(model)
-    epochs = [json.loads(line) for line in (job / "log.txt").read_text().splitlines() if line.startswith('{"train')]
+    epochs = read_epoch_log(job)
     assert len(epochs) == 2
     losses = [float(e["train_loss"]) for e in epochs]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
@@ -50,7 +51,8 @@ def test_train_stage1_on_cpu(model, stage1_run):
     assert terms <= set(epochs[0]) and all(math.isfinite(float(e[t])) for e in epochs for t in terms)
     assert output.count(" loss: ") >= 2 * 3  # LAVIS's MetricLogger, every step (48 images / batch 16)
 
-    assert sorted(p.name for p in job.iterdir() if p.is_file()) == ["checkpoint_0.pth", "checkpoint_1.pth", "log.txt"]
+    assert sorted(p.name for p in job.iterdir() if p.is_file()) == ["checkpoint_0.pth", "checkpoint_1.pth",
+                                                                     "config.yaml", "log.txt"]
     checkpoint = torch.load(job / "checkpoint_1.pth", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["optimizer"]["state"]
     assert "query_tokens" in checkpoint["model"]
@@ -167,7 +169,7 @@ def test_lavis_train_py_steps_train_on_cpu(tmp_path):
     assert "Not using distributed mode" in output  # LAVIS's init: no process group of its own
     (job,) = out.iterdir()
     assert (job / "checkpoint_0.pth").is_file()
-    (epoch,) = [json.loads(line) for line in (job / "log.txt").read_text().splitlines() if line.startswith('{"train')]
+    (epoch,) = read_epoch_log(job)
     assert math.isfinite(float(epoch["train_loss"]))
 
 

@@ -54,7 +54,7 @@ def test_iteration_mode_runs_max_iters_in_inner_epochs(iteration_reference):
     assert (trainer["epoch"], trainer["iteration"], trainer["iters_per_epoch"]) == (1, 4, 4)
     assert trainer["loader"] == {"epoch": 2, "position": 2}  # 8 batches = 2 data epochs of 3 + 2
     assert trainer["lr_scheduler"]["params"]["max_epoch"] == 2  # the schedule sees the inner epochs
-    assert [line["iter"] for line in read_iteration_log(job)] == list(range(1, 9))  # log_freq 1
+    assert [line["iteration"] for line in read_iteration_log(job)] == list(range(1, 9))  # log_freq 1
     stats = epoch_stats(job)
     assert len(stats) == 2 and all(s["train_loaded_samples"] == 4 * 16 for s in stats)
 

@@ -34,7 +34,7 @@ def test_two_runs_started_together_write_into_their_own_folders(tmp_path):
         assert (folder / "checkpoint_0.pth").is_file()
         assert not (folder / jobs.LOCK_NAME).exists()  # released at the end of the run
         log = (folder / "log.txt").read_text()
-        assert log.count('{"train_') == 1  # one run's epoch, not two interleaved
+        assert log.count('{"kind": "epoch"') == 1  # one run's epoch, not two interleaved
 
 
 def test_claimed_job_folders_are_unique_within_one_second(tmp_path):

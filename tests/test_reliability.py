@@ -77,7 +77,8 @@ def final_checkpoint(output_dir: Path) -> Path:
 
 
 def epoch_stats(job: Path):
-    return [json.loads(line) for line in (job / "log.txt").read_text().splitlines() if line.startswith('{"train')]
+    """The per-epoch lines of a job's log.txt (``runners.logs``: kind "epoch")."""
+    return [json.loads(line) for line in (job / "log.txt").read_text().splitlines() if '"kind": "epoch"' in line]
 
 
 def assert_same_training_state(a_path, b_path):

@@ -4,14 +4,13 @@ The runs are real ``python -m lavis_xformer.train`` subprocesses on the shapes d
 batch 16: 3 batches per data epoch), as in test_reliability.py.
 """
 
-import logging
 import sys
 
 import pytest
 import torch
 from lavis.common.optims import LinearWarmupCosineLRScheduler
 
-from lavis_xformer.runners import logs
+from lavis_xformer.runners import logs, trackers
 from lavis_xformer.runners.logs import read_iteration_log
 from test_reliability import epoch_stats, job_folder, run_cli, train_args
 
@@ -29,19 +28,19 @@ def data_root(tmp_path_factory):
 # =================================================================================================================
 def test_per_iteration_lines_hold_every_loss_term_lr_and_throughput_and_go_to_tensorboard(data_root, tmp_path):
     """3 epochs x 3 steps with log_freq 3: one line per epoch, whose averages are the epoch's own (LAVIS's per-epoch
-    line, rounded to 3 decimals); lr is LAVIS's schedule at the window's last step; TensorBoard holds the same."""
+    line); lr is LAVIS's schedule at the window's last step; TensorBoard holds the same."""
     out = tmp_path / "out"
     run_cli(train_args(data_root, out, "run.log_freq=3", "run.tensorboard=True", "run.checkpoint_every_iters=0"),
             cwd=tmp_path)
     job = job_folder(out)
     lines = read_iteration_log(job)
     epochs = epoch_stats(job)  # LAVIS's per-epoch lines are still there, and still read as before
-    assert [line["iter"] for line in lines] == [3, 6, 9] and [line["epoch"] for line in lines] == [0, 1, 2]
+    assert [line["iteration"] for line in lines] == [3, 6, 9] and [line["epoch"] for line in lines] == [0, 1, 2]
     assert len(epochs) == 3
     for line, epoch in zip(lines, epochs):
-        assert set(line) == {"iter", "epoch", "lr", *LOSS_TERMS, "it_per_s", "samples_per_s"}
+        assert set(line) == {"iteration", "epoch", "lr", *LOSS_TERMS, "it_per_s", "samples_per_s"}
         for term in LOSS_TERMS:
-            assert "{:.3f}".format(line[term]) == epoch[f"train_{term}"]
+            assert line[term] == pytest.approx(epoch[f"train_{term}"], rel=1e-9)
         assert line["samples_per_s"] == pytest.approx(16 * line["it_per_s"]) and line["it_per_s"] > 0
 
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -62,15 +61,16 @@ def test_per_iteration_lines_hold_every_loss_term_lr_and_throughput_and_go_to_te
         assert [s.value for s in scalars] == pytest.approx([line[name] for line in lines], rel=1e-6)
 
 
-def test_window_averages_carry_across_epochs_and_a_missing_tensorboard_is_one_info_line(tmp_path, monkeypatch,
-                                                                                      caplog):
+def test_window_averages_carry_across_epochs_and_a_missing_tensorboard_is_one_clear_error(tmp_path, monkeypatch):
     """log_freq 2 over epochs of 3 steps: the line at iteration 4 averages steps 3 (epoch 0) and 4 (epoch 1)."""
     from lavis.common.logger import SmoothedValue
+    from omegaconf import OmegaConf
 
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
-    with caplog.at_level(logging.INFO):
-        log = logs.IterationLog(tmp_path, samples_per_iteration=8, tensorboard=True)
-    assert log.writer is None and "tensorboard package is not installed" in caplog.text
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(trackers.TrackerError, match=r"run.loggers: tensorboard is asked for, but the tensorboard "
+                                                    r"package cannot be imported .*: pip install tensorboard$"):
+        trackers.open_trackers(OmegaConf.create({"tensorboard": True}), tmp_path, "job", config={})
+    log = logs.IterationLog(logs.JobLog(tmp_path), samples_per_iteration=8)
     values = [1.0, 2.0, 4.0, 8.0]
     log.start(0)
     meter = SmoothedValue()
@@ -81,7 +81,7 @@ def test_window_averages_carry_across_epochs_and_a_missing_tensorboard_is_one_in
         meter.update(value)
         log.step(step, epoch=step // 3, lr=0.5, meters={"loss": meter}, names=["loss", "loss_absent"], log_freq=2)
     lines = read_iteration_log(tmp_path)
-    assert [(line["iter"], line["epoch"], line["loss"]) for line in lines] == [(2, 0, 1.5), (4, 1, 6.0)]
+    assert [(line["iteration"], line["epoch"], line["loss"]) for line in lines] == [(2, 0, 1.5), (4, 1, 6.0)]
     assert all("loss_absent" not in line for line in lines)
 
 
@@ -90,7 +90,8 @@ def test_loss_curves_read_per_iteration_lines_or_epoch_averages(tmp_path):
     lines (x: epoch); stage 2's LM loss falls back to its total; the figure is written as PNG and SVG."""
     from lavis_xformer.analysis import figures
 
-    per_iteration = [{"iter": 32, "epoch": 0, "loss": 9.0, "loss_lm": 4.0}, {"iter": 64, "epoch": 0, "loss": 8.0}]
+    per_iteration = [{"iteration": 32, "epoch": 0, "loss": 9.0, "loss_lm": 4.0},
+                     {"iteration": 64, "epoch": 0, "loss": 8.0}]
     assert figures.loss_series(per_iteration, "loss_lm") == ([32.0], [4.0])
     assert figures.loss_series(per_iteration, "loss") == ([32.0, 64.0], [9.0, 8.0])
     per_epoch = [{"train_loss": "3.5"}, {"train_loss": "2.5"}]

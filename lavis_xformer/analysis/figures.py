@@ -92,7 +92,8 @@ def loss_series(records: Sequence[dict], term: str, or_total: bool = False) -> T
     ``train_loss``, ...). ``or_total``: without the term, the total (stage 2's LM loss is its only loss)."""
     keys = (term, f"train_{term}") + (("loss", "train_loss") if or_total else ())
     for key in keys:
-        points = [(float(r.get("iter", i + 1)), float(r[key])) for i, r in enumerate(records) if key in r]
+        points = [(float(r.get("iteration", i + 1)), float(r[key])) for i, r in enumerate(records)
+                  if r.get(key) is not None]
         if points:
             return [x for x, _ in points], [v for _, v in points]
     return [], []
@@ -106,7 +107,7 @@ def loss_curves_png(stats: Dict[str, Dict[str, List[dict]]], labels: Dict[str, s
     axes = figure.subplots(2, 4).ravel()
     for ax in axes[len(LOSS_PANELS):]:
         ax.set_axis_off()
-    per_iteration = any("iter" in r for per_stage in stats.values() for rs in per_stage.values() for r in rs)
+    per_iteration = any("iteration" in r for per_stage in stats.values() for rs in per_stage.values() for r in rs)
     for ax, (title, stage, term) in zip(axes, LOSS_PANELS):
         ax.set_title(title, fontsize=10)
         ax.grid(color="#e8e8e8")

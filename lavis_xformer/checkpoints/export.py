@@ -22,6 +22,7 @@ from lavis_xformer.checkpoints.files import (
     trainable_parameter_names,
 )
 from lavis_xformer.checkpoints.model_config import read_pretrained_config
+from lavis_xformer.common.run_log import read_log
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -102,22 +103,34 @@ def _run_summary(checkpoint: dict, source: str) -> dict:
         iters = int(trainer.get("iters_per_epoch", 0))
         steps = int(trainer.get("epoch", 0)) * iters + int(trainer.get("iteration", 0))
     job = Path(source).parent
-    train_lines, eval_lines = [], []
-    for name, target in (("log.txt", train_lines), ("evaluate.txt", eval_lines)):
-        path = job / name
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                if line.startswith("{") and line.endswith("}") and not line.startswith('{"kind"'):
-                    try:
-                        record = json.loads(line)
-                    except ValueError:
-                        continue
-                    if isinstance(record, dict) and "run" not in record:
-                        target.append(record)
-    metrics = [r for r in train_lines if not any(k.startswith("train_") for k in r)] + eval_lines
+    # log.txt across the resumes that led here (a resumed run's log continues its predecessor's), as the run's own
+    # epoch and iteration label them
+    logged = [r for r in read_log(job) if r["kind"] in ("epoch", "eval")
+              and (steps is None or r.get("iteration") is None or r["iteration"] <= steps)]
+    eval_lines = []
+    path = job / "evaluate.txt"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.startswith("{") and line.endswith("}"):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and "run" not in record:
+                    eval_lines.append(record)
+    metrics = [{k: v for k, v in r.items() if k != "kind"} for r in logged if r["kind"] == "eval"] + eval_lines
     return {"stage": stage, "task": task, "datasets": config.get("datasets") or {}, "steps": steps,
             "epoch": trainer.get("epoch", checkpoint.get("epoch")), "run": run,
-            "train": [r for r in train_lines if any(k.startswith("train_") for k in r)], "metrics": metrics}
+            "train": [r for r in logged if r["kind"] == "epoch"], "metrics": metrics}
+
+
+def _cell(value) -> str:
+    """A table cell: a number to 4 significant digits, nan for a null (non-finite) average."""
+    if value is None:
+        return "nan"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def _model_card(config: dict, summary: dict, source: str, tensors: int, elements: int) -> str:
@@ -161,7 +174,7 @@ def _model_card(config: dict, summary: dict, source: str, tensors: int, elements
         lines += ["", "## Training losses (per-epoch averages, from log.txt)", "",
                   "| epoch | " + " | ".join(k[len("train_"):] for k in keys) + " |",
                   "|---" * (len(keys) + 1) + "|"]
-        lines += [f"| {i} | " + " | ".join(str(r.get(k, "")) for k in keys) + " |"
+        lines += [f"| {r.get('epoch', i)} | " + " | ".join(_cell(r[k]) if k in r else "" for k in keys) + " |"
                   for i, r in enumerate(summary["train"])]
     lines += ["", "## Evaluation metrics (from log.txt / evaluate.txt)", ""]
     if summary["metrics"]:

@@ -237,14 +237,14 @@ def last_checkpoint(job_dir: Path) -> Path:
 
 
 def epoch_stats(job_dir: Path) -> List[Dict[str, float]]:
-    """The per-epoch training averages LAVIS appends to log.txt (``{"train_loss": ..., "epoch": ...}``).
+    """The per-epoch training averages in log.txt (``{"train_loss": ..., ...}``, ``runners.logs.read_epoch_log``;
+    a null, i.e. non-finite, average as nan).
 
     The only reader of LAVIS's training log: the losses in the table and the curves all come from here."""
-    epochs = []
-    for line in (Path(job_dir) / "log.txt").read_text().splitlines():
-        if line.startswith('{"train'):
-            stats = json.loads(line)
-            epochs.append({key: float(value) for key, value in stats.items()})
+    from lavis_xformer.runners.logs import read_epoch_log
+
+    epochs = [{key: float("nan") if value is None else float(value) for key, value in record.items()
+               if key.startswith("train_")} for record in read_epoch_log(job_dir)]
     if not epochs:
         raise DemoError(f"{job_dir}/log.txt has no training statistics")
     return epochs

@@ -1,62 +1,131 @@
-"""Per-iteration training logs: json lines in the job's ``log.txt`` and, optionally, TensorBoard scalars.
+"""Training logs a tracker can read: ``<job>/log.txt`` as JSON lines, the run config in ``<job>/config.yaml``, and
+the same values to the trackers ``run.loggers`` names (TensorBoard, W&B: ``runners/trackers.py``).
 
-Every ``run.log_freq`` iterations ``runner_xformer`` appends one line to ``<job>/log.txt``::
+Every line of ``log.txt`` is one JSON object whose first keys are ``kind``, ``epoch`` and ``iteration`` (iterations
+done since the run began, across epochs and resumes); numbers are JSON numbers, a non-finite one is ``null``::
 
-    {"kind": "iter", "iter": 64, "epoch": 0, "lr": 0.0049, "loss": 5.81, "loss_itc": 3.41, ..., "it_per_s": 7.9,
-     "samples_per_s": 252.8}
+    {"kind": "iter", "epoch": 0, "iteration": 64, "lr": 0.0049, "loss": 5.81, "loss_itc": 3.41, ..., "it_per_s": 7.9, "samples_per_s": 252.8}
+    {"kind": "epoch", "epoch": 0, "iteration": 64, "train_lr": 0.0049, "train_loss": 5.79, ..., "train_skipped_steps": 0}
+    {"kind": "eval", "epoch": 0, "iteration": 64, "split": "val", "val_agg_metrics": 0.41, ..., "val_best_epoch": 0}
+    {"kind": "resume", "epoch": 1, "iteration": 64, "checkpoint": ".../checkpoint_0.pth", "job_dir": "..."}
 
-``iter`` is the number of iterations done since the run began (epochs included), ``epoch`` the (inner) epoch it is
-in; ``loss`` and every loss term the task names (``logged_loss_terms``) are averaged over the usable steps of the
-window since the previous line and over all ranks; ``lr`` is the learning rate of the window's last step;
-``it_per_s`` / ``samples_per_s`` are the window's throughput of the whole job (all ranks). LAVIS's per-epoch lines
-(``{"train_loss": ...}``) stay as they are: they start with ``{"train_``, these with ``{"kind": "iter"``.
+``iter``: every ``run.log_freq`` iterations, the window's averages over its usable steps and all ranks of ``loss``
+and every term the task names (``logged_loss_terms``), the lr of its last step and the whole job's throughput.
+``epoch``: LAVIS's per-epoch averages (its ``{"train_loss": ...}`` keys). ``eval``: a validation split's metrics
+after each epoch, and the test splits' after training (``epoch``/``iteration``: where the evaluated weights were
+saved). ``resume``: the first line of a resumed run, naming the checkpoint and the job folder it continues.
 
-``run.tensorboard: True`` also writes the same values as scalars (``train/<name>``, step = ``iter``) to
-``<job>/tensorboard`` with ``torch.utils.tensorboard``; without the ``tensorboard`` package one INFO line says so and
-training continues. ``read_iteration_log(job_dir)`` reads the lines back (the demo's loss curves use it).
+``read_log(job_dir)`` reads the records back as one series: a resumed run's predecessors come first, each up to the
+iteration its successor resumed after (what a killed run logged past its checkpoint is dropped, as the resumed run
+redoes it). ``read_iteration_log`` / ``read_epoch_log`` keep one kind (the demo's loss curves and the model card use
+them). Logs written before these kinds existed (a pretty-printed config first, ``{"train_...}`` lines) are read too.
 """
 
 import json
-import logging
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
 from lavis_xformer.common import distributed
+from lavis_xformer.common.atomic import atomic_write_json, atomic_write_text
+from lavis_xformer.common.run_log import (  # noqa: F401  (the reading side, re-exported: readers import it from here)
+    EPOCH_KIND,
+    EVAL_KIND,
+    ITERATION_KIND,
+    LOG_NAME,
+    POSITION_KEYS,
+    RESUME_KIND,
+    json_value,
+    read_epoch_log,
+    read_iteration_log,
+    read_log,
+)
 
-ITERATION_KIND = "iter"
-TENSORBOARD_FOLDER = "tensorboard"
+CONFIG_NAME = "config.yaml"
+TRACKERS_NAME = "trackers.json"  # what a resumed run needs to continue the trackers' curves (runners/trackers.py)
 
 
-def read_iteration_log(job_dir) -> List[Dict[str, float]]:
-    """The per-iteration lines of ``<job_dir>/log.txt`` in order (``kind`` removed); [] when there are none."""
-    records = []
-    path = Path(job_dir) / "log.txt"
-    if not path.is_file():
-        return records
-    for line in path.read_text().splitlines():
-        if not line.startswith('{"kind"'):
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+def tracker_scalars(record: dict) -> Dict[str, float]:
+    """A record's numbers under the names the trackers show: ``train/<name>`` (iteration lines),
+    ``train_epoch/<name>`` (epoch averages), ``<split>/<metric>`` (evaluations)."""
+    kind = record.get("kind")
+    if kind == ITERATION_KIND:
+        prefix, strip = "train/", ""
+    elif kind == EPOCH_KIND:
+        prefix, strip = "train_epoch/", "train_"
+    elif kind == EVAL_KIND:
+        prefix, strip = f"{record.get('split', 'eval')}/", f"{record.get('split', 'eval')}_"
+    else:
+        return {}
+    scalars = {}
+    for key, value in record.items():
+        if key in POSITION_KEYS or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        record = json.loads(line)
-        if record.pop("kind", None) == ITERATION_KIND:
-            records.append(record)
-    return records
+        scalars[prefix + (key[len(strip):] if strip and key.startswith(strip) else key)] = value
+    return scalars
+
+
+class JobLog:
+    """Rank 0's writer: one record -> one line of ``<job>/log.txt`` -> the same numbers to every tracker."""
+
+    def __init__(self, job_dir, trackers: Optional[Dict[str, object]] = None):
+        self.path = Path(job_dir) / LOG_NAME
+        self.trackers = dict(trackers or {})
+
+    def write(self, kind: str, epoch: int, iteration: int, values: dict, **fields) -> dict:
+        record = {"kind": kind, "epoch": int(epoch), "iteration": int(iteration)}
+        record.update({key: json_value(value) for key, value in fields.items()})
+        record.update({str(key): json_value(value) for key, value in values.items() if key not in POSITION_KEYS})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+        scalars = tracker_scalars(record)
+        if scalars:
+            for tracker in self.trackers.values():
+                tracker.log(scalars, record["iteration"])
+        return record
+
+    def close(self) -> None:
+        trackers, self.trackers = self.trackers, {}
+        for tracker in trackers.values():
+            tracker.close()
+
+
+def write_config(job_dir, config: dict) -> Path:
+    """The run config (LAVIS's ``Config.to_dict()``) as ``<job>/config.yaml``."""
+    from omegaconf import OmegaConf
+
+    return atomic_write_text(Path(job_dir) / CONFIG_NAME, OmegaConf.to_yaml(OmegaConf.create(config)))
+
+
+def write_tracker_state(job_dir, state: dict) -> None:
+    atomic_write_json(Path(job_dir) / TRACKERS_NAME, state)
+
+
+def read_tracker_state(job_dir) -> dict:
+    """The trackers a job wrote to (``trackers.json``; {} when none)."""
+    path = Path(job_dir) / TRACKERS_NAME
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 class IterationLog:
-    """Writes the per-iteration lines (rank 0) from the loss meters' running totals; every rank calls ``step``.
+    """The per-iteration lines, from the loss meters' running totals: every rank calls ``step`` (one all-reduce
+    per line), rank 0 writes through its ``JobLog`` (``job_log`` None on the other ranks).
 
     The window's averages come from differences of LAVIS's ``SmoothedValue`` totals and counts (the meters the loop
-    already keeps), summed over ranks with one all-reduce per line."""
+    already keeps)."""
 
-    def __init__(self, output_dir, samples_per_iteration: int, tensorboard: bool = False):
-        self.path = Path(output_dir) / "log.txt"
+    def __init__(self, job_log: Optional[JobLog], samples_per_iteration: int):
+        self.job_log = job_log
         self.samples_per_iteration = int(samples_per_iteration)
-        self.writer = None
-        if tensorboard and distributed.is_main_process():
-            self.writer = _summary_writer(Path(output_dir) / TENSORBOARD_FOLDER)
         self._last = {}  # meter name -> (total, count) at the previous line
         self._last_time, self._last_iter = time.perf_counter(), 0  # where the current window began
 
@@ -75,7 +144,8 @@ class IterationLog:
     def step(self, global_iter: int, epoch: int, lr: float, meters: Dict[str, object], names: Sequence[str],
              log_freq: int) -> Optional[dict]:
         """After iteration ``global_iter`` (0-based): every ``log_freq`` iterations, average ``meters[name]`` (LAVIS
-        ``SmoothedValue``s; absent ones count as no values) over the window and all ranks, and write the line."""
+        ``SmoothedValue``s; absent ones count as no values) over the window and all ranks, and write the line.
+        Returns the line's values (every rank), else None."""
         done = int(global_iter) + 1
         if log_freq <= 0 or done % log_freq:
             return None
@@ -91,38 +161,13 @@ class IterationLog:
         now = time.perf_counter()
         iterations, seconds = done - self._last_iter, max(now - self._last_time, 1e-9)
         self._last_time, self._last_iter = now, done
-        record = {"kind": ITERATION_KIND, "iter": done, "epoch": int(epoch), "lr": float(lr)}
+        values = {"lr": float(lr)}
         for index, name in enumerate(names):
             total, count = summed[2 * index], summed[2 * index + 1]
             if count:
-                record[name] = total / count
-        record["it_per_s"] = iterations / seconds
-        record["samples_per_s"] = iterations * self.samples_per_iteration / seconds
-        if distributed.is_main_process():
-            self._write(record)
-        return record
-
-    def _write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key not in ("kind", "iter"):
-                    self.writer.add_scalar(f"train/{key}", value, global_step=record["iter"])
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-
-def _summary_writer(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # torch's module imports the optional ``tensorboard`` package
-        logging.info("run.tensorboard: the tensorboard package is not installed (pip install tensorboard); the "
-                     "per-iteration values go to log.txt only")
-        return None
-    logging.info("TensorBoard: %s", folder)
-    return SummaryWriter(log_dir=str(folder))
+                values[name] = total / count
+        values["it_per_s"] = iterations / seconds
+        values["samples_per_s"] = iterations * self.samples_per_iteration / seconds
+        if self.job_log is not None:
+            return self.job_log.write(ITERATION_KIND, epoch, done, values)
+        return {"kind": ITERATION_KIND, "epoch": int(epoch), "iteration": done, **values}

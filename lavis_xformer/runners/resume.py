@@ -173,6 +173,15 @@ class ResumeMixin:
         if self._pending_rng is not None:
             restore_rng_state(self._pending_rng)
             self._pending_rng = None
+        self._record_resume_point(str(source))
+
+    def _record_resume_point(self, source: str) -> None:
+        """Where this run continues, for its logs: ``log.txt`` starts with a ``resume`` line naming the checkpoint
+        and its job folder, and the run's trackers continue that job's curves (``runners/logs.py``)."""
+        checkpoint = os.path.abspath(source)
+        done = int(self.start_epoch) * self._iterations_per_epoch() + int(self._start_iter)
+        self._resume_point = {"checkpoint": checkpoint, "job_dir": os.path.dirname(checkpoint),
+                              "epoch": int(self.start_epoch), "iteration": done}
 
     def restore_checkpoint_state(self, checkpoint: dict, source: str) -> None:
         """Load weights, optimizer and scaler; with a ``trainer`` state also the position (epoch, iteration), this

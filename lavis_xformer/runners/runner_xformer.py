@@ -33,8 +33,11 @@ Iteration mode and logs (run-config keys, optional):
   epochs of K iterations over an endless stream (the ``EpochLoader`` rolls over data epochs by itself, and its
   position goes into the checkpoint), validation and a checkpoint after each; ``run.train_dataset_ratios`` mixes
   several train datasets batch by batch (``reliability.MixedLoader``).
-* every ``run.log_freq`` iterations one json line of the loss terms, lr and throughput goes to log.txt, and with
-  ``run.tensorboard: True`` to TensorBoard (``runners/logs.py``).
+* ``log.txt`` is JSON lines, each with ``kind``, ``epoch`` and ``iteration`` (``runners/logs.py``): every
+  ``run.log_freq`` iterations the window's loss terms, lr and throughput; after every epoch LAVIS's averages and the
+  validation metrics; after training the test metrics. The run config goes to ``config.yaml`` beside it. The same
+  values go to the trackers ``run.loggers`` names (``[tensorboard, wandb]``; ``runners/trackers.py``); a resumed
+  run continues its predecessor's curves (its log's first line names the checkpoint and job it resumes).
 
 Reliability (run-config keys, all optional):
 
@@ -88,7 +91,17 @@ from lavis_xformer import compat, run_config
 from lavis_xformer.common import distributed
 from lavis_xformer.common.distributed import get_rank, get_world_size, is_main_process
 from lavis_xformer.datasets.robust import RobustDataset, check_bad_sample_limits
-from lavis_xformer.runners.logs import IterationLog
+from lavis_xformer.runners.logs import (
+    EPOCH_KIND,
+    EVAL_KIND,
+    RESUME_KIND,
+    IterationLog,
+    JobLog,
+    read_tracker_state,
+    write_config,
+    write_tracker_state,
+)
+from lavis_xformer.runners.trackers import open_trackers
 from lavis_xformer.runners.reliability import (
     EpochLoader,
     MixedLoader,
@@ -162,6 +175,10 @@ def _format_meter(meter) -> str:
     return "{:.3f}".format(meter.global_avg) if meter.count else "nan"
 
 
+def _meter_average(meter) -> float:
+    return float(meter.global_avg) if meter.count else float("nan")
+
+
 @dataclass
 class _TrainEpoch:
     """What the steps of one training epoch share (``RunnerXFormer.train_inner_loop``)."""
@@ -218,6 +235,9 @@ class RunnerXFormer(ResumeMixin, RunnerBase):
     # Set by __init__ / train(); class defaults keep a bare instance's loop (tests build one) epoch-based, unlogged.
     max_iters = iters_per_inner_epoch = 0
     _iteration_log = None
+    _job_log = None  # rank 0's log.txt and trackers while train() runs (runners/logs.py)
+    _log_position = (0, 0)  # (epoch, iterations done) that LAVIS's log_stats lines are written at
+    _resume_point = None  # where a resumed run continues (set by _resume): its log and curves continue from there
     _train_ratios = None
     stop_signals = StopSignals(signals=(), every_minutes=0)  # no handlers, no periodic checkpoint
 
@@ -365,37 +385,108 @@ class RunnerXFormer(ResumeMixin, RunnerBase):
         self.log_config()
         if not self.evaluate_only and self.resume_ckpt_path is not None:
             self._resume(self.resume_ckpt_path)
-        if not self.evaluate_only:
-            self.stop_signals.install()
         try:
-            cur_epoch = self._train_epochs()
-        except Preempted as stop:
-            if self._iteration_log is not None:
-                self._iteration_log.close()
-            self._release_job_folder()
-            if is_main_process():
-                log_preempted(stop.signum, stop.epoch, stop.iteration, stop.checkpoint)
+            self._job_log = self._open_job_log()
+        except Exception:
+            self._release_job_folder()  # e.g. a tracker that cannot open: nothing ran, the folder is no one's
             raise
+        try:
+            if not self.evaluate_only:
+                self.stop_signals.install()
+            try:
+                cur_epoch = self._train_epochs()
+            except Preempted as stop:
+                self._release_job_folder()
+                if is_main_process():
+                    log_preempted(stop.signum, stop.epoch, stop.iteration, stop.checkpoint)
+                raise
+            finally:
+                self.stop_signals.restore()
+            test_epoch = "best" if len(self.valid_splits) > 0 else cur_epoch
+            test_logs = self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
+            weights_epoch = self.best_epoch if test_epoch == "best" else cur_epoch
+            self._log_position = (weights_epoch, self._iterations_done(weights_epoch))
+            for split_name, metrics in (test_logs or {}).items():
+                self.log_stats(metrics, split_name)
         finally:
-            self.stop_signals.restore()
-        test_epoch = "best" if len(self.valid_splits) > 0 else cur_epoch
-        self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
+            self._close_job_log()
         logging.info("Training time {}".format(time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time))))
         self._release_job_folder()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Logs (runners/logs.py, runners/trackers.py)
+    # ------------------------------------------------------------------------------------------------------------
+    def log_config(self):
+        """The run config to ``<job>/config.yaml``. LAVIS's (runner_base.py:647) pretty-printed it at the top of
+        log.txt, which was then no longer JSON lines."""
+        if is_main_process():
+            write_config(self.output_dir, self.config.to_dict())
+
+    def log_stats(self, stats, split_name):
+        """LAVIS's per-epoch lines (runner_base.py:638; keys ``{split}_{name}``) as ``log.txt`` records with kind,
+        epoch and iteration, numbers as numbers, and to the trackers (rank 0)."""
+        if not isinstance(stats, dict) or not is_main_process():
+            return
+        epoch, iteration = self._log_position
+        values = {f"{split_name}_{key}": value for key, value in stats.items()}
+        job_log = self._job_log or JobLog(self.output_dir)
+        if split_name == "train":
+            job_log.write(EPOCH_KIND, epoch, iteration, values)
+        else:
+            job_log.write(EVAL_KIND, epoch, iteration, values, split=split_name)
+
+    def _open_job_log(self) -> Optional[JobLog]:
+        """Rank 0: the job's log writer with the trackers ``run.loggers`` asks for; a resumed run's log starts with
+        a ``resume`` line, and its trackers continue the predecessor's (``trackers.json``)."""
+        if not is_main_process():
+            return None
+        resume = self._resume_point
+        previous = read_tracker_state(resume["job_dir"]) if resume else {}
+        trackers = open_trackers(self.config.run_cfg, self.output_dir, run_name=str(self.job_id),
+                                 config=self.config.to_dict(), previous=previous,
+                                 purge_step=resume["iteration"] + 1 if resume else None)
+        if trackers:
+            write_tracker_state(self.output_dir, {name: tracker.state() for name, tracker in trackers.items()})
+        job_log = JobLog(self.output_dir, trackers)
+        if resume:
+            job_log.write(RESUME_KIND, resume["epoch"], resume["iteration"], {},
+                          checkpoint=resume["checkpoint"], job_dir=resume["job_dir"])
+        return job_log
+
+    def _close_job_log(self) -> None:
+        job_log, self._job_log = self._job_log, None
+        if job_log is not None:
+            job_log.close()
+
+    def _iterations_per_epoch(self) -> int:
+        """Iterations per (inner) epoch: the loop's, ``iters_per_inner_epoch``, or the training loader's length."""
+        if self._iters_per_epoch:
+            return int(self._iters_per_epoch)
+        if self.iteration_based:
+            return int(self.iters_per_inner_epoch)
+        try:
+            return len(self.train_loader)
+        except TypeError:  # a loader without a length (not one map-style dataset)
+            return 0
+
+    def _iterations_done(self, epoch) -> int:
+        """Iterations done when (inner) epoch ``epoch`` ends; 0 for a run that only evaluates."""
+        return 0 if self.evaluate_only else (int(epoch) + 1) * self._iterations_per_epoch()
 
     def _train_epochs(self):
         """The epochs of ``train`` (LAVIS's loop body); returns the last epoch."""
         if not self.evaluate_only:
-            self._iteration_log = IterationLog(
-                self.output_dir, int(self.config.run_cfg.batch_size_train) * get_world_size(),
-                tensorboard=bool(self.config.run_cfg.get("tensorboard", False)))
+            self._iteration_log = IterationLog(self._job_log, int(self.config.run_cfg.batch_size_train) * get_world_size())
 
         cur_epoch = self.max_epoch - 1
         for cur_epoch in range(self.start_epoch, self.max_epoch):
             if not self.evaluate_only:
                 logging.info("Start training")
                 train_stats = self.train_epoch(cur_epoch)
+                self._log_position = (cur_epoch, self._iterations_done(cur_epoch))
                 self.log_stats(split_name="train", stats=train_stats)
+            else:
+                self._log_position = (cur_epoch, 0)
 
             for split_name in self.valid_splits:
                 logging.info("Evaluating on {}.".format(split_name))
@@ -412,9 +503,6 @@ class RunnerXFormer(ResumeMixin, RunnerBase):
                 break
             self.save_progress(cur_epoch, self._iters_per_epoch or len(self.train_loader), complete=True)
             dist.barrier()
-
-        if self._iteration_log is not None:
-            self._iteration_log.close()
         return cur_epoch
 
     def train_epoch(self, epoch):
@@ -621,13 +709,14 @@ class RunnerXFormer(ResumeMixin, RunnerBase):
     def _epoch_stats(self, run) -> dict:
         """The epoch's averages over all ranks: LAVIS's ``lr`` and ``loss``, then the task's loss terms."""
         run.metric_logger.synchronize_between_processes()
-        stats = {k: _format_meter(meter) for k, meter in run.metric_logger.meters.items()}
-        stats.setdefault("loss", "nan")  # every step of the epoch was skipped
-        logging.info("Averaged stats: " + "  ".join(f"{k}: {v}" for k, v in stats.items()))
+        meters = run.metric_logger.meters
+        logging.info("Averaged stats: " + "  ".join(f"{k}: {_format_meter(m)}" for k, m in meters.items()))
+        stats = {k: _meter_average(meter) for k, meter in meters.items()}  # numbers: log.txt is for trackers too
+        stats.setdefault("loss", float("nan"))  # every step of the epoch was skipped
         if self.logged_loss_terms:
             run.loss_terms.synchronize_between_processes()
             logging.info("Averaged loss terms: %s", run.loss_terms.global_avg())
-            stats.update({k: _format_meter(meter) for k, meter in run.loss_terms.meters.items()})
+            stats.update({k: _meter_average(meter) for k, meter in run.loss_terms.meters.items()})
         return stats
 
     @property
