@@ -125,10 +125,14 @@ def caption_metrics(references, captions, per_image=("CIDEr",)):
     ``captions`` ({image_id: caption}) against ``references`` ({image_id: [captions]}) -> (corpus scores,
     {metric: {image_id: that image's score}} for the ``per_image`` metrics, {metric: why it was left out}).
     A corpus CIDEr / METEOR / SPICE is the mean of the per-image scores; BLEU is not (its n-gram counts pool)."""
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in references.items()})
-    res = tokenizer.tokenize({i: [{"caption": captions[i]}] for i in references})
     unavailable = unavailable_caption_metrics()
+    # one tokenizer run (a Java start) for the references and the captions together
+    tokens = PTBTokenizer().tokenize(
+        {**{("ref", i): [{"caption": c} for c in refs] for i, refs in references.items()},
+         **{("cap", i): [{"caption": captions[i]}] for i in references}}
+    )
+    gts = {i: tokens[("ref", i)] for i in references}
+    res = {i: tokens[("cap", i)] for i in references}
     scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor, "METEOR"), (Rouge(), "ROUGE_L"),
                (Cider(), "CIDEr"), (Spice, "SPICE")]
     for metric, why in unavailable.items():
