@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -50,16 +49,13 @@ def small_shapes(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------------
-def test_placeholder_checkpoint_is_refused_in_seconds_with_the_command_that_writes_it(tmp_path):
-    start = time.perf_counter()
+def test_placeholder_checkpoint_is_refused_before_building_with_the_command_that_writes_it(tmp_path):
     findings = check.check(DEMO_STAGE2, small_shapes(tmp_path), memory=False)
-    elapsed = time.perf_counter() - start
     (error,) = messages(findings)
     assert "model.pretrained=output/xformer/demo/pretrain_stage1_shapes/<job_id>/checkpoint_11.pth" in error
     assert "placeholder (<job_id>)" in error
     assert "python -m lavis_xformer.train --cfg-path projects/xformer/demo/pretrain_stage1_shapes.yaml" in error
-    assert elapsed < 20, f"check took {elapsed:.1f} s"
-    assert not (tmp_path / "shapes").exists()  # nothing generated, nothing built
+    assert not (tmp_path / "shapes").exists()  # nothing generated, nothing built (what kept it fast; no timing)
 
 
 def test_train_stops_on_the_placeholder_before_building_data_or_model(tmp_path):
@@ -94,9 +90,7 @@ def test_checkpoints_are_opened_and_must_fit_the_model(tmp_path):
 # Data
 # ---------------------------------------------------------------------------------------------------------------
 def test_missing_lavis_dataset_is_reported_with_its_path_and_no_download(empty_cache_root):
-    start = time.perf_counter()
-    findings = check.check(PAPER_VQA_EVAL, memory=False)
-    assert time.perf_counter() - start < 20
+    findings = check.check(PAPER_VQA_EVAL, memory=False)  # empty_cache_root makes any download raise
     errors = messages(findings)
     expected = empty_cache_root / "coco" / "annotations" / "v2_mscoco_val2014_annotations.json"
     assert any(str(expected) in e and "v2_mscoco_val2014_annotations.json to that path" in e for e in errors)
