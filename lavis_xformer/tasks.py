@@ -12,13 +12,15 @@
 * ``xformer_captioning`` -- LAVIS's ``captioning`` (the model's ``generate``, the COCO caption metrics) scored
   against the evaluated dataset's own captions (``run.caption_ground_truth: dataset``: the shapes data, any LAVIS
   caption eval dataset with integer ``image_id``s and caption lists) instead of COCO Karpathy's downloaded files
-  (``coco_karpathy``, LAVIS's behaviour). SPICE runs only where Stanford CoreNLP is installed (pycocoevalcap
-  downloads it on first use); offline it is left out with a warning.
+  (``coco_karpathy``, LAVIS's behaviour). The metrics need Java (a clear error without it); SPICE also needs
+  Stanford CoreNLP (pycocoevalcap downloads it on first use): offline it is left out with a warning
+  (``unavailable_caption_metrics``).
 """
 
 import json
 import logging
 import os
+import shutil
 
 from lavis.common.dist_utils import main_process
 from lavis.common.registry import registry
@@ -99,29 +101,64 @@ class XFormerCaptionTask(CaptionTask):
         return {**scores, "agg_metrics": scores["CIDEr"] + scores["Bleu_4"]}  # LAVIS's aggregate
 
 
-def caption_scores(references, captions):
-    """pycocoevalcap's COCO caption metrics (the scorers ``COCOEvalCap.evaluate`` runs, on its PTB tokenisation) of
-    ``captions`` ({image_id: caption}) against ``references`` ({image_id: [captions]}). SPICE only where Stanford
-    CoreNLP is installed."""
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs] for i, refs in references.items()})
-    res = tokenizer.tokenize({i: [{"caption": captions[i]}] for i in references})
-    scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), "METEOR"), (Rouge(), "ROUGE_L"), (Cider(), "CIDEr")]
+class JavaMissingError(RuntimeError):
+    """pycocoevalcap cannot score captions without Java."""
+
+
+def unavailable_caption_metrics():
+    """{metric: why it cannot run here}: SPICE needs Stanford CoreNLP, which pycocoevalcap downloads on first use,
+    so offline it is left out. Without Java nothing can be scored (pycocoevalcap's PTB tokenizer, METEOR and SPICE
+    are Java programs): ``JavaMissingError``."""
+    if shutil.which("java") is None:
+        raise JavaMissingError(
+            "caption metrics need Java: pycocoevalcap's PTB tokenizer, METEOR and SPICE run it, and `java` is not on "
+            "PATH; install a Java runtime (e.g. apt-get install default-jre-headless) and rerun"
+        )
     corenlp_jar = os.path.join(corenlp.SPICEDIR, corenlp.SPICELIB, f"{corenlp.JAR}.jar")
-    if os.path.isfile(corenlp_jar):
-        scorers.append((Spice(), "SPICE"))
-    else:
-        logging.warning("SPICE left out: Stanford CoreNLP is not installed (%s); pycocoevalcap downloads it with "
-                        "`python -c 'from pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()'`",
-                        corenlp_jar)
-    scores = {}
+    if not os.path.isfile(corenlp_jar):
+        return {"SPICE": "no Stanford CoreNLP"}
+    return {}
+
+
+def caption_metrics(references, captions, per_image=("CIDEr",)):
+    """pycocoevalcap's COCO caption metrics (the scorers ``COCOEvalCap.evaluate`` runs, on its PTB tokenisation) of
+    ``captions`` ({image_id: caption}) against ``references`` ({image_id: [captions]}) -> (corpus scores,
+    {metric: {image_id: that image's score}} for the ``per_image`` metrics, {metric: why it was left out}).
+    A corpus CIDEr / METEOR / SPICE is the mean of the per-image scores; BLEU is not (its n-gram counts pool)."""
+    unavailable = unavailable_caption_metrics()
+    # one tokenizer run (a Java start) for the references and the captions together
+    tokens = PTBTokenizer().tokenize(
+        {**{("ref", i): [{"caption": c} for c in refs] for i, refs in references.items()},
+         **{("cap", i): [{"caption": captions[i]}] for i in references}}
+    )
+    gts = {i: tokens[("ref", i)] for i in references}
+    res = {i: tokens[("cap", i)] for i in references}
+    scorers = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor, "METEOR"), (Rouge(), "ROUGE_L"),
+               (Cider(), "CIDEr"), (Spice, "SPICE")]
+    for metric, why in unavailable.items():
+        logging.warning("%s left out: %s%s", metric, why, " (pycocoevalcap downloads it to its spice/lib with `python -c "
+                        "'from pycocoevalcap.spice.get_stanford_models import get_stanford_models as g; g()'`)"
+                        if "CoreNLP" in why else "")
+    scores, per_image_scores = {}, {}
     for scorer, names in scorers:
-        score, _ = scorer.compute_score(gts, res)
+        if isinstance(names, str) and names in unavailable:
+            continue
+        scorer = scorer() if isinstance(scorer, type) else scorer  # Meteor and Spice start Java when built
+        score, image_scores = scorer.compute_score(gts, res)
         if isinstance(names, list):
             scores.update({name: float(value) for name, value in zip(names, score)})
-        else:
-            scores[names] = float(score)
-    return scores
+            continue
+        scores[names] = float(score)
+        if names in per_image:
+            if names == "SPICE":  # one dict of sub-scores per image
+                image_scores = [s["All"]["f"] for s in image_scores]
+            per_image_scores[names] = {i: float(s) for i, s in zip(gts.keys(), image_scores)}
+    return scores, per_image_scores, unavailable
+
+
+def caption_scores(references, captions):
+    """The corpus scores of ``caption_metrics`` (SPICE only where Java and Stanford CoreNLP are installed)."""
+    return caption_metrics(references, captions, per_image=())[0]
 
 
 class _PredictAnswersWith:

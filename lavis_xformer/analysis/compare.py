@@ -1,4 +1,5 @@
-"""Head-to-head comparison of models on zero-shot VQA benchmarks, through LAVIS's tasks and evaluators.
+"""Head-to-head comparison of models on zero-shot VQA, captioning and retrieval benchmarks, through LAVIS's tasks
+and evaluators.
 
     python -m lavis_xformer.analysis.compare \\
         --models blip2_opt:pretrain_opt2.7b xformer_opt:pretrain_opt2.7b \\
@@ -7,10 +8,13 @@
     torchrun --nproc_per_node 8 -m lavis_xformer.analysis.compare ... # the same, questions shared by the ranks
     python -m lavis_xformer.analysis.compare --models blip2_baseline_opt:tiny xformer_opt:tiny \\
         --benchmarks shapes --limit 48 --out /tmp/cmp                  # offline, on the embedded shapes data
+    python -m lavis_xformer.analysis.compare --models blip2=blip2_baseline:tiny xformer=xformer:tiny \\
+        --benchmarks shapes_caption shapes_retrieval --limit 16 --out /tmp/cmp1  # stage-1 models (supplement Table 5)
 
 Models are ``[label=]arch:model_type``; the first is the reference (deltas are ``other - reference``). Every model
-answers the same questions with the same protocol through the benchmark's LAVIS task (``vqa_benchmarks``); rank 0
-scores them (``vqa_scoring``) and writes the report (``compare_report``); a finished (model, benchmark) is cached
+answers the same questions with the same protocol through the benchmark's LAVIS task (``vqa_benchmarks``), captions
+the same images or ranks the same gallery (``caption_retrieval``); rank 0 scores them (``vqa_scoring``,
+``caption_retrieval``) and writes the report (``compare_report``); a finished (model, benchmark) is cached
 (``compare_cache``), so an interrupted comparison resumes. The benchmarks, the scoring and the output files are
 described in docs/evaluation.md.
 """
@@ -35,7 +39,8 @@ from lavis.models import load_model_and_preprocess
 from torch.utils.data import DataLoader, Subset
 
 from lavis_xformer import checkpoints
-from lavis_xformer.analysis import query_diversity, stats
+from lavis_xformer.analysis import caption_retrieval, query_diversity, stats
+from lavis_xformer.analysis.caption_retrieval import CaptionProtocol, RetrievalProtocol
 from lavis_xformer.analysis.compare_cache import (
     DIVERSITY,
     cache_path,
@@ -62,7 +67,7 @@ from lavis_xformer.common.distributed import get_rank, get_world_size
 # Models
 # ---------------------------------------------------------------------------------------------------------------
 # LAVIS's architecture -> the plugin's class with the same model types and weights, and a zero-shot predict_answers.
-MODEL_ALIASES = {"blip2_opt": "blip2_baseline_opt", "blip2_t5": "blip2_baseline_t5"}
+MODEL_ALIASES = {"blip2": "blip2_baseline", "blip2_opt": "blip2_baseline_opt", "blip2_t5": "blip2_baseline_t5"}
 
 
 @dataclass(frozen=True)
@@ -150,8 +155,11 @@ def make_loader(dataset, indices, batch_size: int, num_workers: int) -> DataLoad
 def predict(
     model, vis_processor, prepared: PreparedBenchmark, device, batch_size: int, num_workers: int
 ) -> Optional[List[dict]]:
-    """Run the benchmark's LAVIS task over this rank's questions; rank 0 gets everyone's predictions, sorted by
-    question id, as ``{"question_id", "prediction"}``."""
+    """Run the benchmark's LAVIS task over this rank's questions (images, for captioning); rank 0 gets everyone's
+    predictions, sorted by id, as ``{"question_id", "prediction"}`` (``{"image_id", "prediction"}``). Retrieval:
+    ``caption_retrieval.predict_retrieval``."""
+    if prepared.kind == "retrieval":
+        return caption_retrieval.predict_retrieval(model, vis_processor, prepared, batch_size, num_workers)
     prepared.dataset.vis_processor = vis_processor
     mine = shard(prepared.indices)
     if mine:
@@ -161,12 +169,15 @@ def predict(
         results = []
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
-    answer_key = "pred_ans" if prepared.scoring == "gqa" else "answer"
-    local = [{"question_id": int(r["question_id"]), "prediction": r[answer_key]} for r in results]
+    if prepared.kind == "caption":
+        id_key, answer_key = "image_id", "caption"
+    else:
+        id_key, answer_key = "question_id", "pred_ans" if prepared.scoring == "gqa" else "answer"
+    local = [{id_key: int(r[id_key]), "prediction": r[answer_key]} for r in results]
     gathered = gather_to_main(local)
     if gathered is None:
         return None
-    by_id = {item["question_id"]: item for item in gathered}
+    by_id = {item[id_key]: item for item in gathered}
     if sorted(by_id) != sorted(prepared.question_ids):
         raise RuntimeError(f"{prepared.benchmark.name}: predictions do not cover the evaluated questions exactly")
     return [by_id[qid] for qid in sorted(by_id)]
@@ -179,6 +190,8 @@ def predict(
 class ComparisonSettings:
     out_dir: Path
     protocol: Protocol = Protocol()
+    caption_protocol: CaptionProtocol = CaptionProtocol()
+    retrieval_protocol: RetrievalProtocol = RetrievalProtocol()
     limit: Optional[int] = None
     seed: int = 0
     batch_size: int = 8
@@ -201,13 +214,18 @@ class ComparisonResult:
     skipped: Dict[str, str]  #: benchmark -> why it was skipped
 
 
-def load_model(spec: ModelSpec, device, seed: int):
+# What a model needs for each kind of benchmark.
+NEEDED_METHOD = {"vqa": "predict_answers", "caption": "generate", "retrieval": "compute_sim_matrix"}
+
+
+def load_model(spec: ModelSpec, device, seed: int, kinds: Sequence[str] = ("vqa",)):
     """The model in eval mode and its eval image processor. Built under ``seed``: weights a config leaves random
-    (the offline ``tiny`` types) are then the same on every rank and in every run."""
+    (the offline ``tiny`` types) are then the same on every rank and in every run. ``kinds``: the benchmark kinds
+    it will run, whose methods it must have."""
     arch = spec.load_arch()
     if arch != spec.arch:
         logging.info(
-            "%s: loading LAVIS's %s weights through the plugin's %s (zero-shot VQA generation)",
+            "%s: loading LAVIS's %s weights through the plugin's %s (the same model types and weights)",
             spec.label,
             spec.arch,
             arch,
@@ -218,8 +236,12 @@ def load_model(spec: ModelSpec, device, seed: int):
     model, vis_processors, _ = load_model_and_preprocess(arch, spec.model_type, is_eval=True, device=device)
     if spec.checkpoint:
         checkpoints.load_model_weights(model, spec.checkpoint)
-    if not hasattr(model, "predict_answers"):
-        raise TypeError(f"{spec.label}: {type(model).__name__} has no predict_answers; compare stage-2 (LLM) models")
+    for kind in dict.fromkeys(kinds):
+        if not hasattr(model, NEEDED_METHOD[kind]):
+            raise TypeError(
+                f"{spec.label}: {type(model).__name__} has no {NEEDED_METHOD[kind]}, which {kind} benchmarks need"
+                + ("; compare stage-2 (LLM) models on VQA" if kind == "vqa" else "; use a stage-1 model (xformer, blip2)")
+            )
     return model.eval(), vis_processors["eval"]
 
 
@@ -256,9 +278,14 @@ def run_comparison(
     skipped: Dict[str, str] = {}
     for benchmark in expand_benchmarks(benchmark_names):
         try:
-            prepared[benchmark.name] = prepare_benchmark(
-                benchmark, protocol, settings.overrides.get(benchmark.name, ()), settings.limit, settings.seed
-            )
+            overrides = settings.overrides.get(benchmark.name, ())
+            if benchmark.kind == "vqa":
+                prepared[benchmark.name] = prepare_benchmark(benchmark, protocol, overrides, settings.limit, settings.seed)
+            else:
+                kind_protocol = settings.caption_protocol if benchmark.kind == "caption" else settings.retrieval_protocol
+                prepared[benchmark.name] = caption_retrieval.prepare(
+                    benchmark, kind_protocol, overrides, settings.limit, settings.seed
+                )
         except FileNotFoundError as error:
             if not settings.skip_missing:
                 raise
@@ -279,7 +306,7 @@ def run_comparison(
     def fingerprint(spec: ModelSpec, name: str) -> dict:
         if name == DIVERSITY:
             return diversity_fingerprint(spec, diversity_source, diversity_images, settings.seed)
-        return prediction_fingerprint(spec, prepared[name], protocol, settings.seed)
+        return prediction_fingerprint(spec, prepared[name], prepared[name].protocol or protocol, settings.seed)
 
     computed = []
     for spec in specs:
@@ -295,7 +322,8 @@ def run_comparison(
         if not todo:
             logging.info("%s: everything is cached", spec.label)
             continue
-        model, vis_processor = load_model(spec, settings.device, settings.seed)
+        kinds = [prepared[name].kind for name in todo if name != DIVERSITY]
+        model, vis_processor = load_model(spec, settings.device, settings.seed, kinds)
         try:
             for name in todo:
                 start = time.time()
@@ -334,7 +362,8 @@ def run_comparison(
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m lavis_xformer.analysis.compare",
-        description="Compare models head to head on zero-shot VQA benchmarks (see the module docstring).",
+        description="Compare models head to head on zero-shot VQA, captioning and retrieval benchmarks (see the module "
+        "docstring).",
     )
     parser.add_argument(
         "--models", nargs="+", required=True, help="[label=]arch:model_type, the first is the reference"
@@ -355,7 +384,10 @@ def parse_args(argv=None):
     )
     parser.add_argument("--out", required=True, help="output folder (also holds the cache that makes reruns resume)")
     parser.add_argument(
-        "--limit", type=int, default=None, help="evaluate a seeded uniform sample of N questions per benchmark"
+        "--limit",
+        type=int,
+        default=None,
+        help="evaluate a seeded uniform sample of N questions (captioning, retrieval: images) per benchmark",
     )
     parser.add_argument(
         "--seed",
@@ -371,6 +403,12 @@ def parse_args(argv=None):
     parser.add_argument("--length-penalty", type=float, default=Protocol.length_penalty)
     parser.add_argument("--max-len", type=int, default=Protocol.max_len)
     parser.add_argument("--min-len", type=int, default=Protocol.min_len)
+    parser.add_argument("--caption-num-beams", type=int, default=CaptionProtocol.num_beams)
+    parser.add_argument("--caption-max-len", type=int, default=CaptionProtocol.max_len)
+    parser.add_argument("--caption-min-len", type=int, default=CaptionProtocol.min_len)
+    parser.add_argument(
+        "--k-test", type=int, default=RetrievalProtocol.k_test, help="retrieval: ITM re-scores the best k ITC candidates"
+    )
     parser.add_argument(
         "--options",
         nargs="+",
@@ -424,6 +462,8 @@ def main(argv=None) -> ComparisonResult:
             max_len=args.max_len,
             min_len=args.min_len,
         ),
+        caption_protocol=CaptionProtocol(args.caption_num_beams, args.caption_max_len, args.caption_min_len),
+        retrieval_protocol=RetrievalProtocol(args.k_test),
         limit=args.limit,
         seed=args.seed,
         batch_size=args.batch_size,

@@ -1,10 +1,11 @@
-"""The comparison's report: scores, paired statistics, the Markdown table, per-question files and charts.
+"""The comparison's report: scores, paired statistics, the Markdown tables, per-question files and charts.
 
     write_report(specs, prepared, with_diversity, settings, skipped) -> comparison.json, comparison.md, accuracy.png,
         per_question/<benchmark>.jsonl, query_diversity.{json,png}
 
-Rank 0 scores every cached prediction set (``vqa_scoring``), compares each model with the first (``stats``: paired
-bootstrap interval of the delta, McNemar's exact test) and writes the files atomically.
+Rank 0 scores every cached prediction set (``vqa_scoring``; ``caption_retrieval`` for captions and rankings),
+compares each model with the first (``stats``: paired bootstrap interval of the delta over questions, images or
+retrieval queries; McNemar's exact test where an item is right or wrong) and writes the files atomically.
 """
 
 import json
@@ -13,7 +14,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import List, Sequence
 
-from lavis_xformer.analysis import figures, query_diversity, stats
+from lavis_xformer.analysis import caption_retrieval, figures, paired_scores, query_diversity, stats
+from lavis_xformer.analysis.caption_retrieval import CAPTION_METRICS, METRIC_TITLES, RETRIEVAL_METRICS
 from lavis_xformer.analysis.compare_cache import DIVERSITY, cache_path
 from lavis_xformer.analysis.vqa_benchmarks import PreparedBenchmark
 from lavis_xformer.analysis.vqa_scoring import score
@@ -97,7 +99,8 @@ def markdown_table(report: dict) -> str:
     for label in others:
         header += [f"Δ {label}", "95% CI", "McNemar p (b/c)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, b in report["benchmarks"].items():
+    vqa = {name: b for name, b in report["benchmarks"].items() if b.get("kind", "vqa") == "vqa"}
+    for name, b in vqa.items():
         row = [b["title"], b["split"], str(b["num_questions"]), *(f"{b['accuracy'][l]:.2f}" for l in labels)]
         for label in others:
             s = b["statistics"][label]
@@ -123,6 +126,9 @@ def markdown_table(report: dict) -> str:
         f"seed {report['settings']['seed']}). McNemar: exact two-sided binomial test on the questions exactly one "
         f"model gets right (score ≥ {stats.CORRECT_AT}); b = only the reference right, c = only the other right.",
     ]
+    if not vqa:
+        lines, notes = [], []
+    notes += caption_table(report, labels) + retrieval_table(report, labels)
     diversity = report.get("query_diversity")
     if diversity:
         notes += ["", "| model | query diversity | vs reference | images |", "|---|---|---|---|"]
@@ -136,13 +142,174 @@ def markdown_table(report: dict) -> str:
             "Query diversity: 1 − mean off-diagonal cosine similarity between a model's output queries, "
             "averaged over images (supplement, section 6)."
         )
-    return "\n".join(["# Model comparison", "", *lines, *notes]) + "\n"
+    return "\n".join(["# Model comparison", *([""] if lines else []), *lines, *notes]) + "\n"
+
+
+def _interval(s: dict) -> str:
+    return f"[{_signed(s['ci_low'])}, {_signed(s['ci_high'])}]"
+
+
+def caption_table(report: dict, labels: Sequence[str]) -> List[str]:
+    """Captioning rows: one per metric (x100), the CIDEr delta with its interval over images."""
+    captions = {n: b for n, b in report["benchmarks"].items() if b.get("kind") == "caption"}
+    if not captions:
+        return []
+    reference, others = labels[0], labels[1:]
+    header = ["benchmark", "split", "images", "metric", *labels]
+    for label in others:
+        header += [f"Δ {label}", "95% CI"]
+    lines = ["", "## Captioning", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for b in captions.values():
+        for metric in CAPTION_METRICS:
+            row = [b["title"], b["split"], str(b["num_images"]), METRIC_TITLES[metric]]
+            if metric in b["unavailable"]:
+                row += ["skipped"] * len(labels) + ["", ""] * len(others)
+            else:
+                row += [f"{b['metrics'][l][metric]:.2f}" for l in labels]
+                for label in others:
+                    stat = b["statistics"][label] if metric == "CIDEr" else None
+                    row += [_signed(b["delta"][label][metric]), _interval(stat) if stat else ""]
+            lines.append("| " + " | ".join(row) + " |")
+    skipped = {f"{METRIC_TITLES.get(m, m)}: skipped, {why}." for b in captions.values() for m, why in b["unavailable"].items()}
+    p = report["settings"]["caption_protocol"]
+    lines += ["", *sorted(skipped)] if skipped else []
+    lines += [
+        "",
+        f"Scores x100 (pycocoevalcap, PTB tokenisation, against the dataset's reference captions). Protocol: "
+        f"{p['num_beams']} beams, {p['min_len']} to {p['max_len']} tokens. 95% CI of the CIDEr Δ: paired percentile "
+        f"bootstrap over images (per-image CIDEr, whose mean is the corpus CIDEr); BLEU-4 is a corpus statistic "
+        "(no per-image unit), its Δ has no interval.",
+    ]
+    return lines
+
+
+def retrieval_table(report: dict, labels: Sequence[str]) -> List[str]:
+    """Retrieval rows: R@1/5/10 image→text (queries = images) and text→image (queries = texts)."""
+    rankings = {n: b for n, b in report["benchmarks"].items() if b.get("kind") == "retrieval"}
+    if not rankings:
+        return []
+    reference, others = labels[0], labels[1:]
+    header = ["benchmark", "split", "queries", "metric", *labels]
+    for label in others:
+        header += [f"Δ {label}", "95% CI", "McNemar p (b/c)"]
+    lines = ["", "## Retrieval", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for b in rankings.values():
+        for metric in RETRIEVAL_METRICS:
+            direction = "image→text" if metric.startswith("txt") else "text→image"
+            queries = b["num_images"] if metric.startswith("txt") else b["num_texts"]
+            row = [b["title"], b["split"], str(queries), f"{direction} R@{metric.split('_r')[1]}"]
+            row += [f"{b['recall'][l][metric]:.2f}" for l in labels]
+            for label in others:
+                s = b["statistics"][label][metric]
+                m = s["mcnemar"]
+                row += [_signed(b["delta"][label][metric]), _interval(s),
+                        f"{_p_value(m['p_value'])} ({m['only_a_correct']}/{m['only_b_correct']})"]
+            lines.append("| " + " | ".join(row) + " |")
+    k = report["settings"]["retrieval_k_test"]
+    lines += [
+        "",
+        f"Recall in percent (LAVIS's retrieval ranking: ITC, the best k re-scored by ITM; k_test {k}, capped at the "
+        "gallery). 95% CI: paired percentile bootstrap over the queries; McNemar on the queries exactly one model "
+        "retrieves within k.",
+    ]
+    return lines
+
+
+def caption_report(prepared, specs, scores, num_resamples: int, confidence: float, seed: int) -> dict:
+    reference = specs[0].label
+    image_ids = prepared.question_ids
+    report = {
+        "kind": "caption",
+        "title": prepared.benchmark.title,
+        "builder": prepared.benchmark.builder,
+        "split": prepared.benchmark.split,
+        "task": prepared.benchmark.task,
+        "num_images": len(image_ids),
+        "metrics": {s.label: scores[s.label].metrics for s in specs},  # x100
+        "unavailable": scores[reference].unavailable,
+        "delta": {},
+        "statistics": {},
+    }
+    reference_cider = [scores[reference].per_image[i] / 100.0 for i in image_ids]
+    for s in specs[1:]:
+        mine = scores[s.label].metrics
+        report["delta"][s.label] = {m: round(v - scores[reference].metrics[m], 2) for m, v in mine.items()}
+        other_cider = [scores[s.label].per_image[i] / 100.0 for i in image_ids]
+        delta, low, high = paired_scores.paired_interval(reference_cider, other_cider, num_resamples, confidence, seed)
+        report["statistics"][s.label] = {
+            "reference": reference, "metric": "CIDEr", "unit": "image", "mean_difference": delta,
+            "ci_low": low, "ci_high": high, "confidence": confidence, "num_resamples": num_resamples, "seed": seed,
+        }
+    return report
+
+
+def retrieval_report(prepared, specs, scores, num_resamples: int, confidence: float, seed: int) -> dict:
+    reference = specs[0].label
+    hits = scores[reference].hits
+    report = {
+        "kind": "retrieval",
+        "title": prepared.benchmark.title,
+        "builder": prepared.benchmark.builder,
+        "split": prepared.benchmark.split,
+        "task": prepared.benchmark.task,
+        "num_images": len(hits["txt_r1"]),
+        "num_texts": len(hits["img_r1"]),
+        "k_test": prepared.protocol.k_test,
+        "recall": {s.label: scores[s.label].recall for s in specs},  # percent
+        "delta": {},
+        "statistics": {},
+    }
+    for s in specs[1:]:
+        report["delta"][s.label] = {
+            m: round(scores[s.label].recall[m] - scores[reference].recall[m], 2) for m in RETRIEVAL_METRICS
+        }
+        report["statistics"][s.label] = {
+            m: {"reference": reference, **stats.compare_paired(
+                hits[m], scores[s.label].hits[m], num_resamples, confidence, seed).to_dict()}
+            for m in RETRIEVAL_METRICS
+        }
+    return report
+
+
+def caption_rows(prepared, specs, predictions, scores) -> List[dict]:
+    return [
+        {
+            "image_id": i,
+            "references": prepared.references[i],
+            "models": {s.label: {"caption": predictions[s.label][i], "cider": scores[s.label].per_image[i]} for s in specs},
+        }
+        for i in prepared.question_ids
+    ]
+
+
+def retrieval_rows(prepared, specs, entries) -> List[dict]:
+    """One row per image query (its best caption's rank) and per text query (its image's rank), 0-based."""
+    dataset = prepared.dataset
+    rows = [
+        {"query": "image", "image": dataset.annotation[i]["image"],
+         "models": {s.label: {"rank": entries[s.label]["text_ranks"][i]} for s in specs}}
+        for i in range(len(dataset.image))
+    ]
+    rows += [
+        {"query": "text", "text": dataset.text[t], "image": dataset.annotation[dataset.txt2img[t]]["image"],
+         "models": {s.label: {"rank": entries[s.label]["image_ranks"][t]} for s in specs}}
+        for t in range(len(dataset.text))
+    ]
+    return rows
 
 
 def accuracy_groups(report: dict, labels: Sequence[str]) -> List[tuple]:
-    """The bars of ``accuracy.png``: (benchmark, "all" or answer type, one accuracy per model of ``labels``)."""
+    """The bars of ``accuracy.png``: (benchmark, "all" or answer type, one accuracy per model of ``labels``);
+    captioning: CIDEr (x100); retrieval: R@1 both ways."""
     groups = []
     for b in report["benchmarks"].values():
+        if b.get("kind") == "caption":
+            groups.append((b["title"], "CIDEr", [b["metrics"][l]["CIDEr"] for l in labels]))
+            continue
+        if b.get("kind") == "retrieval":
+            groups += [(b["title"], f"{name} R@1", [b["recall"][l][m] for l in labels])
+                       for name, m in (("i→t", "txt_r1"), ("t→i", "img_r1"))]
+            continue
         groups.append((b["title"], "all", [b["accuracy"][l] for l in labels]))
         for answer_type in answer_type_rows(b, labels[0]):
             groups.append((b["title"], answer_type, [b["per_answer_type"][l].get(answer_type, 0.0) for l in labels]))
@@ -167,6 +334,8 @@ def write_report(specs, prepared, with_diversity: bool, settings, skipped) -> di
         "reference": specs[0].label,
         "settings": {
             "protocol": asdict(settings.protocol),
+            "caption_protocol": asdict(settings.caption_protocol),
+            "retrieval_k_test": settings.retrieval_protocol.k_test,
             "limit": settings.limit,
             "seed": settings.seed,
             "bootstrap_resamples": settings.bootstrap_resamples,
@@ -178,6 +347,22 @@ def write_report(specs, prepared, with_diversity: bool, settings, skipped) -> di
         "environment": provenance.environment(),  # packages, python, git commit (and whether the tree was dirty)
     }
     for name, p in prepared.items():
+        entries = {s.label: json.loads(cache_path(out_dir, s, name).read_text())["predictions"] for s in specs}
+        if p.kind == "caption":
+            scores = {label: caption_retrieval.score_captions(p, entry) for label, entry in entries.items()}
+            predictions = {label: {e["image_id"]: e["prediction"] for e in entry} for label, entry in entries.items()}
+            rows = caption_rows(p, specs, predictions, scores)
+            make = caption_report
+        elif p.kind == "retrieval":
+            scores = {label: caption_retrieval.score_retrieval(entry) for label, entry in entries.items()}
+            rows = retrieval_rows(p, specs, entries)
+            make = retrieval_report
+        if p.kind != "vqa":
+            atomic_write_text(out_dir / "per_question" / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            report["benchmarks"][name] = make(
+                p, specs, scores, settings.bootstrap_resamples, settings.confidence, settings.seed
+            )
+            continue
         predictions, scores = {}, {}
         for s in specs:
             entry = json.loads(cache_path(out_dir, s, name).read_text())

@@ -29,6 +29,7 @@ class Benchmark:
     config_type: str  #: key of the builder's DATASET_CONFIG_DICT
     split: str
     task: str  #: registered LAVIS task that runs it
+    kind: str = "vqa"  #: "vqa", "caption" or "retrieval" (``caption_retrieval`` prepares and scores the latter two)
 
 
 BENCHMARKS = {
@@ -42,11 +43,25 @@ BENCHMARKS = {
         Benchmark("mci_coco", "MCI (COCO)", "xformer_mci_coco", "default", "test", "xformer_finegrained"),
         Benchmark("mci_vcr", "MCI (VCR)", "xformer_mci_vcr", "default", "test", "xformer_finegrained"),
         Benchmark("shapes", "Shapes VQA", "xformer_shapes_vqa", "default", "test", "xformer_vqa"),
+        Benchmark("coco_caption", "COCO captions (Karpathy)", "coco_caption", "default", "test",
+                  "xformer_captioning", "caption"),
+        Benchmark("nocaps", "NoCaps", "nocaps", "default", "val", "xformer_captioning", "caption"),
+        Benchmark("shapes_caption", "Shapes captions", "xformer_shapes_caption", "default", "test",
+                  "xformer_captioning", "caption"),
+        Benchmark("coco_retrieval", "COCO 5k retrieval", "coco_retrieval", "default", "test", "retrieval", "retrieval"),
+        Benchmark("flickr30k", "Flickr30k 1k retrieval", "flickr30k", "default", "test", "retrieval", "retrieval"),
+        Benchmark("shapes_retrieval", "Shapes retrieval", "xformer_shapes_retrieval", "default", "test", "retrieval",
+                  "retrieval"),
     )
 }
 
 
-BENCHMARK_GROUPS = {"oc": ("oc_coco", "oc_vcr"), "mci": ("mci_coco", "mci_vcr")}
+BENCHMARK_GROUPS = {
+    "oc": ("oc_coco", "oc_vcr"),
+    "mci": ("mci_coco", "mci_vcr"),
+    "captioning": ("coco_caption", "nocaps"),
+    "retrieval": ("coco_retrieval", "flickr30k"),
+}
 
 
 DEFAULT_BENCHMARKS = ("vqav2", "gqa", "okvqa", "oc", "mci")
@@ -89,6 +104,12 @@ class PreparedBenchmark:
     question_ids: List[int]
     question_file: Optional[str] = None  #: official VQA files (VQA-style scoring)
     annotation_file: Optional[str] = None
+    references: Optional[dict] = None  #: captioning: image_id -> reference captions
+    protocol: Optional[object] = None  #: captioning / retrieval: the protocol the task was set up with
+
+    @property
+    def kind(self) -> str:
+        return self.benchmark.kind
 
     @property
     def scoring(self) -> str:
@@ -99,12 +120,14 @@ class PreparedBenchmark:
 
 
 def dataset_config(benchmark: Benchmark, overrides: Sequence[str] = ()):
-    """The builder's default dataset config, LAVIS's question processor, and the user's overrides."""
+    """The builder's default dataset config, LAVIS's question (VQA) or caption processor, and the user's
+    overrides."""
     builder_cls = registry.get_builder_class(benchmark.builder)
     if builder_cls is None:
         raise ValueError(f"dataset builder {benchmark.builder!r} is not registered")
     cfg = load_dataset_config(builder_cls.default_config_path(benchmark.config_type))
-    cfg = OmegaConf.merge(cfg, {"text_processor": {"eval": {"name": "blip_question"}}})
+    text_processor = "blip_question" if benchmark.kind == "vqa" else "blip_caption"
+    cfg = OmegaConf.merge(cfg, {"text_processor": {"eval": {"name": text_processor}}})
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     build_info = cfg.get("build_info", None)
