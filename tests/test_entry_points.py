@@ -76,18 +76,28 @@ def test_resume_from_checkpoint_on_cpu(stage1_run, tmp_path):
     assert torch.load(resumed / "checkpoint_1.pth", weights_only=True)["epoch"] == 1
 
 
-def test_evaluate_stage1_retrieval_on_cpu(stage1_run):
+def retrieval_options(stage1_run):
+    """``--options`` of the zero-shot retrieval runs on the X-Former trained by ``stage1_run``."""
+    folder, job, _ = stage1_run("xformer")
+    return [*shapes_options("xformer_shapes_retrieval", folder / "data", **STAGE1_SIZES),
+            f"model.finetuned={job / 'checkpoint_1.pth'}", "run.k_test=4"]
+
+
+@pytest.fixture(scope="module")
+def plugin_retrieval(stage1_run):
+    """``python -m lavis_xformer.evaluate`` on the demo retrieval yaml with the stage-1 X-Former, once (the same run
+    serves the retrieval test and the LAVIS-evaluate.py comparison): its metrics (last line of evaluate.txt)."""
+    folder, _, _ = stage1_run("xformer")
+    run_cli([sys.executable, "-m", "lavis_xformer.evaluate", "--cfg-path", DEMO_EVAL, "--options",
+             *retrieval_options(stage1_run), f"run.output_dir={folder / 'eval'}"], cwd=folder)
+    (eval_job,) = (folder / "eval").iterdir()
+    return json.loads((eval_job / "evaluate.txt").read_text().splitlines()[-1])
+
+
+def test_evaluate_stage1_retrieval_on_cpu(plugin_retrieval):
     """Zero-shot retrieval on the shapes test split with the trained X-Former (LAVIS's retrieval task). BLIP-2's
     evaluation is the same LAVIS code (``Blip2Qformer.compute_sim_matrix``), so one model suffices."""
-    folder, job, _ = stage1_run("xformer")
-    run_cli(
-        [sys.executable, "-m", "lavis_xformer.evaluate", "--cfg-path", DEMO_EVAL, "--options",
-         *shapes_options("xformer_shapes_retrieval", folder / "data", **STAGE1_SIZES),
-         f"model.finetuned={job / 'checkpoint_1.pth'}", "run.k_test=4", f"run.output_dir={folder / 'eval'}"],
-        cwd=folder,
-    )
-    (eval_job,) = (folder / "eval").iterdir()
-    metrics = json.loads((eval_job / "evaluate.txt").read_text().splitlines()[-1])
+    metrics = plugin_retrieval
     assert set(metrics) >= {"txt_r1", "txt_r5", "img_r1", "img_r5", "agg_metrics"}
     assert 0.0 <= metrics["txt_r1"] <= metrics["txt_r5"] <= 100.0
 
@@ -173,21 +183,17 @@ def test_lavis_train_py_steps_train_on_cpu(tmp_path):
     assert math.isfinite(float(epoch["train_loss"]))
 
 
-def test_lavis_evaluate_py_steps_evaluate_on_cpu(stage1_run, tmp_path):
+def test_lavis_evaluate_py_steps_evaluate_on_cpu(stage1_run, plugin_retrieval, tmp_path):
     """LAVIS's own evaluation sequence (RunnerBase, whatever run.runner says) evaluates the demo retrieval yaml
-    with a stage-1 checkpoint on CPU, with the same metrics as the plugin's ``python -m lavis_xformer.evaluate``."""
-    folder, job, _ = stage1_run("xformer")
+    with a stage-1 checkpoint on CPU, with the same metrics as the plugin's ``python -m lavis_xformer.evaluate``
+    (the ``plugin_retrieval`` run: same yaml, options and checkpoint)."""
     script = tmp_path / "lavis_evaluate.py"
     script.write_text(LAVIS_EVALUATE_PY)
-    options = [*shapes_options("xformer_shapes_retrieval", folder / "data", **STAGE1_SIZES),
-               f"model.finetuned={job / 'checkpoint_1.pth'}", "run.k_test=4"]
-    output = run_cli([sys.executable, script, DEMO_EVAL, *options, f"run.output_dir={tmp_path / 'lavis'}"],
-                     cwd=tmp_path)
+    output = run_cli([sys.executable, script, DEMO_EVAL, *retrieval_options(stage1_run),
+                      f"run.output_dir={tmp_path / 'lavis'}"], cwd=tmp_path)
     assert "Not using distributed mode" in output  # LAVIS's init: no process group, RunnerBase as LAVIS builds it
-    run_cli([sys.executable, "-m", "lavis_xformer.evaluate", "--cfg-path", DEMO_EVAL, "--options", *options,
-             f"run.output_dir={tmp_path / 'plugin'}"], cwd=tmp_path)
-    metrics = [json.loads(next((tmp_path / name).glob("*/evaluate.txt")).read_text().splitlines()[-1])
-               for name in ("lavis", "plugin")]
+    lavis_metrics = json.loads(next((tmp_path / "lavis").glob("*/evaluate.txt")).read_text().splitlines()[-1])
+    metrics = [lavis_metrics, plugin_retrieval]
     assert set(metrics[0]) >= {"txt_r1", "txt_r5", "img_r1", "img_r5", "agg_metrics"}
     assert metrics[0] == metrics[1]
 
