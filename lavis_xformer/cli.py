@@ -8,6 +8,7 @@ the command) shows the traceback instead. Repeated identical log warnings are sh
 
 import importlib
 import logging
+import os
 import sys
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -144,7 +145,25 @@ class _ProgAndExamples:
 
 def _one_line_each(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-    return "\n".join(f"error: {line}" for line in lines)
+    return "\n".join(f"error: {line[len('ERROR: '):] if line.startswith('ERROR: ') else line}" for line in lines)
+
+
+_DEBUG = [False]  # set while ``lavis-xformer --debug COMMAND`` runs its command
+DEBUG_ENV = "LAVIS_XFORMER_DEBUG"  # =1: tracebacks, also under torchrun
+
+
+def split_debug(argv: Optional[List[str]]) -> Tuple[List[str], bool]:
+    """``argv`` without ``--debug``, and whether a traceback was asked for (``--debug`` anywhere in it,
+    ``lavis-xformer --debug COMMAND``, or ``$LAVIS_XFORMER_DEBUG=1``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or _DEBUG[0] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    return [arg for arg in argv if arg != "--debug"], debug
+
+
+def report_user_error(error: BaseException) -> int:
+    """Print a user error as one ``error:`` line per line of its message (no traceback) and return exit status 1."""
+    print(_one_line_each(error) + "\n(--debug shows the traceback)", file=sys.stderr)
+    return 1
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -164,6 +183,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: unknown command {name!r}{hint}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     warn_once()
+    _DEBUG[0] = debug
     try:
         function = resolve(name)
         with _ProgAndExamples(name):
@@ -181,6 +201,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(_one_line_each(error) + "\n(lavis-xformer --debug " + name + " ... shows the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        _DEBUG[0] = False
     return result if isinstance(result, int) else 0
 
 

@@ -35,6 +35,7 @@ running the saved original (``ORIGINALS``) into its failure first.
 
 import contextlib
 import json
+import logging
 
 import lavis.common.dist_utils as lavis_dist_utils
 import lavis.runners.runner_base as lavis_runner_base
@@ -213,11 +214,29 @@ def _check_image_paths(entries, path, vis_root) -> None:
                                       "run.allow_outside_image_paths=True to read images outside the root")
 
 
+def empty_question(entry) -> bool:
+    """An entry whose ``question`` is an empty or whitespace-only string (nothing to answer: the model would answer
+    the prompt alone)."""
+    return isinstance(entry, dict) and isinstance(entry.get("question"), str) and not entry["question"].strip()
+
+
+def _warn_empty_questions(entries, path) -> None:
+    """Name the entries of a file with an empty question, once, when the dataset is built; each is a bad sample
+    (``RobustDataset`` replaces and counts it; the models refuse an empty question)."""
+    empty = [index for index, entry in enumerate(entries) if empty_question(entry)]
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        logging.getLogger(__name__).warning(
+            "annotation file %s: %d entr%s with an empty 'question' (entry %s): bad samples, skipped and counted "
+            "in training; fix or remove them", path, len(empty), "y" if len(empty) == 1 else "ies", shown)
+
+
 def base_dataset_init(self, vis_processor=None, text_processor=None, vis_root=None, ann_paths=()):
     """LAVIS's ``BaseDataset.__init__`` (base_dataset.py:27) with every annotation file checked first: not JSON, a
     top level that is not a list, an entry that is not an object, a field of the wrong type, or a field the
     dataset's class reads at build time missing -- each an ``AnnotationFileError`` naming the file, the entry index
-    and the field, instead of a traceback naming none."""
+    and the field, instead of a traceback naming none. Entries with an empty question are named in one warning (bad
+    samples, see ``_warn_empty_questions``)."""
     required = tuple(dict.fromkeys(field for cls in type(self).__mro__
                                    for field in REQUIRED_AT_BUILD.get(cls.__name__, ())))
     self.vis_root = vis_root
@@ -226,6 +245,7 @@ def base_dataset_init(self, vis_processor=None, text_processor=None, vis_root=No
         entries = _load_annotation_file(path)
         check_annotation_entries(entries, path, required)
         _check_image_paths(entries, path, vis_root)
+        _warn_empty_questions(entries, path)
         self.annotation.extend(entries)
     self.vis_processor = vis_processor
     self.text_processor = text_processor

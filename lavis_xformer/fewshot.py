@@ -44,6 +44,7 @@ from lavis_xformer.models.llm_head import (
     check_image_batch,
     prompts_for_batch,
     vqa_prompts,
+    vqa_questions,
 )
 
 DEFAULT_QUERY_SET_SIZE = 2048  # OpenFlamingo's --query_set_size
@@ -235,8 +236,7 @@ def answer_in_context(
     """``predict_answers`` with demonstrations before each question (same arguments and defaults: ``prompt=None``
     is the model's ``vqa_prompt``, ``length_penalty=None`` the LLM's VQA default)."""
     image = check_image_batch(samples)
-    questions = samples.get("text_input")
-    questions = [questions] if isinstance(questions, str) else list(questions)
+    questions = vqa_questions(samples, image.shape[0])
     prompt = model.config.vqa_prompt if prompt is None else prompt
     length_penalty = model.vqa_length_penalty if length_penalty is None else length_penalty
     settings = GenerationSettings(num_beams=num_beams, max_length=max_len, min_length=min_len, length_penalty=length_penalty)

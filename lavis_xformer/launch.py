@@ -55,6 +55,8 @@ def parse_args(argv=None, description="Training"):
         help="override some settings in the used config, the key-value pair in xxx=yyy format will be merged "
         "into config file (e.g. run.device=cpu run.max_epoch=1).",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a config, path or folder error "
+                        "(without it: one line each, exit status 1); also LAVIS_XFORMER_DEBUG=1")
     return parser.parse_args(argv)
 
 

@@ -58,3 +58,31 @@ def test_a_malformed_config_json_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(["xformer"]))
     with pytest.raises(CheckpointError, match=r"not a JSON object"):
         from_pretrained(tmp_path)
+
+
+class _Typed(torch.nn.Module):
+    """A model with a typed config (what ``check_model_config`` compares a folder's config.json with)."""
+
+    class config:
+        @staticmethod
+        def to_dict():
+            return {"num_query_token": 4}
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2))
+
+
+@pytest.mark.parametrize("content", ['{"arch": "xformer",', "\xff\xfe not text", '["xformer"]'])
+def test_a_malformed_config_json_is_named_when_a_yaml_loads_the_folder(tmp_path, content):
+    """``model.pretrained: FOLDER`` (``load_model_weights``) reads the folder's config.json too: it was a bare
+    JSONDecodeError naming no file."""
+    from safetensors.torch import save_file
+
+    from lavis_xformer.checkpoints import load_model_weights
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_bytes(content.encode("latin-1"))
+    with pytest.raises(CheckpointError, match=r"config.json (is not valid JSON|holds a list)") as err:
+        load_model_weights(_Typed(), str(tmp_path))
+    assert str(tmp_path / "config.json") in str(err.value) and "\n" not in str(err.value)

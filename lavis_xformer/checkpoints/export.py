@@ -21,6 +21,7 @@ from lavis_xformer.checkpoints.files import (
     read_checkpoint,
     trainable_parameter_names,
 )
+from lavis_xformer.checkpoints.model_config import read_pretrained_config
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,8 +224,6 @@ def from_pretrained(folder) -> torch.nn.Module:
     so they are not downloaded: the folder has them), then every weight loaded from ``model.safetensors``; a missing
     or unexpected key is an error. Tokenizers (and an LLM stage's LLM, whose weights come with its tokenizer's
     name) are built from their config fields as in training."""
-    import json
-
     from lavis_xformer.common.meta import build_without_checkpoints
 
     folder = Path(folder)
@@ -232,13 +231,7 @@ def from_pretrained(folder) -> torch.nn.Module:
     if not config_path.is_file():
         raise CheckpointError(f"{folder} has no {PRETRAINED_CONFIG}: not a folder written by "
                               "`python -m lavis_xformer.checkpoints export CHECKPOINT FOLDER`")
-    try:
-        fields = json.loads(config_path.read_text())
-    except ValueError as err:
-        raise CheckpointError(f"{config_path} is not valid JSON ({err}); re-export the folder with "
-                              "`python -m lavis_xformer.checkpoints export CHECKPOINT FOLDER`") from err
-    if not isinstance(fields, dict):
-        raise CheckpointError(f"{config_path} holds a {type(fields).__name__}, not a JSON object of model fields")
+    fields = read_pretrained_config(config_path)
     urls = urls_in({k: v for k, v in fields.items() if k not in _INITIAL_WEIGHT_FIELDS}, "config.json")
     if urls:
         raise CheckpointError(f"{config_path} names {urls[0][0]}={urls[0][1]!r}: a URL inside a file is data, and "

@@ -32,13 +32,26 @@ def typed_fields(model) -> Optional[dict]:
     return typed.to_dict() if hasattr(typed, "to_dict") else None
 
 
+def read_pretrained_config(config_path) -> dict:
+    """The fields of an exported folder's ``config.json``; a file that is not a JSON object is a ``CheckpointError``
+    naming it (it was a bare ``JSONDecodeError``)."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            fields = json.load(f)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{config_path} is not valid JSON ({err}); re-export the folder with "
+                              "`python -m lavis_xformer.checkpoints export CHECKPOINT FOLDER`") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{config_path} holds a {type(fields).__name__}, not a JSON object of model fields")
+    return fields
+
+
 def stored_model_config(checkpoint: dict, path: str = "") -> Optional[dict]:
     """The full typed fields of the model a checkpoint was written from, or ``None`` when it carries no model config
     (a bare state dict, or a LAVIS architecture without a typed config)."""
     folder_config = os.path.join(path, PRETRAINED_CONFIG) if path and os.path.isdir(path) else None
     if folder_config and os.path.isfile(folder_config):
-        with open(folder_config) as f:
-            return json.load(f)
+        return read_pretrained_config(folder_config)
     node = ((checkpoint or {}).get("config", None) or {}).get("model", None) if isinstance(checkpoint, dict) else None
     if not node or not node.get("arch"):
         return None

@@ -99,6 +99,16 @@ def _check_image_file(dataset, index: int) -> None:
         raise ValueError(problem)
 
 
+def _check_annotation_entry(dataset, index: int) -> None:
+    """Before the dataset loads an entry: an empty question (named with its file when the dataset was built) raises
+    ``ValueError`` (a bad sample), whatever the text processor would make of it."""
+    from lavis_xformer.compat import empty_question
+
+    annotation = getattr(dataset, "annotation", None)
+    if annotation is not None and 0 <= index < len(annotation) and empty_question(annotation[index]):
+        raise ValueError(f"annotation entry {index}: 'question' is empty")
+
+
 def check_sample(sample) -> None:
     """Raise ``ValueError`` for a loaded sample the models cannot use (texts that are empty or not UTF-8, an empty
     list of answers)."""
@@ -230,6 +240,7 @@ class RobustDataset(DatasetWrapper):
             with self._attempted.get_lock():
                 self._attempted.value += 1
             try:
+                _check_annotation_entry(self.dataset, current)
                 _check_image_file(self.dataset, current)
                 with _truncated_images_raise(self.accept_truncated_images), _giant_images_raise(self.max_image_pixels):
                     sample = self.dataset[current]

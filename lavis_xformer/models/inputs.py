@@ -76,7 +76,8 @@ def prompts_for_batch(prompt, batch_size: int) -> List[str]:
 
 
 def vqa_questions(samples, batch_size: int) -> List[str]:
-    """The questions of a VQA batch, ``samples["text_input"]`` (one string is one question), checked."""
+    """The questions of a VQA batch, ``samples["text_input"]`` (one string is one question), checked: one per image,
+    none empty or whitespace only."""
     questions = samples.get("text_input")
     if isinstance(questions, str):
         questions = [questions]
@@ -86,4 +87,8 @@ def vqa_questions(samples, batch_size: int) -> List[str]:
         raise ValueError("samples['text_input'] is an empty list of questions; give one question per image")
     if len(questions) != batch_size:
         raise ValueError(f"batch size mismatch: {batch_size} images but {len(questions)} questions")
+    empty = [index for index, question in enumerate(questions) if not question.strip()]
+    if empty:  # (it was answered: the LLM continued the prompt alone)
+        raise ValueError(f"samples['text_input'] holds empty questions (batch items {empty[:10]}); every image "
+                         "needs a question (an annotation entry with an empty 'question' is a bad sample)")
     return list(questions)

@@ -8,7 +8,8 @@ code relies on) from a typed config:
 * inside ``no_hub()``: the same architecture from ``published_llm.py`` with random weights (on the ``meta``
   device for parameter counts) and the tiny tokenizer as a stand-in (the vocabulary size comes from the config);
 * no checkpoint (``tiny`` types): a random LLM of the ``llm_*`` sizes and tokenizer files shipped in
-  ``lavis_xformer/assets``. ``python -m lavis_xformer.models.llm_builders`` regenerates those files.
+  ``lavis_xformer/assets``. ``python -m lavis_xformer.models.llm_builders [--out-dir DIR]`` regenerates those files
+  into ``DIR`` (default: the user's cache folder; never into the installed package unless named).
 """
 
 import argparse
@@ -252,7 +253,7 @@ def tiny_corpus():
     return lines
 
 
-def write_tiny_tokenizers(out_dir: Path = ASSETS_DIR):
+def write_tiny_tokenizers(out_dir: Path):
     """Train the tiny OPT byte-level BPE and the tiny T5 Unigram on ``tiny_corpus()`` and write them to ``out_dir``."""
     from tokenizers import ByteLevelBPETokenizer, Regex, Tokenizer, decoders, models, normalizers
     from tokenizers import pre_tokenizers, processors
@@ -290,13 +291,30 @@ def write_tiny_tokenizers(out_dir: Path = ASSETS_DIR):
     logging.info("wrote %s and %s tokenizer files to %s", TINY_OPT_TOKENIZER, TINY_T5_TOKENIZER, out_dir)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Regenerate the tiny OPT and T5 tokenizer files of the `tiny` types.")
-    parser.add_argument("--out-dir", type=Path, default=ASSETS_DIR, help="where to write them (default: %(default)s)")
+def default_tokenizer_out_dir() -> Path:
+    """``lavis_xformer/tiny_tokenizers`` in the user's cache folder (``$XDG_CACHE_HOME`` or ~/.cache)."""
+    import os
+
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache_home) / "lavis_xformer" / "tiny_tokenizers"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Regenerate the tiny OPT and T5 tokenizer files of the `tiny` model types. They are written to "
+                    "--out-dir, never into the installed package unless it is named: to replace the shipped files, "
+                    f"pass --out-dir {ASSETS_DIR}.")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help=f"where to write them (default: {default_tokenizer_out_dir()})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    write_tiny_tokenizers(args.out_dir)
+    out_dir = args.out_dir if args.out_dir is not None else default_tokenizer_out_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_tiny_tokenizers(out_dir)
+    print(f"wrote {TINY_OPT_TOKENIZER}-vocab.json, {TINY_OPT_TOKENIZER}-merges.txt and "
+          f"{TINY_T5_TOKENIZER}-tokenizer.json to {out_dir}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
