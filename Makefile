@@ -30,7 +30,7 @@ demo-vqa: $(STAMP)
 	$(PY) -m lavis_xformer.demo --seeds 2
 
 bench: $(STAMP)
-	$(PY) -m lavis_xformer.analysis.bench --threads 2 --target-runs 2 --json bench/latest.json --readme bench/README.md --figures bench
+	$(PY) -m lavis_xformer.analysis.bench --threads 2 --target-runs 2 --connectors --json bench/latest.json --readme bench/README.md --figures bench
 
 gpu-check: $(STAMP)
 	$(PY) -m lavis_xformer.gpucheck --out output/gpucheck.json

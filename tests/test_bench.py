@@ -213,3 +213,27 @@ def test_processor_and_each_rows_precision_are_recorded_and_printed(report):
         assert precision["xformer"]["mae_encoder"] == auto
         assert f"| xformer | {bench_report.precision_text(precision['xformer'])} |" in stdout
     assert data["stage2"]["precision"]["xformer"]["llm"] == "fp32"  # LAVIS's LLM code runs no autocast on a CPU
+
+
+def test_connector_table_rows_and_ratios(report):
+    """``--quick`` includes the stage-2 connector table: every row has counts, visual tokens, FLOPs and both timed
+    operations, and the printed ratios are those of the recorded times and FLOPs against ``REFERENCE``."""
+    data, stdout, _, _ = report
+    connectors, reference = data["connectors"], bench_report.REFERENCE
+    assert list(connectors["parameters"]) == [reference, "xformer", "perceiver", "projector", "perceiver_dual"]
+    tokens = connectors["visual_tokens"]
+    grid = (bench.TINY.image_size // 14) ** 2
+    assert tokens == {reference: 32, "xformer": 32, "perceiver": 128, "projector": min(64, grid), "perceiver_dual": 128}
+    for row, params in connectors["parameters"].items():
+        assert params["trainable"] > 0 and params["frozen"] > 0 and connectors["forward_flops_per_sample"][row] > 0
+        for op in ("train_step", "feature_extraction"):
+            assert connectors[op][row]["n"] == 2 and connectors["flops"][op][row] > 0
+        fwd = connectors["forward_flops_per_sample"][row] / connectors["forward_flops_per_sample"][reference]
+        step = bench_report.paired_ratio(connectors["train_step"][row], connectors["train_step"][reference])
+        flops = connectors["flops"]["train_step"][row] / connectors["flops"]["train_step"][reference]
+        assert f"| {row} | {bench_report.CONNECTORS[row]} | {tokens[row]} |" in stdout
+        assert f"| {fwd:.3f} | {connectors['train_step'][row]['median_s']:.4f} | {bench_report._ratio_text(step)} | {flops:.3f} |" in stdout
+    # the shared parts are the same: a connector's frozen count is BLIP-2's (+ the MAE's for the two MAE rows)
+    frozen = {row: p["frozen"] for row, p in connectors["parameters"].items()}
+    assert frozen["perceiver"] == frozen["projector"] == frozen[reference] < frozen["xformer"] < frozen["perceiver_dual"]
+    assert connectors["parameters"][reference] == data["stage2"]["parameters"][reference]

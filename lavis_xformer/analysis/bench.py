@@ -1,7 +1,7 @@
 """Side-by-side cost of X-Former and LAVIS's BLIP-2, measured in one process, on the same inputs and threads.
 
     python -m lavis_xformer.analysis.bench [--size bench|tiny] [--device cpu|cuda] [--clock wall|process]
-        [--threads N] [--repeats N] [--quick] [--json PATH] [--markdown PATH] [--readme PATH] [--figures DIR]
+        [--threads N] [--repeats N] [--connectors] [--quick] [--json PATH] [--markdown PATH] [--readme PATH] [--figures DIR]
 
 Parameters and FLOPs at paper scale on the ``meta`` device; time, FLOPs, memory and where the time goes at a
 ``bench`` size that keeps the paper's proportions, for the training step, feature extraction and ``predict_answers``
@@ -52,7 +52,9 @@ from lavis_xformer.models import published, published_llm
 from lavis_xformer.models.blip2_baseline import Blip2Baseline
 from lavis_xformer.models.blip2_baseline_llm import Blip2BaselineOPT
 from lavis_xformer.models.config import BackboneConfig, XFormerConfig
+from lavis_xformer.models.config_connectors import PerceiverDualOPTConfig, PerceiverOPTConfig, ProjectorOPTConfig
 from lavis_xformer.models.config_llm import Blip2OPTConfig, XFormerOPTConfig
+from lavis_xformer.models.connector_llm import PerceiverDualOPT, PerceiverOPT, ProjectorOPT
 from lavis_xformer.models.xformer import XFormer
 from lavis_xformer.models.xformer_llm import XFormerOPT
 
@@ -436,6 +438,43 @@ def build_stage2(size: BenchSize) -> Dict[str, Callable[[], torch.nn.Module]]:
     }
 
 
+def perceiver_fields(size: BenchSize) -> dict:
+    """xGen-MM (BLIP-3)'s Perceiver Resampler (depth 6, 16 heads x 96, 128 latents, feed-forward x4) at the CLIP-ViT's
+    width, scaled like the rest: the inner width 16 x 96 divided as a hidden width, the latents (visual tokens) kept."""
+    heads = size.heads(16)
+    return dict(
+        num_query_token=128,
+        perceiver_depth=size.depth(6),
+        perceiver_num_heads=heads,
+        perceiver_head_dim=size.width(16 * 96, 16) // heads,
+        perceiver_ff_mult=4,
+    )
+
+
+def build_connectors(size: BenchSize) -> Dict[str, Callable[[], torch.nn.Module]]:
+    """Constructors of the stage-2 connector rows (OPT), by row name: BLIP-2 (``REFERENCE``) and X-Former as in the
+    stage-2 table, BLIP-3's perceiver, MM1's average pooling to 64 tokens with LLaVA-1.5's MLP (hidden = the LLM's
+    width; at most every patch at a small image size), and ``perceiver_dual`` (its own recipe: 50% MAE masking and the
+    reconstruction in training). All with the stage-2 rows' frozen CLIP-ViT, OPT and precision policy."""
+    stage2 = build_stage2(size)
+    base = {**backbone_fields(size, optimised=True), **llm_fields(size), "tokenizer": None}  # no Q-Former, no BERT
+    perceiver = {**base, **perceiver_fields(size)}
+    grid_tokens = (size.image_size // published.EVA_VIT_G["patch_size"]) ** 2
+    projector = {**base, "num_query_token": min(64, grid_tokens), "projector_layers": 2,
+                 "projector_hidden_size": base["llm_hidden_size"]}
+    # The dual block at the CLIP width, as perceiver_dual builds it (its config checks the heads against
+    # qformer_hidden_size, which this type replaces by that width: there is no Q-Former).
+    dual = {**xformer_fields(size), **perceiver, "dual_num_heads": size.heads(16),
+            "dual_intermediate_size": size.width(5632, 16), "qformer_hidden_size": perceiver["vit_embed_dim"]}
+    return {
+        REFERENCE: stage2[REFERENCE],
+        "xformer": stage2["xformer"],
+        "perceiver": lambda: PerceiverOPT(PerceiverOPTConfig(**perceiver)),
+        "projector": lambda: ProjectorOPT(ProjectorOPTConfig(**projector)),
+        "perceiver_dual": lambda: PerceiverDualOPT(PerceiverDualOPTConfig(**dual)),
+    }
+
+
 def build_rows(size: BenchSize, stage: int) -> Dict[str, Callable[[], torch.nn.Module]]:
     return {1: build_stage1, 2: build_stage2}[stage](size)
 
@@ -528,6 +567,31 @@ def bench_stage(stage: int, size: BenchSize, device: torch.device, warmup: int, 
     return result
 
 
+def bench_connectors(size: BenchSize, device: torch.device, warmup: int, repeats: int, timer: Timer) -> dict:
+    """The stage-2 connector rows (``build_connectors``): parameters, the visual tokens each hands the LLM, forward
+    FLOPs per sample of its training objective, and the training step and visual prefix (``llm_image_inputs``) timed
+    interleaved, with the FLOPs of the same calls."""
+    torch.manual_seed(0)
+    models = {name: build().to(device) for name, build in build_connectors(size).items()}
+    samples = image_text_samples(size, device)
+    fns = operation_fns(2, models, samples, device)
+    result = {"parameters": {name: count_parameters(m)._asdict() for name, m in models.items()},
+              "precision": {name: row_precision(m) for name, m in models.items()},
+              "visual_tokens": {}, "forward_flops_per_sample": {}, "flops": {}}
+    for op in ("train_step", "feature_extraction"):
+        for model in models.values():
+            model.train(op == "train_step")
+        result[op] = interleaved(fns[op], timer, warmup, repeats)
+        result["flops"][op] = {row: count_flops(call) for row, call in fns[op].items()}
+    for name, model in models.items():
+        model.train()
+        result["forward_flops_per_sample"][name] = count_flops(lambda: model(samples)) / size.batch_size
+        model.eval()
+        with torch.no_grad():
+            result["visual_tokens"][name] = int(model.llm_image_inputs(samples["image"])[0].shape[1])
+    return result
+
+
 def bench_scaling(points, size: BenchSize, device: torch.device, warmup: int, repeats: int, timer: Timer) -> List[dict]:
     """BLIP-2 (``blip2+impl``) and X-Former, stage 1, at each (batch, image size): the training step and feature
     extraction, timed interleaved, and each call's peak memory above what the process held before it. No training
@@ -591,7 +655,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--scaling-repeats", type=int, default=3)
     parser.add_argument("--target-runs", type=int, default=0,
                         help="time the stage-1 targets again in this many fresh processes (a verdict per run)")
-    parser.add_argument("--quick", action="store_true", help="tiny size, few repeats, small scaling grid (tests)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny size, few repeats, small scaling grid, the connector table (tests)")
+    parser.add_argument("--connectors", action="store_true",
+                        help="time the stage-2 connectors (perceiver, projector, perceiver_dual) against BLIP-2")
     parser.add_argument("--json", help="write the full report here")
     parser.add_argument("--markdown", help="write the Markdown tables here")
     parser.add_argument("--readme", help="rewrite the generated part of this README (below its marker)")
@@ -605,7 +672,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--stage", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.size, args.repeats, args.warmup, args.scaling_repeats = "tiny", 2, 1, 2
+        args.size, args.repeats, args.warmup, args.scaling_repeats, args.connectors = "tiny", 2, 1, 2, True
     if args.threads:
         torch.set_num_threads(args.threads)
     size = BenchSize(head_divisor=args.head_divisor) if args.size == "bench" else TINY
@@ -640,6 +707,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if not args.no_memory:
             print(f"measuring stage-{stage} peak memory, one process per model...", file=sys.stderr)
             report[f"stage{stage}"]["memory"] = measure_memory(list(build_rows(size, stage)), size, stage)
+    if args.connectors:
+        print(f"timing the stage-2 connectors at size {size.name} ({args.warmup} warm-up + {args.repeats} interleaved calls)...", file=sys.stderr)
+        report["connectors"] = bench_connectors(size, device, args.warmup, args.repeats, timer)
     if args.target_runs and 1 in args.stages:
         print(f"stage-1 targets again in {args.target_runs} fresh processes...", file=sys.stderr)
         report["target_runs"] = [target_ratios(report["stage1"])] + repeat_stage1_targets(args.target_runs, args)

@@ -201,6 +201,41 @@ def stage_markdown(stage: int, result: dict, report: dict) -> List[str]:
     return lines
 
 
+# The connector rows (analysis.bench.build_connectors): what each is.
+CONNECTORS = {
+    REFERENCE: "BLIP-2's Q-Former, 32 queries (the stage-2 table's row)",
+    "xformer": "X-Former: Q-Former + dual block over the frozen MAE (unmasked, LM loss: the stage-2 table's row)",
+    "perceiver": "Perceiver Resampler, xGen-MM (BLIP-3) proportions, 128 latents, LM loss",
+    "projector": "MM1 average pooling to 64 tokens (at most every patch) + LLaVA-1.5's 2-layer GELU MLP, LM loss",
+    "perceiver_dual": "perceiver + X-Former's dual block over the frozen MAE (50% masked), LM + reconstruction",
+}
+
+
+def connectors_markdown(result: dict, report: dict) -> List[str]:
+    """The stage-2 connector table: each row's counts, and its time and FLOPs as ratios to ``REFERENCE``."""
+    size, machine = report["size"], report["machine"]
+    lines = [f"## Stage-2 connectors at size {size_label(size)} (batch {size['batch_size']}, {machine['threads']} "
+             f"threads, {machine['clock']})", "",
+             "Every row has the stage-2 rows' frozen CLIP-ViT and OPT; each trains with its own objective. Ratios are "
+             f"to `{REFERENCE}` in the same run: time ratios the median [Q1, Q3] of the "
+             f"{result['train_step'][REFERENCE]['n']} per-repeat paired ratios (interleaved calls), FLOPs ratios of the "
+             "same calls. Train step: forward, backward and optimiser step; visual prefix: the image to the LLM's "
+             "input embeddings (`llm_image_inputs`, no gradient).", ""]
+    fwd, flops = result["forward_flops_per_sample"], result["flops"]
+    table = []
+    for row, params in result["parameters"].items():
+        cells = [row, CONNECTORS.get(row, ""), f"{result['visual_tokens'][row]}", f"{params['trainable'] / 1e6:.2f}M",
+                 f"{params['frozen'] / 1e6:.1f}M", f"{fwd[row] / 1e9:.3f}", f"{fwd[row] / fwd[REFERENCE]:.3f}"]
+        for op in ("train_step", "feature_extraction"):
+            cells += [f"{result[op][row]['median_s']:.4f}", _ratio_text(paired_ratio(result[op][row], result[op][REFERENCE])),
+                      f"{flops[op][row] / flops[op][REFERENCE]:.3f}"]
+        table.append(cells)
+    lines += _table(["row", "connector", "visual tokens", "trainable", "frozen", "forward GFLOPs / sample",
+                     "forward FLOPs ratio", "train step median s", "train-step time ratio", "train-step FLOPs ratio",
+                     "visual prefix median s", "visual-prefix time ratio", "visual-prefix FLOPs ratio"], table)
+    return lines
+
+
 def part_throughput(result: dict, op: str = "train_step") -> Dict[str, float]:
     """GFLOP/s of BLIP-2 (``blip2+impl``) and of X-Former's two added parts, from the median times and counted FLOPs
     of the rows: the MAE branch with the fusion (``xformer-norec`` - BLIP-2) and the reconstruction (the frozen MAE
@@ -312,6 +347,8 @@ def markdown(report: dict) -> str:
     for stage in (1, 2):
         if report.get(f"stage{stage}"):
             lines += stage_markdown(stage, report[f"stage{stage}"], report)
+    if report.get("connectors"):
+        lines += connectors_markdown(report["connectors"], report)
     if report.get("target_runs"):
         lines += target_runs_markdown(report["target_runs"])
     lines += breakdown_markdown(report)
