@@ -89,27 +89,31 @@ def run_summary(checkpoint: dict, source: str) -> dict:
 
 def _body(config: dict, summary: Optional[dict], weights: dict) -> str:
     arch, model_type = config["arch"], config.get("model_type")
+    name = f"{arch} ({model_type})" if model_type else arch
     title = summary["stage"] if summary else "saved with save_pretrained"
-    origin = (f"Exported with `lavis-xformer export` from `{summary['source']}`" if summary else
-              "Saved from a model in memory with `lavis_xformer.checkpoints.save_pretrained`")
+    origin = (f"Exported with `lavis-xformer export` from `{summary['source']}`; what follows comes from the run's "
+              "own files" if summary else "Saved from a model in memory with `save_pretrained`")
+    sources = frozen_sources(config)
     files = (f"`{PRETRAINED_INDEX}` and {weights['shards']} shards `model-0000k-of-...safetensors`"
              if weights["shards"] > 1 else f"`{PRETRAINED_WEIGHTS}`")
-    held = ("the trainable weights only: the frozen parts load from their own sources (below)"
-            if weights["trainable_only"] else "every weight, frozen ones included: the folder needs nothing else")
+    rebuilt = ("from their own sources (below)" if sources else
+               "as the config builds them (random stand-ins seeded by the config: a `tiny` type)")
+    held = (f"the trainable weights only; the frozen parts load {rebuilt}" if weights["trainable_only"] else
+            "every weight, frozen ones included: the folder needs nothing else")
+    yaml_node = f"arch: {arch}" + (f", model_type: {model_type}" if model_type else "")
     lines = [
-        f"# {arch} ({model_type}): {title}", "",
-        f"{origin}. No X-Former weights were released with the paper: this is a model trained with lavis-xformer "
-        "(a plugin of Salesforce LAVIS), described below from its run's own files.", "",
+        f"# {name}: {title}", "",
+        f"{origin}. No X-Former weights were released with the paper: this is a model trained with lavis-xformer, "
+        "the paper's method as a plugin of Salesforce LAVIS.", "",
         "## Use", "",
         "```python",
         "from lavis_xformer.checkpoints import from_pretrained",
         "model = from_pretrained(\"<this folder or hub repository id>\")  # in eval mode",
         "```", "",
-        "or in a LAVIS yaml: `model: {arch: " + f"{arch}, model_type: {model_type}, pretrained: <this folder>}}`.", "",
+        "or in a LAVIS yaml: `model: {" + yaml_node + ", pretrained: <this folder>}`.", "",
         f"Files: `{PRETRAINED_CONFIG}` (the model's full config), {files} ({weights['tensors']} tensors, "
         f"{weights['elements']:,} values: {held}).",
     ]
-    sources = frozen_sources(config)
     if sources:
         lines += ["", "## Frozen parts", ""]
         lines += [f"- {FROZEN_SOURCE_FIELDS[key]} (`{key}`): `{value}`" for key, value in sources.items()]
