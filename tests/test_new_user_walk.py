@@ -61,9 +61,9 @@ def test_a_new_user_captions_trains_resumes_exports_loads_and_reads_the_curves(t
 
     # 2. train two iterations, 3. resume for two more (run.resume_ckpt_path=auto finds the first run's checkpoint)
     out = tmp_path / "output"
-    options = [f"datasets.{BUILDER}.shapes.root={tmp_path / 'shapes'}", f"datasets.{BUILDER}.shapes.num_train=32",
+    options = [f"datasets.{BUILDER}.shapes.root={tmp_path / 'shapes'}", f"datasets.{BUILDER}.shapes.num_train=16",
                f"datasets.{BUILDER}.shapes.num_val=4", f"datasets.{BUILDER}.shapes.num_test=4",
-               "run.batch_size_train=8", "run.batch_size_eval=4", "run.iters_per_inner_epoch=2", "run.log_freq=1",
+               "run.batch_size_train=4", "run.batch_size_eval=4", "run.iters_per_inner_epoch=2", "run.log_freq=1",
                "run.tensorboard=True", f"run.output_dir={out}"]
     lavis_xformer("train", "--cfg-path", DEMO_YAML, "--options", "run.max_iters=2", *options)
     (first,) = out.glob("*/checkpoint_0.pth")
