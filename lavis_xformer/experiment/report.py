@@ -74,6 +74,19 @@ def summarise(runs: Sequence[dict], standins: Sequence[dict], arms: Sequence[Arm
             sd = float(np.std(np.subtract(values_b, values_a), ddof=1))
             row[score] = dict(_interval(mean, low, high, len(both)), mde80=minimal_detectable_effect(sd, len(both)))
         summary["differences"][f"{b}-{a}"] = row
+    summary["at_init"], summary["query_diversity"] = {}, {}
+    for arm in arms:  # every run, healthy or not: these describe what training did, not the comparison
+        mine = [r for r in runs if r["arm"] == arm.name and "accuracy_at_init" in r]
+        if mine:
+            summary["at_init"][arm.name] = {
+                score: _interval(*mean_t_interval([scores_of(r, "accuracy_at_init")[score] for r in mine]), len(mine))
+                for score in SCORES}
+        if mine:
+            summary.setdefault("after_all", {})[arm.name] = {
+                score: float(np.mean([scores_of(r)[score] for r in mine])) for score in SCORES}
+        readings = [r["query_diversity"] for r in runs if r["arm"] == arm.name and r.get("query_diversity")]
+        if readings:
+            summary["query_diversity"][arm.name] = {k: float(np.mean([x[k] for x in readings])) for k in readings[0]}
     summary["verdict"], summary["reason"] = verdict(summary)
     return summary
 
@@ -106,6 +119,10 @@ def verdict(summary: dict):
                                                                " (the intervals are too wide: see the MDEs)")
 
 
+def _all_runs_mean(summary: dict, arm: str) -> Optional[Dict[str, float]]:
+    return summary.get("after_all", {}).get(arm)
+
+
 def _fmt(cell: Optional[dict], signed: bool = True) -> str:
     if cell is None:
         return "n/a"
@@ -132,6 +149,25 @@ def markdown(summary: dict, header: str = "") -> str:
         b, a = name.split("-")
         cells = [f"{_fmt(c)} (MDE80 {c['mde80']:.1f}, n={c['n']})" if c else "n/a" for c in (row[s] for s in SCORES)]
         lines.append(f"| {labels[b]} - {labels[a]} | " + " | ".join(cells) + " |")
+    if summary.get("at_init"):
+        lines += ["", "What stage 1 changed: probe accuracy on the same arm at initialisation (random trainable weights, "
+                  "the same frozen stand-ins) -> after stage 1, mean over every run of the arm, healthy or not:", "",
+                  "| arm | " + " | ".join(SCORE_LABELS[s] for s in SCORES) + " |", "|---|" + "---|" * len(SCORES)]
+        for arm in arms:
+            before, after = summary["at_init"].get(arm), _all_runs_mean(summary, arm)
+            if before:
+                lines.append(f"| {labels[arm]} | " + " | ".join(
+                    f"{before[s]['mean']:.1f} -> {after[s]:.1f}" if after else f"{before[s]['mean']:.1f} -> n/a"
+                    for s in SCORES) + " |")
+    if summary.get("query_diversity"):
+        keys = list(next(iter(summary["query_diversity"].values())))
+        lines += ["", "Query diversity after stage 1 (the supplement's section-6 measure, its four readings: "
+                  "`analysis.query_diversity`; mean over seeds, every run):", "",
+                  "| arm | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+        for arm in arms:
+            if arm in summary["query_diversity"]:
+                lines.append(f"| {labels[arm]} | " + " | ".join(
+                    f"{summary['query_diversity'][arm][k]:.4f}" for k in keys) + " |")
     if summary["failures"]:
         lines += ["", "Setup failures (left out of every difference they are in):" if summary["health_applied"] else
                   "Below the health thresholds (NOT applied at this size: kept in, so none of this is evidence):"]
