@@ -18,7 +18,7 @@ INSTALL_REQUIRES = [
     "transformers==4.26.1",
     "timm==0.4.12",
     "tokenizers>=0.13,<0.14",  # what transformers 4.26.1 accepts
-    "huggingface-hub>=0.16",  # try_to_load_from_cache (check: hub weights cached or not)
+    "huggingface-hub>=0.24",  # try_to_load_from_cache (check), save_torch_state_dict (sharded exports)
     "numpy>=1.21,<2",  # LAVIS's opencv-python-headless 4.5 fails against numpy 2
     "pandas<3",  # pandas 3 needs numpy 2
     "pillow>=9",

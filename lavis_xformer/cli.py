@@ -33,6 +33,8 @@ COMMANDS: Dict[str, Command] = {
   lavis-xformer check --cfg-path projects/xformer/demo/vqa_ft_shapes.yaml --options model.pretrained=CKPT.pth"""),
     "export": Command(("lavis_xformer.checkpoints.cli",), "main", "export a checkpoint (safetensors file or folder)", """
   lavis-xformer export output/.../checkpoint_1.pth my_xformer/        # config.json + model.safetensors + card
+  lavis-xformer export output/.../checkpoint_1.pth my_xformer/ --trainable-only --max-shard-size 2GB
+  lavis-xformer export output/.../checkpoint_1.pth my_xformer/ --push-to-hub me/my-xformer   # trainable only
   lavis-xformer export output/.../checkpoint_1.pth weights.safetensors --trainable-only""", ("export",)),
     "inspect": Command(("lavis_xformer.checkpoints.cli",), "main", "summarise a checkpoint (read safely)", """
   lavis-xformer inspect output/xformer/demo/pretrain_stage1_shapes/JOB/checkpoint_1.pth""", ("inspect",)),

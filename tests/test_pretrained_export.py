@@ -81,7 +81,8 @@ def test_model_card_tells_stage_data_steps_and_metrics(trained, tmp_path):
     folder = tmp_path / "card"
     assert checkpoints_main(["export", str(checkpoint), str(folder)]) == 0
     card = (folder / "README.md").read_text()
-    assert card.startswith("# xformer (tiny): stage 1, vision-language representation learning")
+    assert card.startswith("---\n")  # huggingface_hub's metadata block (test_sharing checks its fields)
+    assert "\n# xformer (tiny): stage 1, vision-language representation learning\n" in card
     assert "Training iterations done: 768 (epoch 11), batch size 32" in card  # 12 epochs x 64
     assert '`xformer_shapes_caption`: `{"shapes": {"num_train": 2048}}`' in card
     assert "| epoch | loss | loss_itc |" in card and "| 1 | 6.250 | 2.800 |" in card

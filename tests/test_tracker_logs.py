@@ -18,7 +18,7 @@ from lavis.tasks.base_task import BaseTask
 from omegaconf import OmegaConf
 
 from lavis_xformer.checkpoints import read_checkpoint
-from lavis_xformer.checkpoints.export import _run_summary
+from lavis_xformer.checkpoints.card import run_summary
 from lavis_xformer.common import distributed
 from lavis_xformer.run_config import ConfigError, validate_config
 from lavis_xformer.runners import logs, trackers
@@ -208,7 +208,7 @@ def test_resumed_run_continues_the_tensorboard_curves_the_iteration_log_and_the_
     assert len(board.Scalars("test/mse")) == 1
     assert [s.step for s in board.Scalars("train_epoch/loss")] == [3, 6]
 
-    summary = _run_summary(read_checkpoint(str(second / "checkpoint_1.pth")), str(second / "checkpoint_1.pth"))
+    summary = run_summary(read_checkpoint(str(second / "checkpoint_1.pth")), str(second / "checkpoint_1.pth"))
     assert [r["epoch"] for r in summary["train"]] == [0, 1]
     assert summary["train"][1]["train_loss"] == log_lines(second)[4]["train_loss"]
 

@@ -22,16 +22,19 @@ its registered ``arch`` name.
 
 Command line (weights for sharing, and a check of a file before trusting it)::
 
-    python -m lavis_xformer.checkpoints export IN.pth OUT.safetensors [--trainable-only]
-    python -m lavis_xformer.checkpoints export IN.pth OUT_FOLDER      # the shareable folder, see below
-    python -m lavis_xformer.checkpoints inspect IN.pth
+    lavis-xformer export IN.pth OUT.safetensors [--trainable-only]
+    lavis-xformer export IN.pth OUT_FOLDER [--trainable-only] [--max-shard-size 2GB] [--push-to-hub OWNER/NAME]
+    lavis-xformer inspect IN.pth
 
-Shareable folders -- ``export_pretrained(checkpoint, folder)`` (the ``export`` command when OUT is not a
-``.safetensors`` file) writes ``config.json`` (``arch``, ``model_type`` and every field of the model's typed config),
-``model.safetensors`` (every weight, frozen ones included: the folder needs nothing else) and ``README.md``, a model
-card generated from the checkpoint and its job folder's logs (stage, data, steps, metrics). ``from_pretrained(folder)``
-builds the model from ``config.json`` without the hub and loads every weight, bit for bit; a yaml's
-``model.pretrained: FOLDER`` (or ``finetuned:``) loads the folder's weights into the model the yaml describes.
+Shareable folders, as a Hugging Face model's (docs/sharing.md) -- ``save_pretrained(model, folder)`` (a model in
+memory) or ``export_pretrained(checkpoint, folder)`` (the ``export`` command when OUT is not a ``.safetensors``
+file) writes ``config.json`` (``arch``, ``model_type`` and every field of the model's typed config),
+``model.safetensors`` (every weight, or with ``trainable_only`` the trained ones only; sharded past
+``max_shard_size``, with ``model.safetensors.index.json``) and ``README.md``, a ``huggingface_hub`` model card with
+licence, base models, datasets and citation, and from a checkpoint the run's stage, data, steps and metrics.
+``from_pretrained(folder or owner/name)`` builds the model from ``config.json`` and loads every weight, bit for bit;
+``push_to_hub(model or folder, owner/name)`` uploads one; a yaml's ``model.pretrained: FOLDER`` (or ``finetuned:``)
+loads the folder's weights into the model the yaml describes.
 """
 
 from lavis_xformer.checkpoints.export import (
@@ -39,10 +42,14 @@ from lavis_xformer.checkpoints.export import (
     export_checkpoint,
     export_pretrained,
     from_pretrained,
+    push_to_hub,
+    save_pretrained,
+    shareable_state_dict,
 )
 from lavis_xformer.checkpoints.files import (
     PRETRAINED_CARD,
     PRETRAINED_CONFIG,
+    PRETRAINED_INDEX,
     PRETRAINED_WEIGHTS,
     TEST_SAVE_DELAY_ENV,
     CHECKSUM_KEY,
@@ -56,6 +63,8 @@ from lavis_xformer.checkpoints.files import (
     load_trainable_state_dict,
     offline,
     read_checkpoint,
+    read_sharded_weights,
+    readable_by_all,
     save_checkpoint_atomically,
     tensor_checksums,
     trainable_parameter_names,
@@ -70,10 +79,11 @@ from lavis_xformer.checkpoints.resume import (
 from lavis_xformer.checkpoints.cli import main  # noqa: E402  (after the modules it uses)
 
 __all__ = [
-    "CHECKSUM_KEY", "CheckpointError", "PRETRAINED_CARD", "PRETRAINED_CONFIG", "PRETRAINED_WEIGHTS", "TEST_SAVE_DELAY_ENV",
+    "CHECKSUM_KEY", "CheckpointError", "PRETRAINED_CARD", "PRETRAINED_CONFIG", "PRETRAINED_INDEX", "PRETRAINED_WEIGHTS", "TEST_SAVE_DELAY_ENV",
     "check_finite_trainable", "check_required_keys", "checkpoint_progress", "describe_checkpoint", "export_checkpoint", "export_pretrained",
     "export_safetensors", "extract_state_dict", "find_resume_checkpoint", "from_pretrained", "load_model_weights",
-    "load_state_dict_checked", "load_trainable_state_dict", "main", "offline", "read_checkpoint", "remove_interrupted_saves",
-    "save_checkpoint_atomically", "tensor_checksums", "trainable_parameter_names", "trainable_state_dict",
+    "load_state_dict_checked", "load_trainable_state_dict", "main", "offline", "push_to_hub", "read_checkpoint",
+    "read_sharded_weights", "readable_by_all", "remove_interrupted_saves", "save_checkpoint_atomically", "save_pretrained",
+    "shareable_state_dict", "tensor_checksums", "trainable_parameter_names", "trainable_state_dict",
     "verify_checksums",
 ]

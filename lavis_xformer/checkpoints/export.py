@@ -1,16 +1,21 @@
-"""Exporting a checkpoint's weights: a ``.safetensors`` file (``export_checkpoint``), or a shareable folder
-(``export_pretrained``: ``config.json``, ``model.safetensors`` and a ``README.md`` model card generated from the
-checkpoint and its job folder's logs) that ``from_pretrained`` builds a model from without the hub;
-``describe_checkpoint`` summarises a file (the ``inspect`` command)."""
+"""Exporting a checkpoint's weights: a ``.safetensors`` file (``export_checkpoint``), or a shareable folder, as a
+Hugging Face model's: ``config.json``, ``model.safetensors`` (or shards and their index) and a ``README.md`` model
+card (``card``). ``save_pretrained`` writes one from a model in memory, ``export_pretrained`` from a training
+checkpoint; ``from_pretrained`` builds the model from a folder or a hub repository, ``push_to_hub`` uploads one
+(``huggingface_hub``); ``describe_checkpoint`` summarises a file (the ``inspect`` command)."""
 
+import json
 import os
+import re
 from pathlib import Path
+from typing import Optional, Union
 
 import torch
 
 from lavis_xformer.checkpoints.files import (
     PRETRAINED_CARD,
     PRETRAINED_CONFIG,
+    PRETRAINED_INDEX,
     PRETRAINED_WEIGHTS,
     CheckpointError,
     _group,
@@ -18,11 +23,12 @@ from lavis_xformer.checkpoints.files import (
     extract_state_dict,
     load_state_dict_checked,
     load_trainable_state_dict,
+    offline,
     read_checkpoint,
+    readable_by_all,
     trainable_parameter_names,
 )
 from lavis_xformer.checkpoints.model_config import read_pretrained_config
-from lavis_xformer.common.run_log import read_log
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,103 +93,6 @@ def _full_config(model: torch.nn.Module, arch: str, model_type) -> dict:
     return {"arch": arch, "model_type": model_type, **typed.to_dict()}
 
 
-def _run_summary(checkpoint: dict, source: str) -> dict:
-    """What the model card says, from the checkpoint and the log.txt / evaluate.txt beside it."""
-    import json
-
-    config = checkpoint.get("config") or {}
-    run, model = config.get("run") or {}, config.get("model") or {}
-    trainer = checkpoint.get("trainer") or {}
-    llm = str(model.get("arch", "")).endswith(("_opt", "_t5"))
-    task = run.get("task")
-    stage = {"xformer_pretrain": "stage 2, vision-to-language generative learning with a frozen LLM" if llm
-             else "stage 1, vision-language representation learning"}.get(task, f"trained with the {task!r} task")
-    steps = None
-    if trainer:
-        iters = int(trainer.get("iters_per_epoch", 0))
-        steps = int(trainer.get("epoch", 0)) * iters + int(trainer.get("iteration", 0))
-    job = Path(source).parent
-    # log.txt across the resumes that led here (a resumed run's log continues its predecessor's), as the run's own
-    # epoch and iteration label them
-    logged = [r for r in read_log(job) if r["kind"] in ("epoch", "eval")
-              and (steps is None or r.get("iteration") is None or r["iteration"] <= steps)]
-    eval_lines = []
-    path = job / "evaluate.txt"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.startswith("{") and line.endswith("}"):
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and "run" not in record:
-                    eval_lines.append(record)
-    metrics = [{k: v for k, v in r.items() if k != "kind"} for r in logged if r["kind"] == "eval"] + eval_lines
-    return {"stage": stage, "task": task, "datasets": config.get("datasets") or {}, "steps": steps,
-            "epoch": trainer.get("epoch", checkpoint.get("epoch")), "run": run,
-            "train": [r for r in logged if r["kind"] == "epoch"], "metrics": metrics}
-
-
-def _cell(value) -> str:
-    """A table cell: a number to 4 significant digits, nan for a null (non-finite) average."""
-    if value is None:
-        return "nan"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def _model_card(config: dict, summary: dict, source: str, tensors: int, elements: int) -> str:
-    import json
-
-    lines = [
-        f"# {config['arch']} ({config.get('model_type')}): {summary['stage']}",
-        "",
-        "Exported with `python -m lavis_xformer.checkpoints export` from "
-        f"`{os.path.basename(source)}`. No X-Former weights were released with the paper: this is a model trained "
-        "with this plugin, described below from its run's own files.",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from lavis_xformer.checkpoints import from_pretrained",
-        "model = from_pretrained(\"<this folder>\")  # every weight from this folder, in eval mode",
-        "```",
-        "",
-        "or in a LAVIS yaml: `model: {arch: " + f"{config['arch']}, model_type: {config.get('model_type')}, "
-        "pretrained: <this folder>}`.",
-        "",
-        f"Files: `{PRETRAINED_CONFIG}` (the model's full config), `{PRETRAINED_WEIGHTS}` ({tensors} tensors, "
-        f"{elements:,} values, frozen weights included).",
-        "",
-        "## Training",
-        "",
-        f"- Task: `{summary['task']}`",
-        f"- Training iterations done: {summary['steps'] if summary['steps'] is not None else 'unknown'} "
-        f"(epoch {summary['epoch']}), batch size {summary['run'].get('batch_size_train')} per rank, "
-        f"{summary['run'].get('world_size', 1)} rank(s), lr schedule `{summary['run'].get('lr_sched')}` "
-        f"(init_lr {summary['run'].get('init_lr')})",
-        "- Data:",
-    ]
-    for name, dataset in summary["datasets"].items():
-        settings = {k: v for k, v in (dataset or {}).items()
-                    if k not in ("vis_processor", "text_processor", "build_info")}
-        lines.append(f"  - `{name}`" + (f": `{json.dumps(settings, default=str)}`" if settings else ""))
-    if summary["train"]:
-        keys = [k for k in summary["train"][-1] if k.startswith("train_loss")]
-        lines += ["", "## Training losses (per-epoch averages, from log.txt)", "",
-                  "| epoch | " + " | ".join(k[len("train_"):] for k in keys) + " |",
-                  "|---" * (len(keys) + 1) + "|"]
-        lines += [f"| {r.get('epoch', i)} | " + " | ".join(_cell(r[k]) if k in r else "" for k in keys) + " |"
-                  for i, r in enumerate(summary["train"])]
-    lines += ["", "## Evaluation metrics (from log.txt / evaluate.txt)", ""]
-    if summary["metrics"]:
-        lines += [f"- `{json.dumps(record, default=str)}`" for record in summary["metrics"]]
-    else:
-        lines.append("None were logged in the run's folder.")
-    return "\n".join(lines) + "\n"
-
-
 def urls_in(config, prefix: str) -> list:
     """``[(key path, url)]`` for every http(s) URL among the string values of a nested config."""
     if isinstance(config, str):
@@ -195,12 +104,78 @@ def urls_in(config, prefix: str) -> list:
     return []
 
 
-def export_pretrained(src: str, folder: str, allow_downloads: bool = False) -> dict:
-    """A training checkpoint (with its run config) -> a shareable folder: ``config.json``, ``model.safetensors``
-    (every weight: the trained ones from ``src``, the frozen ones as the run built them) and a model card. A URL in
-    the checkpoint's embedded config is refused unless ``allow_downloads`` (a file's content never opens a
-    connection by itself)."""
-    import json
+def _registered_arch(model: torch.nn.Module) -> str:
+    """The name ``model``'s class is registered under in LAVIS's registry (the ``arch`` of a config)."""
+    from lavis.common.registry import registry
+
+    names = [name for name, cls in registry.mapping["model_name_mapping"].items() if cls is type(model)]
+    if len(names) != 1:
+        raise CheckpointError(f"{type(model).__name__} is registered under {names or 'no name'}: pass arch=NAME")
+    return names[0]
+
+
+def shareable_state_dict(model: torch.nn.Module, trainable_only: bool = False) -> dict:
+    """``model.state_dict()``, or with ``trainable_only`` without the frozen parameters and the names that alias
+    them (a tied LM head): the trainable parameters and the buffers, what the frozen sources cannot give back."""
+    state_dict = model.state_dict()
+    if not trainable_only:
+        return state_dict
+    frozen = {name: param for name, param in model.named_parameters() if not param.requires_grad}
+    frozen_storage = {param.data_ptr() for param in frozen.values() if param.numel()}
+    return {key: value for key, value in state_dict.items()
+            if key not in frozen and not (value.numel() and value.data_ptr() in frozen_storage)}
+
+
+def _frozen_or_alias(model: torch.nn.Module) -> set:
+    """Names of ``model``'s state dict a trainable-only folder may lack (see ``shareable_state_dict``)."""
+    state_dict = model.state_dict()
+    return set(state_dict) - set(shareable_state_dict(model, trainable_only=True))
+
+
+def save_pretrained(model: torch.nn.Module, folder, *, arch: Optional[str] = None, model_type: Optional[str] = None,
+                    trainable_only: bool = False, max_shard_size: Union[int, str, None] = None,
+                    summary: Optional[dict] = None) -> dict:
+    """A model in memory -> a shareable folder (as transformers' ``save_pretrained``): ``config.json`` (``arch``,
+    ``model_type`` and the typed config; ``"weights": "trainable"`` for a trainable-only folder), the weights as
+    ``model.safetensors`` or, past ``max_shard_size`` (``"2GB"``, bytes), shards with ``model.safetensors.index.json``
+    (``huggingface_hub.save_torch_state_dict``), and ``README.md``, the model card (``card.model_card``; ``summary``
+    the run's, from ``export_pretrained``). ``trainable_only`` leaves out the frozen encoders and LLM, which
+    ``from_pretrained`` loads from their own sources. Every file is written 0644 (under umask 022)."""
+    from huggingface_hub import save_torch_state_dict
+
+    from lavis_xformer.checkpoints.card import model_card
+    from lavis_xformer.common.atomic import atomic_write_text
+
+    arch = arch or _registered_arch(model)
+    config = _full_config(model, arch, model_type)
+    if trainable_only:
+        config["weights"] = "trainable"
+    state_dict = shareable_state_dict(model, trainable_only)
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {key: value.detach().contiguous().clone() for key, value in state_dict.items()}  # no shared storage
+    metadata = {key: str(config[key]) for key in ("arch", "model_type") if config.get(key) is not None}
+    save_torch_state_dict(tensors, out, max_shard_size=max_shard_size or 2 ** 62, metadata=metadata)
+    index = out / PRETRAINED_INDEX
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [PRETRAINED_WEIGHTS]
+    atomic_write_text(out / PRETRAINED_CONFIG, json.dumps(config, indent=2) + "\n")
+    weights = {"tensors": len(tensors), "elements": sum(v.numel() for v in tensors.values()), "shards": len(shards),
+               "trainable_only": trainable_only}
+    atomic_write_text(out / PRETRAINED_CARD, str(model_card(config, weights, summary)))
+    files = [PRETRAINED_CONFIG, *([PRETRAINED_INDEX] if index.is_file() else []), *shards, PRETRAINED_CARD]
+    for name in files:
+        readable_by_all(out / name)
+    return {"folder": str(out), "files": files, "tensors": weights["tensors"], "elements": weights["elements"],
+            "trainable_only": trainable_only, "arch": arch, "model_type": model_type}
+
+
+def export_pretrained(src: str, folder: str, allow_downloads: bool = False, trainable_only: bool = False,
+                      max_shard_size: Union[int, str, None] = None) -> dict:
+    """A training checkpoint (with its run config) -> a shareable folder (``save_pretrained``) with a model card
+    written from the checkpoint and its job folder's logs: the trained weights from ``src``, the frozen ones as the
+    run built them (left out with ``trainable_only``). A URL in the checkpoint's embedded config is refused unless
+    ``allow_downloads`` (a file's content never opens a connection by itself)."""
+    from lavis_xformer.checkpoints.card import run_summary
 
     if Path(folder).suffix in (".pth", ".pt", ".bin", ".ckpt"):
         raise CheckpointError(f"export destination {folder!r} looks like a file, but only a .safetensors file or a "
@@ -217,49 +192,98 @@ def export_pretrained(src: str, folder: str, allow_downloads: bool = False) -> d
             "fetch it. Download it yourself and pass --allow-downloads only if you trust this file's source")
     model = _build_as_trained(model_config)
     load_trainable_state_dict(model, extract_state_dict(checkpoint), src)
-    config = _full_config(model, model_config["arch"], model_config.get("model_type"))
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    state_dict = model.state_dict()
-    export_safetensors(state_dict, str(out / PRETRAINED_WEIGHTS),
-                       metadata={"format": "pt", "arch": config["arch"], "model_type": config["model_type"]})
-    (out / PRETRAINED_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    tensors = len(state_dict)
-    elements = sum(v.numel() for v in state_dict.values())
-    (out / PRETRAINED_CARD).write_text(_model_card(config, _run_summary(checkpoint, src), src, tensors, elements))
-    return {"folder": str(out), "files": [PRETRAINED_CONFIG, PRETRAINED_WEIGHTS, PRETRAINED_CARD],
-            "tensors": tensors, "elements": elements, "arch": config["arch"], "model_type": config["model_type"]}
+    return save_pretrained(model, folder, arch=model_config["arch"], model_type=model_config.get("model_type"),
+                           trainable_only=trainable_only, max_shard_size=max_shard_size,
+                           summary=run_summary(checkpoint, src))
 
 
-def from_pretrained(folder) -> torch.nn.Module:
-    """The model an ``export_pretrained`` folder holds, in eval mode (as LAVIS's ``load_model``): built from
-    ``config.json`` with the frozen encoders' and the Q-Former's initial weights switched off (``*_weights: None``,
-    so they are not downloaded: the folder has them), then every weight loaded from ``model.safetensors``; a missing
-    or unexpected key is an error. Tokenizers (and an LLM stage's LLM, whose weights come with its tokenizer's
-    name) are built from their config fields as in training."""
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name
+
+
+def _snapshot(repo_id: str, revision: Optional[str], token, cache_dir) -> Path:
+    """The hub repository's files in the local cache (``huggingface_hub.snapshot_download``); with offline mode on
+    (``HF_HUB_OFFLINE`` ...) only what the cache already holds."""
+    import huggingface_hub
+
+    try:
+        return Path(huggingface_hub.snapshot_download(
+            repo_id, revision=revision, token=token, cache_dir=cache_dir, local_files_only=offline(),
+            allow_patterns=["*.json", "*.safetensors", "*.md"]))
+    except Exception as err:  # the hub client's errors: not found, gated, offline and not cached, network
+        mode = " (offline mode is on: only the local cache is read)" if offline() else ""
+        raise CheckpointError(f"{repo_id!r} is neither a local folder nor a hub repository that could be "
+                              f"downloaded{mode}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                              ) from err
+
+
+def from_pretrained(name_or_folder, *, revision: Optional[str] = None, token=None, cache_dir=None) -> torch.nn.Module:
+    """The model a folder written by ``save_pretrained`` / ``export`` holds, or a hub repository's (``owner/name``,
+    fetched with ``huggingface_hub.snapshot_download``, honouring ``HF_HUB_OFFLINE``), in eval mode (as LAVIS's
+    ``load_model``). Built from ``config.json``: a folder of every weight switches the frozen encoders' and the
+    Q-Former's initial weights off (``*_weights: None``: the folder has them); a trainable-only folder builds its
+    frozen parts from their sources in the config (EVA-CLIP, MAE, the LLM), as training did. Then the weights
+    (``model.safetensors``, or the shards of ``model.safetensors.index.json``) load with every check: an unknown
+    key, or a missing one the folder should hold, is an error. Tokenizers (and an LLM stage's LLM, whose weights
+    come with its tokenizer's name) are built from their config fields as in training."""
     from lavis_xformer.common.meta import build_without_checkpoints
 
-    folder = Path(folder)
+    folder = Path(name_or_folder)
+    if not folder.is_dir():
+        if not _REPO_ID.match(str(name_or_folder)):
+            raise CheckpointError(f"{str(name_or_folder)!r} is neither a folder nor a hub repository id (owner/name)")
+        folder = _snapshot(str(name_or_folder), revision, token, cache_dir)
     config_path = folder / PRETRAINED_CONFIG
     if not config_path.is_file():
         raise CheckpointError(f"{folder} has no {PRETRAINED_CONFIG}: not a folder written by "
-                              "`python -m lavis_xformer.checkpoints export CHECKPOINT FOLDER`")
+                              "`lavis-xformer export CHECKPOINT FOLDER` or save_pretrained")
     fields = read_pretrained_config(config_path)
-    urls = urls_in({k: v for k, v in fields.items() if k not in _INITIAL_WEIGHT_FIELDS}, "config.json")
+    trainable_only = fields.pop("weights", "all") == "trainable"
+    unloaded = {key: None for key in (("qformer_weights",) if trainable_only else _INITIAL_WEIGHT_FIELDS)
+                if key in fields}
+    urls = urls_in({k: v for k, v in fields.items() if k not in unloaded}, "config.json")
     if urls:
         raise CheckpointError(f"{config_path} names {urls[0][0]}={urls[0][1]!r}: a URL inside a file is data, and "
                               "from_pretrained does not fetch it")
     arch = fields.pop("arch", None)
     fields.pop("model_type", None)
     _model_class(arch)
-    unloaded = {key: None for key in _INITIAL_WEIGHT_FIELDS if key in fields}
     model = build_without_checkpoints(arch, None, **{**fields, **unloaded})
-    source = str(folder / PRETRAINED_WEIGHTS)
-    result = load_state_dict_checked(model, extract_state_dict(read_checkpoint(source)), source,
+    result = load_state_dict_checked(model, extract_state_dict(read_checkpoint(str(folder))), str(folder),
                                      strict_unexpected=True)
-    if result.missing_keys:
-        raise CheckpointError(f"{source} lacks weights of {type(model).__name__}: {_group(result.missing_keys)}")
+    missing = set(result.missing_keys) - (_frozen_or_alias(model) if trainable_only else set())
+    if missing:
+        raise CheckpointError(f"{folder} lacks weights of {type(model).__name__}: {_group(sorted(missing))}")
     return model.eval()
+
+
+def push_to_hub(model_or_folder, repo_id: str, *, trainable_only: bool = True,
+                max_shard_size: Union[int, str, None] = None, private: Optional[bool] = None, token=None,
+                commit_message: Optional[str] = None, revision: Optional[str] = None, arch: Optional[str] = None,
+                model_type: Optional[str] = None):
+    """Upload a shareable folder (or a model in memory, saved first with ``save_pretrained``: trainable weights only
+    by default, as the frozen parts are on the hub already) to the hub repository ``repo_id``, created when absent
+    (``HfApi.create_repo`` / ``upload_folder``). Returns the hub's commit info. Refused in offline mode."""
+    import tempfile
+
+    import huggingface_hub
+
+    if offline():
+        raise CheckpointError(f"push_to_hub({repo_id!r}): offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE / "
+                              "LAVIS_XFORMER_OFFLINE); unset it to upload")
+    if isinstance(model_or_folder, torch.nn.Module):
+        with tempfile.TemporaryDirectory() as folder:
+            save_pretrained(model_or_folder, folder, arch=arch, model_type=model_type, trainable_only=trainable_only,
+                            max_shard_size=max_shard_size)
+            return push_to_hub(folder, repo_id, private=private, token=token, commit_message=commit_message,
+                               revision=revision)
+    folder = Path(model_or_folder)
+    if not (folder / PRETRAINED_CONFIG).is_file():
+        raise CheckpointError(f"{folder} has no {PRETRAINED_CONFIG}: push a folder written by save_pretrained or "
+                              "`lavis-xformer export`")
+    api = huggingface_hub.HfApi(token=token)
+    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", revision=revision,
+                             commit_message=commit_message or "Upload lavis-xformer model")
 
 
 def describe_checkpoint(path: str) -> dict:

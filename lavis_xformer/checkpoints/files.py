@@ -26,7 +26,8 @@ import torch
 from lavis_xformer import testing
 from lavis_xformer.common import jobs
 from lavis_xformer.checkpoints.model_config import check_model_config
-from lavis_xformer.checkpoints.names import PRETRAINED_CARD, PRETRAINED_CONFIG, PRETRAINED_WEIGHTS, CheckpointError  # noqa: F401
+from lavis_xformer.checkpoints.names import (  # noqa: F401
+    PRETRAINED_CARD, PRETRAINED_CONFIG, PRETRAINED_INDEX, PRETRAINED_WEIGHTS, CheckpointError)
 from lavis_xformer.common.atomic import atomic_write
 from lavis_xformer.testing import TEST_SAVE_DELAY_ENV  # noqa: F401  (re-exported by the package)
 
@@ -52,6 +53,8 @@ def read_checkpoint(path: str) -> dict:
         from lavis.common.dist_utils import download_cached_file
 
         path = download_cached_file(path, check_hash=False, progress=True)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, PRETRAINED_INDEX)):
+        return {"model": read_sharded_weights(path)}  # a sharded folder written by ``save_pretrained``
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, PRETRAINED_WEIGHTS)):
         path = os.path.join(path, PRETRAINED_WEIGHTS)  # a folder written by ``export_pretrained``
     if not os.path.isfile(path):
@@ -78,6 +81,37 @@ def read_checkpoint(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt and cannot be read: {err}") from err
     verify_checksums(checkpoint, path)
     return checkpoint
+
+
+def read_sharded_weights(folder: str) -> Dict[str, torch.Tensor]:
+    """The state dict of a sharded folder: ``model.safetensors.index.json``'s ``weight_map`` (name -> shard file,
+    as transformers writes it) read shard by shard; a shard that is missing, or lacks a tensor the index names, or a
+    path that leaves the folder is a ``CheckpointError``."""
+    import json
+
+    from safetensors.torch import load_file
+
+    index_path = os.path.join(folder, PRETRAINED_INDEX)
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index_path} is not a safetensors index (a JSON object with a weight_map): {err}") from err
+    state_dict: Dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if os.path.basename(shard) != shard:
+            raise CheckpointError(f"{index_path} names a shard outside its folder: {shard!r}")
+        shard_path = os.path.join(folder, shard)
+        if not os.path.isfile(shard_path):
+            raise CheckpointError(f"{index_path} names the shard {shard!r}, which is missing from {folder}")
+        try:
+            state_dict.update(load_file(shard_path, device="cpu"))
+        except Exception as err:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"shard {shard_path!r} is not a readable safetensors file: {err}") from err
+    absent = sorted(set(weight_map) - set(state_dict))
+    if absent:
+        raise CheckpointError(f"the shards of {folder} lack {len(absent)} tensor(s) its index names: {absent[:5]}")
+    return state_dict
 
 
 def offline() -> bool:
@@ -316,4 +350,13 @@ def export_safetensors(model_or_state_dict, path: str, trainable_only: bool = Fa
         state_dict = model_or_state_dict
     tensors = {k: v.detach().contiguous().clone() for k, v in state_dict.items() if torch.is_tensor(v)}
     save_file(tensors, path, metadata={str(k): str(v) for k, v in (metadata or {}).items()} or None)
+    return readable_by_all(path)
+
+
+def readable_by_all(path):
+    """Give ``path`` the mode a plain ``open`` gives (0644 under the usual umask 022): safetensors writes through a
+    temporary file, which is created 0600. Returns ``path``."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
     return path

@@ -91,7 +91,7 @@ def check_model_config(checkpoint: dict, model, source: str) -> None:
     listed = "; ".join(f"{key}: checkpoint {a!r} vs model {b!r}" for key, a, b in differences)
     options = " ".join(f"model.{key}={a}" for key, a, _ in differences)
     folder = os.path.isdir(source)
-    how = (f"build the checkpoint's own model with lavis_xformer.from_pretrained({source!r})" if folder else
-           f"build the checkpoint's model: --options {options} (or export it and use lavis_xformer.from_pretrained)")
+    how = (f"build the checkpoint's own model with lavis_xformer.checkpoints.from_pretrained({source!r})" if folder else
+           f"build the checkpoint's model: --options {options} (or export it and use lavis_xformer.checkpoints.from_pretrained)")
     raise CheckpointError(f"checkpoint {source!r} was written by a different {type(model).__name__} config "
                           f"({len(differences)} architectural/frozen field(s) differ: {listed}); {how}")
