@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from lavis_xformer.analysis import paired_scores
-from lavis_xformer.analysis.vqa_benchmarks import Benchmark, PreparedBenchmark, dataset_config, missing_inputs
+from lavis_xformer.analysis.vqa_benchmarks import Benchmark, PreparedBenchmark, dataset_config, require_inputs
 from lavis_xformer.common.distributed import get_rank
 
 CAPTION_METRICS = ("CIDEr", "Bleu_4", "METEOR", "SPICE")  # the table's rows; CIDEr carries the paired interval
@@ -106,13 +106,7 @@ def prepare(benchmark: Benchmark, protocol, overrides: Sequence[str] = (), limit
     """Set up the benchmark's LAVIS task and dataset; ``limit`` samples images (captioning: the captioned images;
     retrieval: the gallery, with every caption of the chosen images as the texts)."""
     cfg = dataset_config(benchmark, overrides)
-    missing = missing_inputs(benchmark, cfg)
-    if missing:
-        raise FileNotFoundError(
-            f"{benchmark.name}: not found: {', '.join(missing)}. Put the data where LAVIS's dataset config points "
-            f"(relative paths are under cache_root {registry.get_path('cache_root')}) or override the paths with "
-            f"--options {benchmark.name}.<config key>=<path>"
-        )
+    require_inputs(benchmark, cfg)
     if benchmark.kind == "caption":
         task = registry.get_task_class(benchmark.task).setup_task(SimpleNamespace(run_cfg=protocol.run_cfg()))
         dataset = build_split(benchmark, task, cfg)

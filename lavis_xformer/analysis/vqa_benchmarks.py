@@ -152,12 +152,8 @@ def missing_inputs(benchmark: Benchmark, cfg) -> List[str]:
     return [str(resolve_path(p)) for p in wanted if not resolve_path(p).exists()]
 
 
-def prepare_benchmark(
-    benchmark: Benchmark, protocol: Protocol, overrides: Sequence[str] = (), limit: Optional[int] = None, seed: int = 0
-) -> PreparedBenchmark:
-    """Set up the benchmark's LAVIS task from the protocol and build its dataset with the task (which also picks
-    up the official question/annotation files and answer list, as in a LAVIS evaluation run)."""
-    cfg = dataset_config(benchmark, overrides)
+def require_inputs(benchmark: Benchmark, cfg) -> None:
+    """FileNotFoundError naming every file the benchmark's dataset config points to that is not there, and how to fix it."""
     missing = missing_inputs(benchmark, cfg)
     if missing:
         raise FileNotFoundError(
@@ -165,6 +161,15 @@ def prepare_benchmark(
             f"(relative paths are under cache_root {registry.get_path('cache_root')}) or override the paths with "
             f"--options {benchmark.name}.<config key>=<path>"
         )
+
+
+def prepare_benchmark(
+    benchmark: Benchmark, protocol: Protocol, overrides: Sequence[str] = (), limit: Optional[int] = None, seed: int = 0
+) -> PreparedBenchmark:
+    """Set up the benchmark's LAVIS task from the protocol and build its dataset with the task (which also picks
+    up the official question/annotation files and answer list, as in a LAVIS evaluation run)."""
+    cfg = dataset_config(benchmark, overrides)
+    require_inputs(benchmark, cfg)
     task = registry.get_task_class(benchmark.task).setup_task(SimpleNamespace(run_cfg=protocol.run_cfg()))
     datasets = task.build_datasets(SimpleNamespace(datasets_cfg={benchmark.builder: cfg}))
     splits = datasets[benchmark.builder]
