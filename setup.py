@@ -34,6 +34,12 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.3",  # the experiment's fixed linear probe (lavis_xformer/experiment)
 ]
 
+# Trackers for run.loggers (lavis_xformer/runners/trackers.py): optional, imported only when a run asks for them
+TRACKER_EXTRAS = {
+    "tensorboard": ["tensorboard"],
+    "wandb": ["wandb>=0.17"],
+}
+
 # The top-level configs/, projects/ and run_scripts/ folders ship inside the package as lavis_xformer/configs,
 # lavis_xformer/projects and lavis_xformer/run_scripts, so model and dataset configs, the training recipes and their
 # launch scripts resolve from a wheel as from an editable checkout (lavis_xformer.paths looks in both places;
@@ -67,9 +73,7 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": (ROOT / "requirements-test.txt").read_text().split(),
-        # trackers for run.loggers (lavis_xformer/runners/trackers.py): optional, imported only when asked for
-        "tensorboard": ["tensorboard"],
-        "wandb": ["wandb>=0.17"],
+        **TRACKER_EXTRAS,
     },
     entry_points={
         "console_scripts": [

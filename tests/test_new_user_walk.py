@@ -90,7 +90,7 @@ def test_a_new_user_captions_trains_resumes_exports_loads_and_reads_the_curves(t
     steps = scalar_steps(event_files)
     loss_tags = [tag for tag in steps if tag.endswith("loss")]
     assert loss_tags and {1, 2, 3, 4} <= set().union(*(steps[tag] for tag in loss_tags)), steps
-    iterations = {line["iter"] for job in out.iterdir() if job.is_dir() for line in read_iteration_log(job)}
+    iterations = {line["iteration"] for job in out.iterdir() if job.is_dir() for line in read_iteration_log(job)}
     assert iterations == {1, 2, 3, 4}
 
     captured = capfd.readouterr()
