@@ -43,3 +43,19 @@ def tree_digest(folder: Path) -> str:
         digest.update(str(path.relative_to(folder)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def tiny_with_moved_weights(arch: str):
+    """A ``tiny`` model of ``arch`` whose trainable weights moved away from their initialisation (seed 0), so a copy
+    that loads back equal proves the load, not the initialisation."""
+    import torch
+
+    from lavis_xformer.common.meta import build_without_checkpoints
+
+    torch.manual_seed(0)
+    model = build_without_checkpoints(arch, "tiny")
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param))
+    return model

@@ -8,9 +8,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers import tiny_with_moved_weights
 from lavis_xformer.checkpoints import CheckpointError, from_pretrained, trainable_state_dict
 from lavis_xformer.checkpoints import main as checkpoints_main
-from lavis_xformer.common.meta import build_without_checkpoints
 from lavis_xformer.models.xformer import XFormer
 
 
@@ -19,12 +19,7 @@ def trained(tmp_path_factory):
     """A tiny stage-1 X-Former whose trainable weights moved away from their initialisation, saved as the runner
     saves it (trainable weights only, with the run config), next to a log.txt and evaluate.txt."""
     job = tmp_path_factory.mktemp("job")
-    torch.manual_seed(0)
-    model = build_without_checkpoints("xformer", "tiny")
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param))
+    model = tiny_with_moved_weights("xformer")
     config = {
         "model": {"arch": "xformer", "model_type": "tiny", "load_pretrained": False},
         "run": {"task": "xformer_pretrain", "batch_size_train": 32, "world_size": 1, "lr_sched": "linear_warmup_cosine_lr",

@@ -13,7 +13,7 @@ import yaml
 from lavis.common.registry import registry
 from omegaconf import OmegaConf
 
-from helpers import REPO
+from helpers import REPO, tiny_with_moved_weights
 from lavis_xformer.checkpoints import (
     PRETRAINED_INDEX,
     CheckpointError,
@@ -26,7 +26,6 @@ from lavis_xformer.checkpoints import (
 )
 from lavis_xformer.checkpoints import main as checkpoints_main
 from lavis_xformer.checkpoints.card import CITATION_BIBTEX, model_card
-from lavis_xformer.common.meta import build_without_checkpoints
 
 FROZEN_PREFIXES = ("visual_encoder.", "mae", "opt_model.")  # (ln_vision is trained, as in BLIP-2)
 
@@ -34,13 +33,7 @@ FROZEN_PREFIXES = ("visual_encoder.", "mae", "opt_model.")  # (ln_vision is trai
 @pytest.fixture(scope="module")
 def model():
     """A tiny stage-2 X-Former (frozen ViT, MAE and OPT) whose trainable weights moved from their initialisation."""
-    torch.manual_seed(0)
-    model = build_without_checkpoints("xformer_opt", "tiny")
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param))
-    return model.eval()
+    return tiny_with_moved_weights("xformer_opt").eval()
 
 
 @pytest.fixture
