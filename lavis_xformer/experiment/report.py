@@ -74,15 +74,14 @@ def summarise(runs: Sequence[dict], standins: Sequence[dict], arms: Sequence[Arm
             sd = float(np.std(np.subtract(values_b, values_a), ddof=1))
             row[score] = dict(_interval(mean, low, high, len(both)), mde80=minimal_detectable_effect(sd, len(both)))
         summary["differences"][f"{b}-{a}"] = row
-    summary["at_init"], summary["query_diversity"] = {}, {}
+    summary["at_init"], summary["after_all"], summary["query_diversity"] = {}, {}, {}
     for arm in arms:  # every run, healthy or not: these describe what training did, not the comparison
         mine = [r for r in runs if r["arm"] == arm.name and "accuracy_at_init" in r]
         if mine:
             summary["at_init"][arm.name] = {
                 score: _interval(*mean_t_interval([scores_of(r, "accuracy_at_init")[score] for r in mine]), len(mine))
                 for score in SCORES}
-        if mine:
-            summary.setdefault("after_all", {})[arm.name] = {
+            summary["after_all"][arm.name] = {
                 score: float(np.mean([scores_of(r)[score] for r in mine])) for score in SCORES}
         readings = [r["query_diversity"] for r in runs if r["arm"] == arm.name and r.get("query_diversity")]
         if readings:
@@ -119,10 +118,6 @@ def verdict(summary: dict):
                                                                " (the intervals are too wide: see the MDEs)")
 
 
-def _all_runs_mean(summary: dict, arm: str) -> Optional[Dict[str, float]]:
-    return summary.get("after_all", {}).get(arm)
-
-
 def _fmt(cell: Optional[dict], signed: bool = True) -> str:
     if cell is None:
         return "n/a"
@@ -154,7 +149,7 @@ def markdown(summary: dict, header: str = "") -> str:
                   "the same frozen stand-ins) -> after stage 1, mean over every run of the arm, healthy or not:", "",
                   "| arm | " + " | ".join(SCORE_LABELS[s] for s in SCORES) + " |", "|---|" + "---|" * len(SCORES)]
         for arm in arms:
-            before, after = summary["at_init"].get(arm), _all_runs_mean(summary, arm)
+            before, after = summary["at_init"].get(arm), summary["after_all"].get(arm)
             if before:
                 lines.append(f"| {labels[arm]} | " + " | ".join(
                     f"{before[s]['mean']:.1f} -> {after[s]:.1f}" if after else f"{before[s]['mean']:.1f} -> n/a"
