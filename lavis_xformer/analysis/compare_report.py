@@ -154,7 +154,7 @@ def caption_table(report: dict, labels: Sequence[str]) -> List[str]:
     captions = {n: b for n, b in report["benchmarks"].items() if b.get("kind") == "caption"}
     if not captions:
         return []
-    reference, others = labels[0], labels[1:]
+    others = labels[1:]  # every model after the first is compared with it
     header = ["benchmark", "split", "images", "metric", *labels]
     for label in others:
         header += [f"Δ {label}", "95% CI"]
@@ -188,7 +188,7 @@ def retrieval_table(report: dict, labels: Sequence[str]) -> List[str]:
     rankings = {n: b for n, b in report["benchmarks"].items() if b.get("kind") == "retrieval"}
     if not rankings:
         return []
-    reference, others = labels[0], labels[1:]
+    others = labels[1:]  # every model after the first is compared with it
     header = ["benchmark", "split", "queries", "metric", *labels]
     for label in others:
         header += [f"Δ {label}", "95% CI", "McNemar p (b/c)"]
