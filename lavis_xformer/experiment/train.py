@@ -92,19 +92,19 @@ def visual_output(model, images: torch.Tensor, batch_size: int = 250) -> np.ndar
     return torch.cat(parts).numpy().astype(np.float64)
 
 
-def probe(model, train: Split, test: Split, image_size: int, alpha: float) -> Dict[str, float]:
+def probe(model, train: Split, train_images, test: Split, test_images, alpha: float) -> Dict[str, float]:
     """The probe's accuracies per question type on the model's frozen output as it is now."""
-    return probe_accuracies(visual_output(model, train.images(image_size)), train.questions,
-                            visual_output(model, test.images(image_size)), test.questions, alpha)
+    return probe_accuracies(visual_output(model, train_images), train.questions,
+                            visual_output(model, test_images), test.questions, alpha)
 
 
-def query_diversity(model, test: Split, image_size: int, pairs: int) -> Dict[str, float]:
+def query_diversity(model, test: Split, test_images, pairs: int) -> Dict[str, float]:
     """The supplement's four query-diversity readings (``analysis.query_diversity``) on the first ``pairs`` test
     images with their count-and-position captions."""
     from lavis_xformer.analysis.query_diversity import measure_readings
 
     model.eval()
-    images, captions = test.images(image_size)[:pairs], test.detail_captions[:pairs]
+    images, captions = test_images[:pairs], test.detail_captions[:pairs]
     batches = [(images[i : i + 64], captions[i : i + 64]) for i in range(0, len(captions), 64)]
     return measure_readings(model, batches, "").readings
 
@@ -116,14 +116,15 @@ def run_arm(arm: Arm, seed: int, size: ExperimentSize, standins: Dict[str, str],
     torch.use_deterministic_algorithms(True)
     model = build_arm(arm, size, standins, seed)
     image_size = arm_image_size(arm, size)
+    train_images, test_images = train.images(image_size), test.images(image_size)
     # what the architecture passes on before any training: the share of the final accuracy stage 1 is owed
-    accuracy_at_init = probe(model, train, test, image_size, size.probe_alpha)
-    history = train_stage1(model, train.images(image_size), train.detail_captions, size.stage1, seed)
+    accuracy_at_init = probe(model, train, train_images, test, test_images, size.probe_alpha)
+    history = train_stage1(model, train_images, train.detail_captions, size.stage1, seed)
     trained = time.time() - start
-    accuracies = probe(model, train, test, image_size, size.probe_alpha)
+    accuracies = probe(model, train, train_images, test, test_images, size.probe_alpha)
     return {"arm": arm.name, "seed": seed, "health": health(history, size.stage1.batch_size),
             "accuracy": accuracies, "accuracy_at_init": accuracy_at_init,
-            "query_diversity": query_diversity(model, test, image_size, size.diversity_pairs),
+            "query_diversity": query_diversity(model, test, test_images, size.diversity_pairs),
             "baseline": blind_baseline(train.questions, test.questions),
             "final_losses": {k: round(float(np.mean(v[-max(1, len(v) // 10):])), 4) for k, v in history.items()},
             "seconds_train": round(trained, 1), "seconds": round(time.time() - start, 1)}
